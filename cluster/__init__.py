@@ -1,0 +1,1 @@
+"""Orchestration on Ray: the coordinator (driver side), thin stage actors, transport. No math."""

@@ -1,0 +1,163 @@
+"""The coordinator (driver side): plan -> validate -> place -> stream -> merge.
+
+It reads configs and indexes, never a block's weights; the stage actors do the heavy work and
+the activations travel between them through the Ray object store, chunk by chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import ray
+import torch
+
+from cluster import runtime
+from cluster.stage import StageActor
+from pipeline import calibration
+from pipeline.assets import resolve_model_path
+from pipeline.config import ClusterConfig, EvalConfig, RunConfig
+from pipeline.output_dir import finish_output, prepare_output, write_report
+from pipeline.plan import Plan, make_plan, open_model
+from pipeline.streams import split_windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Stages:
+    plan: Plan
+    actors: list[Any]
+    chunk_size: int
+
+    def owner(self, index: int) -> Any:
+        for actor, (start, end) in zip(self.actors, self.plan.stages, strict=True):
+            if start <= index < end:
+                return actor
+        raise IndexError(index)
+
+
+def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
+    resources = runtime.plan_resources(cluster)
+    group = runtime.reserve(resources, len(plan.stages))
+    strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    device = "cuda" if resources.gpus_per_worker else "cpu"
+    actors = [
+        StageActor.options(  # type: ignore[attr-defined]
+            num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+            scheduling_strategy=strategy(placement_group=group, placement_group_bundle_index=i),
+            name=None,
+        ).remote(i, stage, cluster.compute_dtype, resources.threads, device)
+        for i, stage in enumerate(plan.stages)
+    ]
+    log.info("placed %d blocks on %d stage(s): %s (%s per stage, device %s)", plan.num_blocks,
+             len(actors), ", ".join(f"[{a}, {b})" for a, b in plan.stages),
+             f"{resources.cpus_per_worker} CPU", device)
+    return Stages(plan, actors, cluster.chunk_size), group
+
+
+def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
+                      label: str) -> dict[str, Any]:
+    """Perplexity with the windows streamed through every stage's blocks, forward only."""
+    start = time.perf_counter()
+    ids_chunks = split_windows(windows, stages.chunk_size)
+    stream = ray.get(stages.actors[0].embed.remote(model_path, ids_chunks))
+    for i in range(stages.plan.num_blocks):
+        stream = ray.get(stages.owner(i).forward_block.remote(model_path, i, stream))
+        _progress(f"eval {label}", i + 1, stages.plan.num_blocks, start)
+    nll, count = ray.get(stages.actors[-1].score.remote(model_path, stream, ids_chunks))
+    return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
+            "tokens": count, "seconds": time.perf_counter() - start}
+
+
+def quantize_blocks(stages: Stages, config: RunConfig, model_path: str,
+                    windows: torch.Tensor) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    fp = ray.get(stages.actors[0].embed.remote(model_path, split_windows(windows,
+                                                                          stages.chunk_size)))
+    q = fp
+    markers = []
+    for i in range(stages.plan.num_blocks):
+        fp, q, marker = ray.get(stages.owner(i).quantize_block.remote(
+            model_path, i, fp, q, config.quantization, config.output))
+        markers.append(marker)
+        m = marker["metrics"]
+        log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB",
+                 i + 1, stages.plan.num_blocks, m["worker"], m["seconds"],
+                 m["output_relative_error"], m["peak_rss_bytes"] / 2**20)
+    log.info("quantized %d blocks in %.1fs", stages.plan.num_blocks, time.perf_counter() - start)
+    return markers
+
+
+def _progress(phase: str, done: int, total: int, start: float) -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        elapsed = time.perf_counter() - start
+        log.info("%s: %d/%d blocks, %.1fs elapsed, ~%.1fs left", phase, done, total, elapsed,
+                 elapsed / done * (total - done))
+
+
+def load_eval_windows(model_path: str, eval_config: EvalConfig) -> torch.Tensor:
+    tokenizer = calibration.load_tokenizer(model_path)
+    text = calibration.load_text(eval_config.corpus, field="eval.corpus")
+    return calibration.eval_windows(calibration.tokenize(tokenizer, text), eval_config.seq_len,
+                                    eval_config.max_windows)
+
+
+def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
+    """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
+    start = time.time()
+    model_path = resolve_model_path(config.model.path)
+    parts = open_model(model_path, config.cluster.compute_dtype)
+    plan = make_plan(parts, model_path, config.quantization, config.cluster.workers)
+    tokenizer = calibration.load_tokenizer(model_path)
+    c = config.calibration
+    calib = calibration.calibration_windows(
+        calibration.tokenize(tokenizer, calibration.load_text(c.corpus, c.text_field)),
+        c.num_samples, c.seq_len, c.seed)
+    eval_ids = load_eval_windows(model_path, config.eval) if config.eval.enabled else None
+    manifest = prepare_output(config, parts, plan, calib, restart)
+    with runtime.ray_session(config.cluster):
+        stages, group = start_stages(plan, config.cluster)
+        try:
+            markers = quantize_blocks(stages, config, model_path, calib)
+            finish_output(config.output, parts, model_path, markers)
+            perplexity = _evaluate_both(stages, config, model_path, eval_ids)
+        finally:
+            runtime.release(group)
+    report = {"output": config.output, "method": config.quantization.method.value,
+              "perplexity": perplexity, "wall_seconds": time.time() - start,
+              "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
+              "blocks": [{**m["metrics"], "file": m["file"], "sha256": m["sha256"]}
+                         for m in markers]}
+    write_report(config.output, report)
+    return report
+
+
+def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
+                   windows: torch.Tensor | None) -> dict[str, Any] | None:
+    if windows is None:
+        return None
+    fp = stream_perplexity(stages, model_path, windows, "fp") if config.eval.fp else None
+    quant = stream_perplexity(stages, config.output, windows, "quantized")
+    return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
+            "corpus": config.eval.corpus, "windows": quant["windows"],
+            "seq_len": config.eval.seq_len, "tokens": quant["tokens"],
+            "seconds": {"fp": fp["seconds"] if fp else None, "quantized": quant["seconds"]}}
+
+
+def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -> dict[str, Any]:
+    """`relayquant eval`: perplexity of a model folder, streamed through stage actors."""
+    model_path = resolve_model_path(model_path)
+    parts = open_model(model_path, cluster.compute_dtype)
+    plan = make_plan(parts, model_path, None, cluster.workers)
+    windows = load_eval_windows(model_path, eval_config)
+    with runtime.ray_session(cluster):
+        stages, group = start_stages(plan, cluster)
+        try:
+            result = stream_perplexity(stages, model_path, windows, "model")
+        finally:
+            runtime.release(group)
+    return {"model": model_path, "corpus": eval_config.corpus, "seq_len": eval_config.seq_len,
+            **result}

@@ -1,0 +1,70 @@
+"""Joining a Ray cluster, or starting a quiet local one sized for this machine."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from pipeline.config import ClusterConfig, ConfigError, Device
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    cpus_per_worker: float
+    gpus_per_worker: int
+    threads: int
+
+
+@contextlib.contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+    """Connect to `cluster.address` or RAY_ADDRESS; with neither, start a local Ray."""
+    started = False
+    if not ray.is_initialized():
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=cluster.dashboard,
+                     logging_level=logging.WARNING, log_to_driver=True,
+                     configure_logging=False)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def plan_resources(cluster: ClusterConfig) -> Resources:
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    use_gpu = cluster.device is Device.CUDA or (cluster.device is Device.AUTO and gpus > 0)
+    if use_gpu and gpus < cluster.workers:
+        raise ConfigError(f"cluster.workers: {cluster.workers} GPU stages requested but the cluster "
+                         f"has {gpus} GPUs; use at most {gpus} workers or cluster.device: cpu")
+    cpus = float(total.get("CPU", 1))
+    per_worker = max(cpus / cluster.workers, 0.01) if not use_gpu else max(
+        min(cpus / cluster.workers, 8.0), 1.0)
+    per_worker = round(per_worker, 2)
+    return Resources(per_worker, 1 if use_gpu else 0, max(1, int(per_worker)))
+
+
+def reserve(resources: Resources, workers: int) -> PlacementGroup:
+    bundle: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        bundle["GPU"] = resources.gpus_per_worker
+    group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    ray.get(group.ready(), timeout=300)
+    return group
+
+
+def release(group: PlacementGroup) -> None:
+    remove_placement_group(group)

@@ -1,0 +1,62 @@
+"""The stage actor: owns a contiguous range of blocks; each method calls one pipeline function."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import torch
+
+from pipeline import block_pass, checkpoint
+from pipeline.config import QuantizationConfig
+from pipeline.model_parts import ModelParts
+from pipeline.plan import open_model
+
+
+class RayStore:
+    """Chunks in the Ray object store (it spills to disk when full)."""
+
+    def put(self, chunk: torch.Tensor) -> ray.ObjectRef:
+        return ray.put(chunk)
+
+    def get(self, handle: ray.ObjectRef) -> torch.Tensor:
+        return ray.get(handle)
+
+
+@ray.remote
+class StageActor:
+    def __init__(self, stage: int, blocks: tuple[int, int], compute_dtype: str, threads: int,
+                 device: str):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        torch.set_num_threads(threads)
+        self.stage, self.blocks = stage, blocks
+        self.compute_dtype, self.device = compute_dtype, device
+        self.store = RayStore()
+        self.models: dict[str, ModelParts] = {}
+
+    def _parts(self, path: str) -> ModelParts:
+        if path not in self.models:
+            self.models[path] = open_model(path, self.compute_dtype, self.device)
+        return self.models[path]
+
+    def embed(self, path: str, ids_chunks: list[torch.Tensor]) -> list[Any]:
+        return block_pass.embed_stream(self._parts(path), ids_chunks, self.store)
+
+    def forward_block(self, path: str, index: int, stream: list[Any]) -> list[Any]:
+        return block_pass.forward_block(self._parts(path), index, stream, self.store)
+
+    def score(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor]
+              ) -> tuple[float, int]:
+        return block_pass.score_stream(self._parts(path), stream, ids_chunks, self.store)
+
+    def quantize_block(self, path: str, index: int, fp_in: list[Any], q_in: list[Any],
+                       quantization: QuantizationConfig, output: str
+                       ) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        result = block_pass.quantize_block(self._parts(path), index, fp_in, q_in, quantization,
+                                           self.store)
+        marker = checkpoint.write_block(output, index, result.tensors,
+                                        {**result.metrics, "worker": self.stage})
+        return result.fp_out, result.q_out, marker
+
+    def peak_rss_bytes(self) -> int:
+        return block_pass.peak_rss_bytes()

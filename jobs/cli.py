@@ -1,0 +1,148 @@
+"""The `relayquant` command. Exit codes: 0 success, 2 bad input, 1 any other failure.
+
+Human-readable progress goes to stderr; with --json, stdout carries one JSON object only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pipeline.config import ClusterConfig, ConfigError, EvalConfig
+
+log = logging.getLogger("relayquant")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code is 2 as well
+        self.exit(2, f"relayquant: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relayquant", description="Distributed post-training quantization.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    q = sub.add_parser("quantize", help="quantize a model with a YAML recipe")
+    add_quantize_arguments(q)
+    e = sub.add_parser("eval", help="perplexity of a model folder, streamed through stages")
+    e.add_argument("--model", required=True, help="model folder, fsspec URL or asset:NAME")
+    e.add_argument("--corpus", default="sotu:test")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    e.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="what a run has done so far")
+    s.add_argument("output")
+    s.add_argument("--json", action="store_true")
+    a = sub.add_parser("assets", help="prepare or locate the P1 model and corpus")
+    a.add_argument("action", choices=["prepare", "path"])
+    a.add_argument("name", nargs="?", help="asset name for `path` (smollm2-135m, sotu)")
+    return parser
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML (or a bundled recipe name)")
+    parser.add_argument("--output", default=None, help="overrides the recipe's output")
+    parser.add_argument("--workers", type=int, default=None, help="overrides cluster.workers")
+    parser.add_argument("--address", default=None, help="overrides cluster.address")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any recipe key (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard what the output folder holds and start over")
+    parser.add_argument("--json", action="store_true")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[Any]:
+    """Keep stdout for the final JSON: anything else printed during the run goes to stderr."""
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout = real
+
+
+def run_guarded(action: Callable[[], dict[str, Any]], as_json: bool,
+                summary: Callable[[dict[str, Any]], str]) -> int:
+    try:
+        with _stdout_to_stderr() as stdout:
+            result = action()
+    except ConfigError as e:
+        print(f"relayquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("relayquant: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # report, then fail with 1; the traceback is in the debug log
+        log.debug("failure", exc_info=True)
+        print(f"relayquant: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(result), file=stdout, flush=True)
+    else:
+        print(summary(result), file=sys.stderr)
+    return 0
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    from jobs.quantize import run_quantize, summarize
+
+    return run_guarded(lambda: run_quantize(args), args.json, summarize)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    def action() -> dict[str, Any]:
+        from cluster.coordinator import evaluate
+
+        eval_config = EvalConfig(corpus=args.corpus, seq_len=args.seq_len,
+                                 max_windows=args.max_windows)
+        return evaluate(args.model, eval_config,
+                        ClusterConfig(workers=args.workers, address=args.address))
+
+    return run_guarded(action, args.json, lambda r: (
+        f"perplexity {r['perplexity']:.4f} on {r['corpus']} ({r['windows']} windows of "
+        f"{r['seq_len']} tokens) in {r['seconds']:.1f}s"))
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import status
+
+    def summary(r: dict[str, Any]) -> str:
+        if not r["relayquant"]:
+            return f"{r['output']}: not a relayquant output"
+        state = "complete" if r["complete"] else "incomplete"
+        return (f"{r['output']}: {r['done']}/{r['total']} blocks done, {state}; remaining: "
+                f"{r['remaining_blocks'] or 'none'}")
+
+    return run_guarded(lambda: status(args.output), args.json, summary)
+
+
+def assets_command(args: argparse.Namespace) -> int:
+    from jobs import assets
+
+    if args.action == "path":
+        try:
+            print(assets.asset_path(args.name or ""))
+        except ConfigError as e:
+            print(f"relayquant: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    return run_guarded(assets.prepare_all, False, lambda r: "assets ready:\n" + "\n".join(
+        f"  {k}: {v}" for k, v in r.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    commands = {"quantize": quantize_command, "eval": eval_command, "status": status_command,
+                "assets": assets_command}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What a stage does to one block, or to the embedding and head, over whole streams.
+
+Each function loads what it needs, walks the chunks one at a time through a `ChunkStore`, and
+frees the block before returning, so a stage's memory is one block plus the chunks in flight,
+whatever the model's depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import Any
+
+import torch
+
+from pipeline.config import QuantizationConfig
+from pipeline.formats import AffineFormat
+from pipeline.methods.rtn import rtn_quantize
+from pipeline.model_parts import ModelParts, embed, run_block, token_nll
+from pipeline.streams import ChunkStore
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_of(quantization: QuantizationConfig) -> AffineFormat:
+    return AffineFormat(quantization.bits, quantization.group_size, quantization.symmetric)
+
+
+@torch.no_grad()
+def embed_stream(parts: ModelParts, ids_chunks: list[torch.Tensor], store: ChunkStore) -> list[Any]:
+    modules = parts.load_embedding()
+    return [store.put(embed(parts, modules, ids).cpu()) for ids in ids_chunks]
+
+
+@torch.no_grad()
+def forward_block(parts: ModelParts, index: int, stream: list[Any], store: ChunkStore) -> list[Any]:
+    block = parts.load_block(index)
+    return [store.put(_run(parts, block, store, h)) for h in stream]
+
+
+@torch.no_grad()
+def score_stream(parts: ModelParts, stream: list[Any], ids_chunks: list[torch.Tensor],
+                 store: ChunkStore) -> tuple[float, int]:
+    """Summed next-token NLL and token count over the stream (the last stage's job)."""
+    modules = parts.load_head()
+    total, count = 0.0, 0
+    for h, ids in zip(stream, ids_chunks, strict=True):
+        nll, n = token_nll(modules, store.get(h).to(parts.device), ids)
+        total += nll
+        count += n
+    return total, count
+
+
+def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: Any) -> torch.Tensor:
+    return run_block(parts, block, store.get(handle).to(parts.device)).cpu()
+
+
+@dataclasses.dataclass
+class BlockResult:
+    fp_out: list[Any]
+    q_out: list[Any]
+    tensors: dict[str, torch.Tensor]  # full checkpoint name -> quantized (fake-quant) tensor
+    metrics: dict[str, Any]
+
+
+@torch.no_grad()
+def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
+                   quantization: QuantizationConfig, store: ChunkStore) -> BlockResult:
+    """Run the FP stream through the block, quantize its linears, run the quantized stream
+    through the quantized block, and measure the block's output error against the FP target."""
+    start = time.perf_counter()
+    block = parts.load_block(index)
+    loaded = time.perf_counter()
+    fp_out = [store.put(_run(parts, block, store, h)) for h in fp_in]
+    fmt = format_of(quantization)
+    for name in parts.adapter.linears:
+        linear = block.get_submodule(name)
+        linear.weight.copy_(rtn_quantize(linear.weight, fmt)[0])
+    q_out, err, ref, numel = [], 0.0, 0.0, 0
+    for hq, hf in zip(q_in, fp_out, strict=True):
+        y = _run(parts, block, store, hq)
+        target = store.get(hf)
+        err += (y - target).double().pow(2).sum().item()
+        ref += target.double().pow(2).sum().item()
+        numel += target.numel()
+        q_out.append(store.put(y))
+    path = parts.block_path(index)
+    dtypes = parts.stored_dtypes(path)
+    tensors = {f"{path}.{k}": v.to("cpu", dtypes[k]) for k, v in block.state_dict().items()}
+    metrics = {
+        "index": index,
+        "seconds": time.perf_counter() - start,
+        "load_seconds": loaded - start,
+        "output_mse": err / max(numel, 1),
+        "output_relative_error": err / ref if ref else 0.0,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    return BlockResult(fp_out, q_out, tensors, metrics)

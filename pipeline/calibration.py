@@ -1,0 +1,109 @@
+"""Text corpora to token windows: calibration windows sampled with a seed, evaluation windows
+cut without overlap. Corpora are built-in assets (`sotu:train`), local or fsspec text / JSON
+lines / parquet files, or a `datasets` dataset (`dataset:NAME[:CONFIG]:SPLIT`)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from pipeline import assets, storage
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def load_text(spec: str, text_field: str = "text", field: str = "calibration.corpus") -> str:
+    """The corpus as one string; records are joined with a blank line."""
+    if ":" in spec and spec.split(":", 1)[0] in assets.CORPORA:
+        name, split = spec.split(":", 1)
+        path = assets.corpus_file(name, split)
+        if not os.path.exists(path):
+            raise ConfigError(f"{field}: {spec} is not prepared yet; run `relayquant assets prepare`")
+        return open(path, encoding="utf-8").read()
+    if spec.startswith("dataset:"):
+        return "\n\n".join(_dataset_records(spec.removeprefix("dataset:"), text_field, field))
+    suffix = os.path.splitext(spec)[1].lower()
+    if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        raise ConfigError(f"{field}: {spec!r} is not a known corpus; use sotu:train, sotu:test, "
+                          "dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL")
+    if not storage.exists(spec):
+        raise ConfigError(f"{field}: {spec!r} does not exist")
+    raw = storage.read_bytes(spec)
+    if suffix in TEXT_SUFFIXES:
+        return raw.decode("utf-8")
+    if suffix in JSONL_SUFFIXES:
+        rows = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        return "\n\n".join(_field(r, text_field, field) for r in rows)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(raw))
+    if text_field not in table.column_names:
+        raise ConfigError(f"{field}: parquet file has no column {text_field!r}; columns: "
+                          f"{', '.join(table.column_names)} (set calibration.text_field)")
+    return "\n\n".join(str(v) for v in table.column(text_field).to_pylist())
+
+
+def _field(row: Any, text_field: str, field: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        raise ConfigError(f"{field}: a JSON line has no {text_field!r} field (set text_field)")
+    return str(row[text_field])
+
+
+def _dataset_records(spec: str, text_field: str, field: str) -> list[str]:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"{field}: dataset:{spec} must read dataset:NAME[:CONFIG]:SPLIT")
+    import datasets
+
+    name, split = parts[0], parts[-1]
+    config = parts[1] if len(parts) == 3 else None
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types; all mean "cannot load this"
+        raise ConfigError(f"{field}: cannot load dataset {spec!r}: {e}") from e
+    if text_field not in data.column_names:
+        raise ConfigError(f"{field}: dataset {spec!r} has no column {text_field!r}")
+    return [str(t) for t in data[text_field]]
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(storage.local_tokenizer_dir(model_path))
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[num_samples, seq_len] windows at uniform random offsets drawn in one call."""
+    if ids.numel() < num_samples * seq_len:
+        most = ids.numel() // seq_len
+        raise ConfigError(
+            f"calibration.corpus: too short: {ids.numel()} tokens, but num_samples {num_samples} x "
+            f"seq_len {seq_len} needs {num_samples * seq_len}; use a longer corpus or at most "
+            f"{most} samples of this length")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows, the partial tail dropped; the first `max_windows` if given."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ConfigError(f"eval.corpus: too short: {ids.numel()} tokens, fewer than one window "
+                          f"of eval.seq_len {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,89 @@
+"""The output directory is the checkpoint: one shard per block, a marker per finished block
+(written last, carrying the shard's checksum), the manifest, and at the end the index, config,
+tokenizer and report.
+
+    OUT/model-block-00007.safetensors     block 7's tensors
+    OUT/model-base.safetensors            embedding, final norm, head
+    OUT/model.safetensors.index.json      written once every block is done
+    OUT/.relayquant/blocks/00007.json     marker: shard name, sha256, metrics
+    OUT/manifest.json                     resolved config + input fingerprint
+    OUT/report.json                       written last: the run is complete
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline import storage
+
+BASE_SHARD = "model-base.safetensors"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+STATE_DIR = ".relayquant"
+
+
+def block_shard_name(index: int) -> str:
+    return f"model-block-{index:05d}.safetensors"
+
+
+def marker_path(output: str, index: int) -> str:
+    return storage.join(output, STATE_DIR, "blocks", f"{index:05d}.json")
+
+
+def write_block(output: str, index: int, tensors: dict[str, torch.Tensor],
+                metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write the block's shard, then its marker; the marker alone says the block is done."""
+    name = block_shard_name(index)
+    sha = storage.write_tensors(storage.join(output, name), tensors, {"format": "pt"})
+    marker = {"index": index, "file": name, "sha256": sha, "tensors": sorted(tensors),
+              "metrics": metrics, "written_at": time.time()}
+    storage.write_json(marker_path(output, index), marker)
+    return marker
+
+
+def read_markers(output: str) -> dict[int, dict[str, Any]]:
+    folder = storage.join(output, STATE_DIR, "blocks")
+    markers = {}
+    for name in storage.list_names(folder):
+        if name.endswith(".json") and name[:-5].isdigit():
+            markers[int(name[:-5])] = storage.read_json(storage.join(folder, name))
+    return markers
+
+
+def write_index(output: str, files: dict[str, list[str]], total_size: int) -> None:
+    weight_map = {t: f for f, names in sorted(files.items()) for t in names}
+    storage.write_json(storage.join(output, storage.INDEX_NAME),
+                       {"metadata": {"total_size": total_size},
+                        "weight_map": dict(sorted(weight_map.items()))})
+
+
+def is_relayquant_output(output: str) -> bool:
+    return storage.exists(storage.join(output, MANIFEST))
+
+
+def status(output: str) -> dict[str, Any]:
+    """What a run has done so far, from the files alone."""
+    if not is_relayquant_output(output):
+        return {"output": output, "exists": storage.exists(output), "relayquant": False,
+                "done": 0, "total": 0, "complete": False}
+    manifest = storage.read_json(storage.join(output, MANIFEST))
+    markers = read_markers(output)
+    total = int(manifest["plan"]["num_blocks"])
+    done = sorted(i for i in markers if i < total)
+    report_path = storage.join(output, REPORT)
+    complete = storage.exists(report_path)
+    seconds = [markers[i]["metrics"].get("seconds", 0.0) for i in done]
+    mean = sum(seconds) / len(seconds) if seconds else None
+    return {
+        "output": output, "relayquant": True, "done": len(done), "total": total,
+        "complete": complete, "done_blocks": done,
+        "remaining_blocks": [i for i in range(total) if i not in markers],
+        "started_at": manifest.get("started_at"),
+        "elapsed_seconds": (time.time() - manifest["started_at"]) if manifest.get("started_at")
+        else None,
+        "estimated_remaining_seconds": None if mean is None or complete
+        else mean * (total - len(done)),
+        "method": manifest["config"]["quantization"]["method"],
+    }

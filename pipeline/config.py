@@ -1,0 +1,195 @@
+"""Typed, frozen run configuration. One tree per run; YAML maps onto it through `build_config`.
+
+Every class validates itself in `__post_init__` and raises `ConfigError` naming the field and the
+allowed values. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad input from the user: a message that names the field and what is allowed."""
+
+
+class Method(str, enum.Enum):
+    RTN = "rtn"
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "model.path: required; give a model folder or an fsspec URL")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    corpus: str = "sotu:train"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, f"calibration.num_samples: {self.num_samples}; must be >= 1")
+        _require(self.seq_len >= 2, f"calibration.seq_len: {self.seq_len}; must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    method: Method = Method.RTN
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _require(2 <= self.bits <= 8,
+                 f"quantization.bits: {self.bits} is not allowed; choose an integer from 2 to 8")
+        _require(self.group_size is None or self.group_size >= 1,
+                 f"quantization.group_size: {self.group_size}; use a positive integer that divides "
+                 "every layer's in_features, or null for per-channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    corpus: str = "sotu:test"
+    seq_len: int = 512
+    max_windows: int | None = None
+    fp: bool = True
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, f"eval.seq_len: {self.seq_len}; must be >= 2")
+        _require(self.max_windows is None or self.max_windows >= 1,
+                 f"eval.max_windows: {self.max_windows}; must be >= 1 or null (all windows)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    workers: int = 1
+    address: str | None = None
+    chunk_size: int = 8
+    device: Device = Device.AUTO
+    dashboard: bool = False
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, f"cluster.workers: {self.workers}; must be >= 1")
+        _require(self.chunk_size >= 1, f"cluster.chunk_size: {self.chunk_size}; must be >= 1")
+        allowed = ("float32", "bfloat16", "float16")
+        _require(self.compute_dtype in allowed,
+                 f"cluster.compute_dtype: {self.compute_dtype!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    output: str = ""
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output), "output: required; give a folder or an fsspec URL")
+
+
+def build_config(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        field = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"{field}: unknown key; allowed keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return build_config(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+        return hint(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain data (JSON/YAML-ready) from a config tree; `build_config` inverts it."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, enum.Enum):
+        return config.value
+    return config
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted `key.path` overrides set (values already parsed)."""
+    out = _deep_copy(data)
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        node = out
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

@@ -1,0 +1,20 @@
+"""Number formats: the affine integer grid and its parameters."""
+from pipeline.formats.affine import (
+    AffineFormat,
+    QuantParams,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    valid_group_sizes,
+)
+
+__all__ = [
+    "AffineFormat",
+    "QuantParams",
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quantize",
+    "valid_group_sizes",
+]

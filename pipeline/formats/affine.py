@@ -1,0 +1,102 @@
+"""Affine integer format: `w ≈ (q - zero_point) * scale`, per output channel or per group of
+`group_size` consecutive input columns.
+
+Asymmetric: q in [0, 2^b - 1], scale = (max - min) / (2^b - 1) with min clamped to <= 0 and max
+to >= 0 (so 0.0 is exact, as in the GPTQ reference quantizer), zero_point = round(-min / scale).
+Symmetric: q in [-2^(b-1), 2^(b-1) - 1], scale = absmax / (2^(b-1) - 1), zero_point = 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_MIN_SCALE = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineFormat:
+    bits: int
+    group_size: int | None = None  # None: one group per output channel
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits: {self.bits} is not allowed; choose an integer from 2 to 8")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size: {self.group_size}; must be positive or None")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide in_features {in_features}")
+        return in_features // self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    """scale and zero_point, shape [out_features, groups]; zero_point is integer-valued."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+def _grouped(w: torch.Tensor, fmt: AffineFormat) -> torch.Tensor:
+    out_features, in_features = w.shape
+    g = fmt.groups(in_features)
+    return w.float().reshape(out_features, g, in_features // g)
+
+
+def choose_qparams(w: torch.Tensor, fmt: AffineFormat) -> QuantParams:
+    """Min-max parameters for a [out, in] weight."""
+    x = _grouped(w, fmt)
+    if fmt.symmetric:
+        scale = (x.abs().amax(-1) / fmt.qmax).clamp(min=_MIN_SCALE)
+        return QuantParams(scale, torch.zeros_like(scale))
+    lo = x.amin(-1).clamp(max=0)
+    hi = x.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / fmt.qmax).clamp(min=_MIN_SCALE)
+    return QuantParams(scale, torch.round(-lo / scale))
+
+
+def quantize(w: torch.Tensor, qparams: QuantParams, fmt: AffineFormat) -> torch.Tensor:
+    """Integer codes (int32, shape of `w`) on the grid [qmin, qmax]."""
+    x = _grouped(w, fmt)
+    q = torch.round(x / qparams.scale.unsqueeze(-1)) + qparams.zero_point.unsqueeze(-1)
+    return q.clamp(fmt.qmin, fmt.qmax).reshape(w.shape).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, qparams: QuantParams, fmt: AffineFormat,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    x = _grouped(q, fmt)
+    w = (x - qparams.zero_point.unsqueeze(-1)) * qparams.scale.unsqueeze(-1)
+    return w.reshape(q.shape).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, fmt: AffineFormat) -> torch.Tensor:
+    """Round-trip `w` through the grid with min-max parameters, keeping its dtype."""
+    qparams = choose_qparams(w, fmt)
+    return dequantize(quantize(w, qparams, fmt), qparams, fmt, dtype=w.dtype)
+
+
+def valid_group_sizes(in_features: list[int], minimum: int = 16) -> list[int]:
+    """Group sizes >= `minimum` that divide every given in_features (per-channel always works)."""
+    common = in_features[0]
+    for n in in_features[1:]:
+        common = _gcd(common, n)
+    return [d for d in range(minimum, common + 1) if common % d == 0]
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a

@@ -1,0 +1,14 @@
+"""Round-to-nearest: min-max parameters, nearest grid point. The baseline every method beats."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.formats import AffineFormat, QuantParams, choose_qparams, dequantize, quantize
+
+
+def rtn_quantize(weight: torch.Tensor, fmt: AffineFormat) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     QuantParams]:
+    """Returns (dequantized weight in weight's dtype, integer codes, parameters)."""
+    qparams = choose_qparams(weight, fmt)
+    codes = quantize(weight, qparams, fmt)
+    return dequantize(codes, qparams, fmt, dtype=weight.dtype), codes, qparams

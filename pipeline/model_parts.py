@@ -1,0 +1,162 @@
+"""A model as parts that a stage can load one at a time: the embedding, each block, the head.
+
+The whole model exists only on the meta device (no memory); a part is copied from it and its
+tensors are read from the checkpoint by name. Which parts exist and how they connect comes from
+the adapter row.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.adapters import Adapter, Embedding, Positions, adapter_for
+from pipeline.config import ConfigError
+from pipeline.storage import CheckpointReader
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config_from_dict(config: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model.path: config.json has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **data)
+    except ValueError as e:
+        raise ConfigError(f"model.path: config.json model_type {model_type!r}: {e}") from e
+    hf_config._attn_implementation = "sdpa"  # mask None => causal, as the full model does
+    return hf_config
+
+
+def build_meta_model(hf_config: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """Loads parts of one checkpoint by name. Cheap to build: reads config and headers only."""
+
+    reader: CheckpointReader
+    compute_dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.architecture, self.adapter = adapter_for(self.reader.config.get("architectures"))
+        self.hf_config = hf_config_from_dict(self.reader.config)
+        self.meta = build_meta_model(self.hf_config)
+        self.num_blocks = int(self.reader.config[self.adapter.num_blocks_key])
+        self._rotary: nn.Module | None = None
+
+    @property
+    def adapter_row(self) -> Adapter:
+        return self.adapter
+
+    def block_path(self, index: int) -> str:
+        return f"{self.adapter.blocks}.{index}"
+
+    def has_module(self, path: str) -> bool:
+        try:
+            return self.meta.get_submodule(path) is not None
+        except AttributeError:
+            return False
+
+    def tensor_names(self, path: str) -> dict[str, str]:
+        """Module state key -> checkpoint tensor name, for the module at `path`."""
+        tied = dict(self.adapter.tied_weights) if self.hf_config.tie_word_embeddings else {}
+        out = {}
+        for key in self.meta.get_submodule(path).state_dict():
+            full = f"{path}.{key}"
+            candidates = [full, full.removeprefix("model."), tied.get(full, "")]
+            found = next((c for c in candidates if c in self.reader.entries), None)
+            if found is None:
+                raise ConfigError(f"model.path: tensor {full} is missing from the checkpoint")
+            out[key] = found
+        return out
+
+    def part_nbytes(self, path: str) -> int:
+        return self.reader.nbytes(set(self.tensor_names(path).values()))
+
+    def stored_dtypes(self, path: str) -> dict[str, torch.dtype]:
+        return {k: self.reader.entries[n].dtype for k, n in self.tensor_names(path).items()}
+
+    def load(self, path: str) -> nn.Module:
+        """A real copy of the module at `path`, its tensors read from the checkpoint."""
+        names = self.tensor_names(path)
+        tensors = self.reader.read(set(names.values()))
+        state = {k: tensors[n].to(self.compute_dtype) for k, n in names.items()}
+        module = copy.deepcopy(self.meta.get_submodule(path))
+        module.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        assert not left, f"{path}: tensors left on the meta device: {left}"
+        return module.to(self.device).eval()
+
+    def load_block(self, index: int) -> nn.Module:
+        return self.load(self.block_path(index))
+
+    def rotary(self) -> nn.Module:
+        assert self.adapter.rotary is not None
+        if self._rotary is None:
+            cls = type(self.meta.get_submodule(self.adapter.rotary))
+            self._rotary = cls(config=self.hf_config).to(self.device)
+        return self._rotary
+
+    def load_embedding(self) -> list[nn.Module | None]:
+        return [self.load(p) if self.has_module(p) else None for p in self.adapter.embed_modules]
+
+    def load_head(self) -> list[nn.Module]:
+        return [self.load(p) for p in self.adapter.head_modules if self.has_module(p)]
+
+
+def embed(parts: ModelParts, modules: list[nn.Module | None], ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering block 0 for a [batch, seq] LongTensor of token ids."""
+    tokens = modules[0]
+    assert tokens is not None
+    ids = ids.to(parts.device)
+    h = tokens(ids)
+    if parts.adapter.embedding is Embedding.TOKENS_PLUS_LEARNED_POSITIONS:
+        project_in, positions = modules[1], modules[2]
+        if project_in is not None:
+            h = project_in(h)
+        assert positions is not None
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        h = h + positions(None, 0, position_ids=pos)
+    return h.to(parts.compute_dtype)
+
+
+def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One block's forward on [batch, seq, hidden] (causal, no cache)."""
+    pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
+    if parts.adapter.positions is Positions.ROTARY:
+        cos_sin = parts.rotary()(h, pos)
+        out = block(h, position_ids=pos, position_embeddings=cos_sin)
+    else:
+        out = block(h, position_ids=pos)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_head(modules: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    for m in modules:
+        h = m(h)
+    return h
+
+
+def token_nll(modules: list[nn.Module], h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (fp32) over windows, one window at a time to bound the logits."""
+    total, count = 0.0, 0
+    ids = ids.to(h.device)
+    for i in range(h.shape[0]):
+        logits = run_head(modules, h[i : i + 1]).float()
+        total += torch.nn.functional.cross_entropy(
+            logits[0, :-1], ids[i, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return total, count

@@ -1,0 +1,101 @@
+"""Opening and finishing a run's output directory: the manifest and fingerprint at the start,
+the shared tensors, index, config and tokenizer at the end, the report last."""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import torch
+
+import pipeline
+from pipeline import checkpoint, storage
+from pipeline.config import ConfigError, RunConfig, config_to_dict
+from pipeline.model_parts import ModelParts
+from pipeline.plan import Plan
+
+RESULT_SECTIONS = ("calibration", "quantization")  # config sections that change the weights
+
+
+def fingerprint(config: RunConfig, parts: ModelParts, calib: torch.Tensor) -> dict[str, Any]:
+    data = config_to_dict(config)
+    return {
+        "model": parts.reader.fingerprint(),
+        "config": {k: data[k] for k in RESULT_SECTIONS},
+        "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+        "relayquant_version": pipeline.__version__,
+    }
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+        return out
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan, calib: torch.Tensor,
+                   restart: bool) -> dict[str, Any]:
+    """Refuse a folder that holds something else; write the manifest; return it."""
+    out = config.output
+    fresh = fingerprint(config, parts, calib)
+    if checkpoint.is_relayquant_output(out):
+        old = storage.read_json(storage.join(out, checkpoint.MANIFEST))
+        diff = _differences(old.get("fingerprint"), fresh)
+        if diff and not restart:
+            raise ConfigError(
+                f"output: {out} holds a different run ({'; '.join(diff[:3])}); pass --restart to "
+                "discard it, or choose another output folder")
+        if restart:
+            storage.remove(out)
+    elif storage.list_names(out):
+        raise ConfigError(f"output: {out} exists and is not a relayquant output; choose a new or "
+                          "empty folder")
+    storage.remove(storage.join(out, checkpoint.REPORT))
+    manifest = {"relayquant_version": pipeline.__version__, "config": config_to_dict(config),
+                "fingerprint": fresh, "plan": plan.to_dict(), "started_at": time.time()}
+    storage.write_json(storage.join(out, checkpoint.MANIFEST), manifest)
+    return manifest
+
+
+def base_tensor_names(parts: ModelParts) -> dict[str, str]:
+    """Output name -> checkpoint name for everything outside the blocks (tied copies skipped)."""
+    tied = {t for t, _ in parts.adapter.tied_weights} if parts.hf_config.tie_word_embeddings else set()
+    prefix = parts.adapter.blocks + "."
+    out = {}
+    for path in parts.adapter.embed_modules + parts.adapter.head_modules:
+        if not parts.has_module(path):
+            continue
+        for key, name in parts.tensor_names(path).items():
+            full = f"{path}.{key}"
+            if full not in tied and not full.startswith(prefix):
+                out[full] = name
+    return out
+
+
+def finish_output(output: str, parts: ModelParts, model_path: str,
+                  markers: list[dict[str, Any]]) -> None:
+    """Write the non-block tensors, the index, config.json and the tokenizer files."""
+    names = base_tensor_names(parts)
+    tensors = parts.reader.read(set(names.values()))
+    base = {full: tensors[name] for full, name in names.items()}
+    storage.write_tensors(storage.join(output, checkpoint.BASE_SHARD), base, {"format": "pt"})
+    files = {checkpoint.BASE_SHARD: sorted(base)}
+    total = sum(t.numel() * t.element_size() for t in base.values())
+    for m in markers:
+        files[m["file"]] = m["tensors"]
+        total += sum(storage.read_header(storage.join(output, m["file"]))[t].nbytes
+                     for t in m["tensors"])
+    checkpoint.write_index(output, files, total)
+    config = {k: v for k, v in parts.reader.config.items() if k != "quantization_config"}
+    storage.write_json(storage.join(output, "config.json"), config)
+    for name in storage.TOKENIZER_FILES:
+        src = storage.join(model_path, name)
+        if storage.exists(src):
+            storage.copy_file(src, storage.join(output, name))
+
+
+def write_report(output: str, report: dict[str, Any]) -> None:
+    storage.write_json(storage.join(output, checkpoint.REPORT), report)

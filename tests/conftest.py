@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import build_model, corpus_text  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_root):
+    """tiny_model(arch) -> folder of a saved tiny model (built once per session)."""
+    cache: dict[str, str] = {}
+
+    def make(arch: str = "llama", num_layers: int = 4) -> str:
+        key = f"{arch}-{num_layers}"
+        if key not in cache:
+            cache[key] = build_model(str(tiny_root / key), arch, num_layers)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tiny_root):
+    train = tiny_root / "train.txt"
+    test = tiny_root / "test.txt"
+    train.write_text(corpus_text(40000, seed=0))
+    test.write_text(corpus_text(8000, seed=7))
+    return str(train), str(test)
