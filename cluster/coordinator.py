@@ -125,7 +125,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             finish_output(config.output, parts, model_path, markers)
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
         finally:
-            runtime.release(group)
+            runtime.release(stages.actors, group)
     report = {"output": config.output, "method": config.quantization.method.value,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
               "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
@@ -158,6 +158,6 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -
         try:
             result = stream_perplexity(stages, model_path, windows, "model")
         finally:
-            runtime.release(group)
+            runtime.release(stages.actors, group)
     return {"model": model_path, "corpus": eval_config.corpus, "seq_len": eval_config.seq_len,
             **result}

@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -13,6 +15,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from pipeline.config import ClusterConfig, ConfigError, Device
 
 log = logging.getLogger(__name__)
+RESERVE_TIMEOUT_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ def plan_resources(cluster: ClusterConfig) -> Resources:
     cpus = float(total.get("CPU", 1))
     per_worker = max(cpus / cluster.workers, 0.01) if not use_gpu else max(
         min(cpus / cluster.workers, 8.0), 1.0)
-    per_worker = round(per_worker, 2)
+    per_worker = math.floor(per_worker * 100) / 100  # the bundles must fit in the total
     return Resources(per_worker, 1 if use_gpu else 0, max(1, int(per_worker)))
 
 
@@ -62,9 +65,18 @@ def reserve(resources: Resources, workers: int) -> PlacementGroup:
     if resources.gpus_per_worker:
         bundle["GPU"] = resources.gpus_per_worker
     group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
-    ray.get(group.ready(), timeout=300)
+    try:
+        ray.get(group.ready(), timeout=RESERVE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"could not reserve {workers} stage(s) of {bundle} within {RESERVE_TIMEOUT_S}s; the "
+            f"cluster has {ray.available_resources()} free; lower cluster.workers") from None
     return group
 
 
-def release(group: PlacementGroup) -> None:
+def release(actors: list[Any], group: PlacementGroup) -> None:
+    """Stop the stage actors and give their reserved resources back."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
     remove_placement_group(group)

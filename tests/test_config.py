@@ -1,0 +1,73 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from jobs.recipes import CONFIG_DIR, load_recipe, parse_overrides
+from pipeline.config import ConfigError, Method, RunConfig, build_config, config_to_dict
+
+pytestmark = pytest.mark.unit
+
+BASE = {"model": {"path": "/m"}, "output": "/o"}
+
+
+def test_round_trip():
+    config = build_config(RunConfig, {**BASE, "quantization": {"bits": 3, "group_size": 64}})
+    assert config.quantization.method is Method.RTN
+    data = config_to_dict(config)
+    assert data["quantization"] == {"method": "rtn", "bits": 3, "group_size": 64,
+                                    "symmetric": False}
+    assert build_config(RunConfig, data) == config
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
+                                          "bits, group_size, method, symmetric"):
+        build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
+    with pytest.raises(ConfigError, match="^colour: unknown key"):
+        build_config(RunConfig, {**BASE, "colour": "red"})
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_range(bits):
+    with pytest.raises(ConfigError, match=f"quantization.bits: {bits} is not allowed; choose an "
+                                          "integer from 2 to 8"):
+        build_config(RunConfig, {**BASE, "quantization": {"bits": bits}})
+
+
+def test_wrong_types_and_enums():
+    with pytest.raises(ConfigError, match="quantization.bits: expected an integer, got 'four'"):
+        build_config(RunConfig, {**BASE, "quantization": {"bits": "four"}})
+    with pytest.raises(ConfigError, match="quantization.method: 'awq' is not allowed; choose one "
+                                          "of rtn"):
+        build_config(RunConfig, {**BASE, "quantization": {"method": "awq"}})
+    with pytest.raises(ConfigError, match="model.path: required"):
+        build_config(RunConfig, {"output": "/o"})
+
+
+def test_overrides():
+    overrides = parse_overrides(["quantization.bits=3", "quantization.group_size=null",
+                                 "cluster.address=ray://h:10001"])
+    assert overrides == {"quantization.bits": 3, "quantization.group_size": None,
+                         "cluster.address": "ray://h:10001"}
+    with pytest.raises(ConfigError, match="--set"):
+        parse_overrides(["bits"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(CONFIG_DIR / "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_recipe_validates(path):
+    config = load_recipe(path)
+    assert config.model.path and config.output
+
+
+def test_p1_default_recipe():
+    config = load_recipe("p1-rtn-w4")
+    assert (config.quantization.bits, config.quantization.group_size,
+            config.quantization.symmetric) == (4, None, False)
+    c = config.calibration
+    assert (c.corpus, c.num_samples, c.seq_len, c.seed) == ("sotu:train", 128, 512, 0)
+    assert (config.eval.corpus, config.eval.seq_len) == ("sotu:test", 512)
+    assert config.model.path == "asset:smollm2-135m"

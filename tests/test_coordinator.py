@@ -1,0 +1,120 @@
+"""The distributed path on tiny models: bit-identical to a single-process reference."""
+import json
+import logging
+import math
+import os
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from cluster.coordinator import evaluate, quantize
+from pipeline.config import ClusterConfig, EvalConfig, RunConfig, build_config
+from pipeline.formats import AffineFormat, fake_quantize
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def run_config(model, output, train, test, workers, bits=4, group_size=16, symmetric=False,
+               eval_enabled=True):
+    return build_config(RunConfig, {
+        "model": {"path": model}, "output": output,
+        "calibration": {"corpus": train, "num_samples": 12, "seq_len": 32, "seed": 0},
+        "quantization": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
+        "eval": {"corpus": test, "seq_len": 32, "max_windows": 20, "enabled": eval_enabled},
+        "cluster": {"workers": workers, "chunk_size": 5}})
+
+
+def reference_weights(model_path, fmt):
+    """Independent reference: the whole model in one process, every decoder linear fake-quantized."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(fake_quantize(module.weight, fmt))
+    return model.state_dict()
+
+
+def output_weights(folder):
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    out = {}
+    for file in sorted(set(index["weight_map"].values())):
+        out.update(load_file(os.path.join(folder, file)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, arch):
+    model = tiny_model(arch)
+    fmt = AffineFormat(3, 16, False)
+    ref = reference_weights(model, fmt)
+    for workers in (1, 2, 3):
+        out = str(tmp_path / f"w{workers}")
+        report = quantize(run_config(model, out, *corpus_files, workers, bits=3,
+                                     eval_enabled=False))
+        got = output_weights(out)
+        tied = {"lm_head.weight"} if "lm_head.weight" not in got else set()
+        assert set(got) == set(ref) - tied
+        for name, tensor in got.items():
+            assert torch.equal(tensor, ref[name]), (workers, name)
+        assert len(report["plan"]["stages"]) == workers
+        assert sorted({b["worker"] for b in report["blocks"]}) == list(range(workers))
+
+
+@torch.no_grad()
+def transformers_perplexity(folder, windows):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    logits = model(input_ids=windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            windows[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch):
+    from cluster.coordinator import load_eval_windows
+
+    model = tiny_model(arch)
+    out = str(tmp_path / "out")
+    config = run_config(model, out, *corpus_files, workers=2)
+    report = quantize(config)
+    saved = json.load(open(os.path.join(out, "report.json")))
+    assert saved["perplexity"] == report["perplexity"]
+    ppl = report["perplexity"]
+    assert ppl["windows"] == 20 and ppl["corpus"] == corpus_files[1]
+    windows = load_eval_windows(model, config.eval)
+    assert ppl["fp"] == pytest.approx(transformers_perplexity(model, windows), rel=1e-4)
+    assert ppl["quantized"] == pytest.approx(transformers_perplexity(out, windows), rel=1e-4)
+    assert ppl["quantized"] != ppl["fp"]
+    for block in report["blocks"]:
+        assert block["seconds"] > 0 and block["peak_rss_bytes"] > 0
+        assert 0 < block["output_relative_error"] < 1
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["config"]["quantization"]["group_size"] == 16
+    assert len(manifest["fingerprint"]["calibration_sha256"]) == 64
+    # `relayquant eval` on the output agrees with the number in the report
+    again = evaluate(out, config.eval, ClusterConfig(workers=3))
+    assert again["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-6)
+
+
+def test_eval_of_the_input_model_matches_transformers(tiny_model, corpus_files):
+    from cluster.coordinator import load_eval_windows
+
+    model = tiny_model("qwen2")
+    eval_config = EvalConfig(corpus=corpus_files[1], seq_len=40, max_windows=9)
+    result = evaluate(model, eval_config, ClusterConfig(workers=2, chunk_size=4))
+    windows = load_eval_windows(model, eval_config)
+    assert result["windows"] == 9
+    assert result["perplexity"] == pytest.approx(transformers_perplexity(model, windows), rel=1e-4)

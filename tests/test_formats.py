@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from pipeline.formats import (AffineFormat, choose_qparams, dequantize, fake_quantize, quantize,
+                              valid_group_sizes)
+
+pytestmark = pytest.mark.unit
+
+
+def test_asymmetric_per_channel_known_answer():
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    fmt = AffineFormat(bits=2)  # grid 0..3
+    qp = choose_qparams(w, fmt)
+    assert qp.scale.item() == pytest.approx(1.0)  # (2 - (-1)) / 3
+    assert qp.zero_point.item() == 1.0
+    q = quantize(w, qp, fmt)
+    assert q.tolist() == [[0, 1, 1, 3]]  # 0.5 rounds half to even: 0, plus zero point 1
+    assert dequantize(q, qp, fmt).tolist() == [[-1.0, 0.0, 0.0, 2.0]]
+
+
+def test_symmetric_known_answer():
+    w = torch.tensor([[-3.0, -1.0, 1.4, 3.0]])
+    fmt = AffineFormat(bits=3, symmetric=True)  # grid -4..3, scale = 3/3 = 1
+    qp = choose_qparams(w, fmt)
+    assert qp.scale.item() == pytest.approx(1.0)
+    assert qp.zero_point.item() == 0.0
+    assert quantize(w, qp, fmt).tolist() == [[-3, -1, 1, 3]]
+
+
+def test_positive_only_row_keeps_zero_exact():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # min clamped to 0
+    fmt = AffineFormat(bits=2)
+    qp = choose_qparams(w, fmt)
+    assert qp.zero_point.item() == 0.0
+    assert qp.scale.item() == pytest.approx(4.0 / 3.0)
+
+
+def test_groups_have_their_own_scales():
+    w = torch.tensor([[0.0, 1.0, 0.0, 100.0]])
+    fmt = AffineFormat(bits=4, group_size=2)
+    qp = choose_qparams(w, fmt)
+    assert qp.scale.shape == (1, 2)
+    assert qp.scale[0, 0].item() == pytest.approx(1.0 / 15)
+    assert qp.scale[0, 1].item() == pytest.approx(100.0 / 15)
+    assert fake_quantize(w, fmt)[0].tolist() == pytest.approx([0.0, 1.0, 0.0, 100.0])
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_round_trip_is_exact_on_grid_points(bits, symmetric, group_size):
+    torch.manual_seed(bits)
+    w = torch.randn(8, 64)
+    fmt = AffineFormat(bits, group_size, symmetric)
+    qp = choose_qparams(w, fmt)
+    q = quantize(w, qp, fmt)
+    assert int(q.min()) >= fmt.qmin and int(q.max()) <= fmt.qmax
+    w1 = dequantize(q, qp, fmt)
+    # a dequantized weight is on the grid: quantizing it again gives the same codes
+    assert torch.equal(quantize(w1, qp, fmt), q)
+    err = (w1 - w).abs().reshape(8, -1, group_size or 64).amax(-1)
+    assert torch.all(err <= qp.scale * 0.5 + 1e-6)
+
+
+def test_matches_p1_reference_rtn():
+    """The P1 reference's rtn_fake_quant, re-stated: min-max asym with clamped min/max."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    x = w.reshape(16, 2, 64)
+    mn, mx = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    s = ((mx - mn) / 7).clamp(min=1e-12)
+    z = (-mn / s).round()
+    expected = ((x / s).round() + z).clamp(0, 7).sub(z).mul(s).reshape(16, 128)
+    assert torch.equal(fake_quantize(w, AffineFormat(3, 64)), expected)
+
+
+def test_bits_out_of_range():
+    with pytest.raises(ValueError, match="bits: 9 is not allowed; choose an integer from 2 to 8"):
+        AffineFormat(9)
+    with pytest.raises(ValueError, match="bits: 1 is not allowed"):
+        AffineFormat(1)
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="group_size 128 does not divide in_features 576"):
+        fake_quantize(torch.zeros(4, 576), AffineFormat(4, 128))
+
+
+def test_valid_group_sizes_for_smollm2_shapes():
+    assert valid_group_sizes([576, 1536]) == [16, 24, 32, 48, 64, 96, 192]
