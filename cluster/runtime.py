@@ -57,7 +57,13 @@ def plan_resources(cluster: ClusterConfig) -> Resources:
     per_worker = max(cpus / cluster.workers, 0.01) if not use_gpu else max(
         min(cpus / cluster.workers, 8.0), 1.0)
     per_worker = math.floor(per_worker * 100) / 100  # the bundles must fit in the total
-    return Resources(per_worker, 1 if use_gpu else 0, max(1, int(per_worker)))
+    if cluster.threads is not None:
+        threads = cluster.threads
+    elif use_gpu:
+        threads = max(1, int(per_worker))
+    else:
+        threads = 0  # the stage takes every core it can see
+    return Resources(per_worker, 1 if use_gpu else 0, threads)
 
 
 def reserve(resources: Resources, workers: int) -> PlacementGroup:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -28,7 +29,7 @@ class StageActor:
     def __init__(self, stage: int, blocks: tuple[int, int], compute_dtype: str, threads: int,
                  device: str):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.stage, self.blocks = stage, blocks
         self.compute_dtype, self.device = compute_dtype, device
         self.store = RayStore()

@@ -90,8 +90,13 @@ class ClusterConfig:
     device: Device = Device.AUTO
     dashboard: bool = False
     compute_dtype: str = "float32"
+    # torch threads per stage; None = every core of the stage's node on CPU (one stage computes
+    # at a time in the sequential schedule), the reserved CPUs on GPU stages
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        _require(self.threads is None or self.threads >= 1,
+                 f"cluster.threads: {self.threads}; must be >= 1 or null (automatic)")
         _require(self.workers >= 1, f"cluster.workers: {self.workers}; must be >= 1")
         _require(self.chunk_size >= 1, f"cluster.chunk_size: {self.chunk_size}; must be >= 1")
         allowed = ("float32", "bfloat16", "float16")

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make quickstart` (set up, prepare the P1 assets, run the
+# default recipe on a local Ray) and `make test` (set up if needed, run the default test tiers).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup install assets quickstart test test-slow bench clean
+
+setup: install assets
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+assets: $(STAMP)
+	$(BIN)/relayquant assets prepare
+
+quickstart: setup
+	$(BIN)/relayquant quantize --config jobs/configs/p1-rtn-w4.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/depth_memory.py
+	$(BIN)/python benchmarks/p1_rtn.py
+
+clean:
+	rm -rf $(VENV) runs
