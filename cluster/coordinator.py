@@ -84,9 +84,10 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str,
             model_path, i, fp, q, config.quantization, config.output))
         markers.append(marker)
         m = marker["metrics"]
-        log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB",
-                 i + 1, stages.plan.num_blocks, m["worker"], m["seconds"],
-                 m["output_relative_error"], m["peak_rss_bytes"] / 2**20)
+        log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB "
+                 "(private %.0f MB)", i + 1, stages.plan.num_blocks, m["worker"], m["seconds"],
+                 m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
+                 m["peak_private_bytes"] / 2**20)
     log.info("quantized %d blocks in %.1fs", stages.plan.num_blocks, time.perf_counter() - start)
     return markers
 

@@ -21,8 +21,22 @@ from pipeline.streams import ChunkStore
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (Linux reports kilobytes)."""
+    """This process's peak resident set so far (Linux reports kilobytes). It counts the pages
+    of shared memory (the Ray object store) that the process has touched."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def private_bytes() -> int:
+    """Resident anonymous memory now (RssAnon): the process's own heap, without the shared
+    object-store pages and mapped files that `peak_rss_bytes` also counts."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def format_of(quantization: QuantizationConfig) -> AffineFormat:
@@ -74,7 +88,10 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     start = time.perf_counter()
     block = parts.load_block(index)
     loaded = time.perf_counter()
-    fp_out = [store.put(_run(parts, block, store, h)) for h in fp_in]
+    fp_out, private = [], private_bytes()
+    for h in fp_in:
+        fp_out.append(store.put(_run(parts, block, store, h)))
+        private = max(private, private_bytes())
     fmt = format_of(quantization)
     for name in parts.adapter.linears:
         linear = block.get_submodule(name)
@@ -86,6 +103,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         err += (y - target).double().pow(2).sum().item()
         ref += target.double().pow(2).sum().item()
         numel += target.numel()
+        private = max(private, private_bytes())
         q_out.append(store.put(y))
     path = parts.block_path(index)
     dtypes = parts.stored_dtypes(path)
@@ -97,5 +115,6 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         "output_mse": err / max(numel, 1),
         "output_relative_error": err / ref if ref else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_private_bytes": private,
     }
     return BlockResult(fp_out, q_out, tensors, metrics)

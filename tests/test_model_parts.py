@@ -31,7 +31,7 @@ def reference_nll(path, windows):
     return nll.item(), windows[:, 1:].numel()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "mistral", "qwen3"])
 def test_streamed_perplexity_equals_transformers(tiny_model, arch, tmp_path):
     path = tiny_model(arch)
     windows = torch.randint(0, 320, (7, 48), generator=torch.Generator().manual_seed(1))

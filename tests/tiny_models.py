@@ -45,7 +45,7 @@ def build_tokenizer(folder: str, vocab_size: int) -> None:
 
 
 def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = 320):
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     if arch == "llama":  # GQA: 4 query heads share 2 key-value heads
         return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
@@ -57,6 +57,16 @@ def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = 320):
                            num_hidden_layers=num_layers, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=256,
                            tie_word_embeddings=False)
+    if arch == "mistral":
+        return MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=num_layers, num_attention_heads=4,
+                             num_key_value_heads=1, max_position_embeddings=256,
+                             sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen3":  # q/k norms inside attention, explicit head_dim
+        return Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=num_layers, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                           tie_word_embeddings=True)
     if arch == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128,
                          num_hidden_layers=num_layers, num_attention_heads=4,
