@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -99,24 +100,39 @@ def _progress(phase: str, done: int, total: int, start: float) -> None:
                  elapsed / done * (total - done))
 
 
+def absolute(path: str) -> str:
+    """Local paths made absolute, so stage actors in other working directories agree."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def load_calibration_windows(model_path: str, config: RunConfig) -> torch.Tensor:
+    c = config.calibration
+    ids = calibration.tokenize(calibration.load_tokenizer(model_path),
+                               calibration.load_text(c.corpus, c.text_field))
+    windows = calibration.calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
+    log.info("calibration: %s, %d tokens -> %d windows of %d (seed %d)", c.corpus, ids.numel(),
+             c.num_samples, c.seq_len, c.seed)
+    return windows
+
+
 def load_eval_windows(model_path: str, eval_config: EvalConfig) -> torch.Tensor:
     tokenizer = calibration.load_tokenizer(model_path)
     text = calibration.load_text(eval_config.corpus, field="eval.corpus")
-    return calibration.eval_windows(calibration.tokenize(tokenizer, text), eval_config.seq_len,
-                                    eval_config.max_windows)
+    windows = calibration.eval_windows(calibration.tokenize(tokenizer, text),
+                                       eval_config.seq_len, eval_config.max_windows)
+    log.info("evaluation: %s, %d windows of %d", eval_config.corpus, windows.shape[0],
+             eval_config.seq_len)
+    return windows
 
 
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
-    model_path = resolve_model_path(config.model.path)
+    config = dataclasses.replace(config, output=absolute(config.output))
+    model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
     plan = make_plan(parts, model_path, config.quantization, config.cluster.workers)
-    tokenizer = calibration.load_tokenizer(model_path)
-    c = config.calibration
-    calib = calibration.calibration_windows(
-        calibration.tokenize(tokenizer, calibration.load_text(c.corpus, c.text_field)),
-        c.num_samples, c.seq_len, c.seed)
+    calib = load_calibration_windows(model_path, config)
     eval_ids = load_eval_windows(model_path, config.eval) if config.eval.enabled else None
     manifest = prepare_output(config, parts, plan, calib, restart)
     with runtime.ray_session(config.cluster):
@@ -150,7 +166,7 @@ def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
 
 def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -> dict[str, Any]:
     """`relayquant eval`: perplexity of a model folder, streamed through stage actors."""
-    model_path = resolve_model_path(model_path)
+    model_path = absolute(resolve_model_path(model_path))
     parts = open_model(model_path, cluster.compute_dtype)
     plan = make_plan(parts, model_path, None, cluster.workers)
     windows = load_eval_windows(model_path, eval_config)

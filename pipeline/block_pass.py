@@ -94,8 +94,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         private = max(private, private_bytes())
     fmt = format_of(quantization)
     for name in parts.adapter.linears:
-        linear = block.get_submodule(name)
-        linear.weight.copy_(rtn_quantize(linear.weight, fmt)[0])
+        weight = block.get_parameter(f"{name}.weight")
+        weight.copy_(rtn_quantize(weight, fmt)[0])
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     for hq, hf in zip(q_in, fp_out, strict=True):
         y = _run(parts, block, store, hq)

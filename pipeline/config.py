@@ -140,7 +140,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return None
         inner = [o for o in options if o is not type(None)]
         return _coerce(inner[0], value, where)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build_config(hint, value, where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         allowed = [m.value for m in hint]
