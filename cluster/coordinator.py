@@ -68,6 +68,7 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
     for i in range(stages.plan.num_blocks):
         stream = ray.get(stages.owner(i).forward_block.remote(model_path, i, stream))
         _progress(f"eval {label}", i + 1, stages.plan.num_blocks, start)
+    log.info("eval %s: scoring %d windows on the last stage", label, windows.shape[0])
     nll, count = ray.get(stages.actors[-1].score.remote(model_path, stream, ids_chunks))
     return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
             "tokens": count, "seconds": time.perf_counter() - start}
@@ -105,26 +106,6 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def load_calibration_windows(model_path: str, config: RunConfig) -> torch.Tensor:
-    c = config.calibration
-    ids = calibration.tokenize(calibration.load_tokenizer(model_path),
-                               calibration.load_text(c.corpus, c.text_field))
-    windows = calibration.calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
-    log.info("calibration: %s, %d tokens -> %d windows of %d (seed %d)", c.corpus, ids.numel(),
-             c.num_samples, c.seq_len, c.seed)
-    return windows
-
-
-def load_eval_windows(model_path: str, eval_config: EvalConfig) -> torch.Tensor:
-    tokenizer = calibration.load_tokenizer(model_path)
-    text = calibration.load_text(eval_config.corpus, field="eval.corpus")
-    windows = calibration.eval_windows(calibration.tokenize(tokenizer, text),
-                                       eval_config.seq_len, eval_config.max_windows)
-    log.info("evaluation: %s, %d windows of %d", eval_config.corpus, windows.shape[0],
-             eval_config.seq_len)
-    return windows
-
-
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
@@ -132,8 +113,9 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
     plan = make_plan(parts, model_path, config.quantization, config.cluster.workers)
-    calib = load_calibration_windows(model_path, config)
-    eval_ids = load_eval_windows(model_path, config.eval) if config.eval.enabled else None
+    calib = calibration.calibration_windows_for(model_path, config.calibration)
+    eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
+                else None)
     manifest = prepare_output(config, parts, plan, calib, restart)
     with runtime.ray_session(config.cluster):
         stages, group = start_stages(plan, config.cluster)
@@ -169,7 +151,7 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -
     model_path = absolute(resolve_model_path(model_path))
     parts = open_model(model_path, cluster.compute_dtype)
     plan = make_plan(parts, model_path, None, cluster.workers)
-    windows = load_eval_windows(model_path, eval_config)
+    windows = calibration.eval_windows_for(model_path, eval_config)
     with runtime.ray_session(cluster):
         stages, group = start_stages(plan, cluster)
         try:

@@ -35,7 +35,9 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             log.info("connecting to Ray at %s", address)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=cluster.dashboard,
+            # "local": always a fresh instance, never a stale `ray start` found on this node
+            ray.init(address="local", num_cpus=os.cpu_count() or 1,
+                     include_dashboard=cluster.dashboard,
                      logging_level=logging.WARNING, log_to_driver=True,
                      configure_logging=False)
         started = True

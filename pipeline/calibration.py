@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline import assets, storage
-from pipeline.config import ConfigError
+from pipeline.config import CalibrationConfig, ConfigError, EvalConfig
 
 log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md")
@@ -107,3 +107,20 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def calibration_windows_for(model_path: str, c: CalibrationConfig) -> torch.Tensor:
+    """The run's calibration windows, tokenized with the model's own tokenizer."""
+    ids = tokenize(load_tokenizer(model_path), load_text(c.corpus, c.text_field))
+    windows = calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
+    log.info("calibration: %s, %d tokens -> %d windows of %d (seed %d)", c.corpus, ids.numel(),
+             c.num_samples, c.seq_len, c.seed)
+    return windows
+
+
+def eval_windows_for(model_path: str, e: EvalConfig) -> torch.Tensor:
+    """The evaluation windows, tokenized with the model's own tokenizer."""
+    ids = tokenize(load_tokenizer(model_path), load_text(e.corpus, field="eval.corpus"))
+    windows = eval_windows(ids, e.seq_len, e.max_windows)
+    log.info("evaluation: %s, %d windows of %d", e.corpus, windows.shape[0], e.seq_len)
+    return windows

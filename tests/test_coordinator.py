@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
@@ -84,7 +84,7 @@ def transformers_perplexity(folder, windows):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch):
-    from cluster.coordinator import load_eval_windows
+    from pipeline.calibration import eval_windows_for
 
     model = tiny_model(arch)
     out = str(tmp_path / "out")
@@ -94,7 +94,7 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
     assert saved["perplexity"] == report["perplexity"]
     ppl = report["perplexity"]
     assert ppl["windows"] == 20 and ppl["corpus"] == corpus_files[1]
-    windows = load_eval_windows(model, config.eval)
+    windows = eval_windows_for(model, config.eval)
     assert ppl["fp"] == pytest.approx(transformers_perplexity(model, windows), rel=1e-4)
     assert ppl["quantized"] == pytest.approx(transformers_perplexity(out, windows), rel=1e-4)
     assert ppl["quantized"] != ppl["fp"]
@@ -110,11 +110,11 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
 
 
 def test_eval_of_the_input_model_matches_transformers(tiny_model, corpus_files):
-    from cluster.coordinator import load_eval_windows
+    from pipeline.calibration import eval_windows_for
 
     model = tiny_model("qwen2")
     eval_config = EvalConfig(corpus=corpus_files[1], seq_len=40, max_windows=9)
     result = evaluate(model, eval_config, ClusterConfig(workers=2, chunk_size=4))
-    windows = load_eval_windows(model, eval_config)
+    windows = eval_windows_for(model, eval_config)
     assert result["windows"] == 9
     assert result["perplexity"] == pytest.approx(transformers_perplexity(model, windows), rel=1e-4)
