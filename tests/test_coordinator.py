@@ -118,3 +118,20 @@ def test_eval_of_the_input_model_matches_transformers(tiny_model, corpus_files):
     windows = eval_windows_for(model, eval_config)
     assert result["windows"] == 9
     assert result["perplexity"] == pytest.approx(transformers_perplexity(model, windows), rel=1e-4)
+
+
+def test_fsspec_urls_and_bf16_weights(tiny_root, corpus_files, tmp_path):
+    """Model and output given as file:// URLs; bf16 weights stay bf16 in the output."""
+    from tiny_models import build_model
+
+    model = build_model(str(tiny_root / "llama-bf16"), "llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    report = quantize(run_config(f"file://{model}", f"file://{out}", *corpus_files, workers=2,
+                                 eval_enabled=False))
+    assert len(report["blocks"]) == 4
+    got = output_weights(str(out))
+    ref = reference_weights(model, AffineFormat(4, 16, False))
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16, name
+        # fake-quant computed in fp32, stored in the model's dtype
+        assert torch.equal(tensor, ref[name].to(torch.bfloat16)), name

@@ -74,7 +74,8 @@ def tiny_config(arch: str, num_layers: int = 4, vocab_size: int = 320):
     raise ValueError(arch)
 
 
-def build_model(folder: str, arch: str, num_layers: int = 4, seed: int = 0) -> str:
+def build_model(folder: str, arch: str, num_layers: int = 4, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> str:
     """Save a randomly initialised tiny model as >= 2 safetensors shards with an index."""
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +87,7 @@ def build_model(folder: str, arch: str, num_layers: int = 4, seed: int = 0) -> s
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder, max_shard_size="150KB")
+    model.to(dtype).save_pretrained(folder, max_shard_size="150KB")
     build_tokenizer(folder, config.vocab_size)
     shards = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
     assert len(shards) >= 2, shards
