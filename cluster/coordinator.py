@@ -22,6 +22,7 @@ from pipeline.assets import resolve_model_path
 from pipeline.config import ClusterConfig, EvalConfig, RunConfig
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
+from pipeline.schemes import validate_schemes
 from pipeline.streams import split_windows
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str,
     markers = []
     for i in range(stages.plan.num_blocks):
         fp, q, marker = ray.get(stages.owner(i).quantize_block.remote(
-            model_path, i, fp, q, config.quantization, config.output))
+            model_path, i, fp, q, config.quantization, config.export.formats, config.output))
         markers.append(marker)
         m = marker["metrics"]
         log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB "
@@ -112,7 +113,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     config = dataclasses.replace(config, output=absolute(config.output))
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
-    plan = make_plan(parts, model_path, config.quantization, config.cluster.workers)
+    validate_schemes(parts, config.quantization, config.export.formats)
+    plan = make_plan(parts, model_path, config.cluster.workers)
     calib = calibration.calibration_windows_for(model_path, config.calibration)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
@@ -121,14 +123,16 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         stages, group = start_stages(plan, config.cluster)
         try:
             markers = quantize_blocks(stages, config, model_path, calib)
-            finish_output(config.output, parts, model_path, markers)
+            exported = finish_output(config.output, parts, model_path, markers,
+                                     config.export.formats)
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
         finally:
             runtime.release(stages.actors, group)
     report = {"output": config.output, "method": config.quantization.method.value,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
               "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
-              "blocks": [{**m["metrics"], "file": m["file"], "sha256": m["sha256"]}
+              "export": exported,
+              "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
     write_report(config.output, report)
     return report
@@ -150,7 +154,7 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -
     """`relayquant eval`: perplexity of a model folder, streamed through stage actors."""
     model_path = absolute(resolve_model_path(model_path))
     parts = open_model(model_path, cluster.compute_dtype)
-    plan = make_plan(parts, model_path, None, cluster.workers)
+    plan = make_plan(parts, model_path, cluster.workers)
     windows = calibration.eval_windows_for(model_path, eval_config)
     with runtime.ray_session(cluster):
         stages, group = start_stages(plan, cluster)

@@ -9,7 +9,8 @@ import ray
 import torch
 
 from pipeline import block_pass, checkpoint
-from pipeline.config import QuantizationConfig
+from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline.export import FOLDERS
 from pipeline.model_parts import ModelParts
 from pipeline.plan import open_model
 
@@ -51,11 +52,12 @@ class StageActor:
         return block_pass.score_stream(self._parts(path), stream, ids_chunks, self.store)
 
     def quantize_block(self, path: str, index: int, fp_in: list[Any], q_in: list[Any],
-                       quantization: QuantizationConfig, output: str
-                       ) -> tuple[list[Any], list[Any], dict[str, Any]]:
+                       quantization: QuantizationConfig, layouts: list[ExportFormat],
+                       output: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         result = block_pass.quantize_block(self._parts(path), index, fp_in, q_in, quantization,
-                                           self.store)
-        marker = checkpoint.write_block(output, index, result.tensors,
+                                           layouts, self.store)
+        exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
+        marker = checkpoint.write_block(output, index, exports, result.schemes,
                                         {**result.metrics, "worker": self.stage})
         return result.fp_out, result.q_out, marker
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from pipeline.config import QuantizationConfig
-from pipeline.formats import AffineFormat
+from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline.export import QuantizedLinear, block_tensors
+from pipeline.formats import AffineFormat, QuantParams
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
+from pipeline.schemes import block_formats
 from pipeline.streams import ChunkStore
 
 
@@ -37,10 +39,6 @@ def private_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def format_of(quantization: QuantizationConfig) -> AffineFormat:
-    return AffineFormat(quantization.bits, quantization.group_size, quantization.symmetric)
 
 
 @torch.no_grad()
@@ -76,13 +74,31 @@ def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: A
 class BlockResult:
     fp_out: list[Any]
     q_out: list[Any]
-    tensors: dict[str, torch.Tensor]  # full checkpoint name -> quantized (fake-quant) tensor
+    exports: dict[ExportFormat, dict[str, torch.Tensor]]  # layout -> full name -> tensor
+    schemes: dict[str, list[Any] | None]  # linear -> [bits, group_size, symmetric] or None
     metrics: dict[str, Any]
+
+
+def quantize_linears_(block: torch.nn.Module, formats: dict[str, AffineFormat | None],
+                      dtypes: dict[str, torch.dtype]) -> dict[str, QuantizedLinear]:
+    """Quantize the block's linears in place (fake-quant weights) and return their codes.
+    Scales are rounded to the stored dtype first, so the export reproduces these weights."""
+    out = {}
+    for name, fmt in formats.items():
+        if fmt is None:
+            continue
+        weight = block.get_parameter(f"{name}.weight")
+        fake, codes, qparams = rtn_quantize(weight, fmt, scale_dtype=dtypes[f"{name}.weight"])
+        weight.copy_(fake)
+        out[name] = QuantizedLinear(codes.cpu(), QuantParams(qparams.scale.cpu(),
+                                                             qparams.zero_point.cpu()), fmt)
+    return out
 
 
 @torch.no_grad()
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
-                   quantization: QuantizationConfig, store: ChunkStore) -> BlockResult:
+                   quantization: QuantizationConfig, layouts: list[ExportFormat],
+                   store: ChunkStore) -> BlockResult:
     """Run the FP stream through the block, quantize its linears, run the quantized stream
     through the quantized block, and measure the block's output error against the FP target."""
     start = time.perf_counter()
@@ -92,10 +108,10 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     for h in fp_in:
         fp_out.append(store.put(_run(parts, block, store, h)))
         private = max(private, private_bytes())
-    fmt = format_of(quantization)
-    for name in parts.adapter.linears:
-        weight = block.get_parameter(f"{name}.weight")
-        weight.copy_(rtn_quantize(weight, fmt)[0])
+    path = parts.block_path(index)
+    dtypes = parts.stored_dtypes(path)
+    formats = block_formats(parts, index, quantization)
+    linears = quantize_linears_(block, formats, dtypes)
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     for hq, hf in zip(q_in, fp_out, strict=True):
         y = _run(parts, block, store, hq)
@@ -105,9 +121,10 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         numel += target.numel()
         private = max(private, private_bytes())
         q_out.append(store.put(y))
-    path = parts.block_path(index)
-    dtypes = parts.stored_dtypes(path)
-    tensors = {f"{path}.{k}": v.to("cpu", dtypes[k]) for k, v in block.state_dict().items()}
+    state = block.state_dict()
+    exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
+    schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
+               for n, f in formats.items()}
     metrics = {
         "index": index,
         "seconds": time.perf_counter() - start,
@@ -117,4 +134,4 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_private_bytes": private,
     }
-    return BlockResult(fp_out, q_out, tensors, metrics)
+    return BlockResult(fp_out, q_out, exports, schemes, metrics)

@@ -2,10 +2,11 @@
 (written last, carrying the shard's checksum), the manifest, and at the end the index, config,
 tokenizer and report.
 
-    OUT/model-block-00007.safetensors     block 7's tensors
+    OUT/model-block-00007.safetensors     block 7's tensors (compressed-tensors layout)
     OUT/model-base.safetensors            embedding, final norm, head
+    OUT/gptq/, OUT/fake_quant/            the same in the other requested layouts
     OUT/model.safetensors.index.json      written once every block is done
-    OUT/.relayquant/blocks/00007.json     marker: shard name, sha256, metrics
+    OUT/.relayquant/blocks/00007.json     marker: shard names, sha256s, schemes, metrics
     OUT/manifest.json                     resolved config + input fingerprint
     OUT/report.json                       written last: the run is complete
 """
@@ -32,13 +33,17 @@ def marker_path(output: str, index: int) -> str:
     return storage.join(output, STATE_DIR, "blocks", f"{index:05d}.json")
 
 
-def write_block(output: str, index: int, tensors: dict[str, torch.Tensor],
-                metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write the block's shard, then its marker; the marker alone says the block is done."""
-    name = block_shard_name(index)
-    sha = storage.write_tensors(storage.join(output, name), tensors, {"format": "pt"})
-    marker = {"index": index, "file": name, "sha256": sha, "tensors": sorted(tensors),
-              "metrics": metrics, "written_at": time.time()}
+def write_block(output: str, index: int, exports: dict[Any, dict[str, torch.Tensor]],
+                schemes: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write the block's shard in every layout, then its marker; the marker alone says the
+    block is done. `exports` maps a layout's folder ("" = the output itself) to tensors."""
+    files = {}
+    for folder, tensors in exports.items():
+        name = f"{folder}/{block_shard_name(index)}" if folder else block_shard_name(index)
+        sha = storage.write_tensors(storage.join(output, name), tensors, {"format": "pt"})
+        files[folder] = {"file": name, "sha256": sha, "tensors": sorted(tensors)}
+    marker = {"index": index, "files": files, "schemes": schemes, "metrics": metrics,
+              "written_at": time.time()}
     storage.write_json(marker_path(output, index), marker)
     return marker
 

@@ -21,6 +21,12 @@ class Method(str, enum.Enum):
     RTN = "rtn"
 
 
+class ExportFormat(str, enum.Enum):
+    COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
+    GPTQ = "gptq"  # OUTPUT/gptq/
+    FAKE_QUANT = "fake_quant"  # OUTPUT/fake_quant/: dequantized weights in the model's dtype
+
+
 class Device(str, enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -53,19 +59,53 @@ class CalibrationConfig:
         _require(self.seq_len >= 2, f"calibration.seq_len: {self.seq_len}; must be >= 2")
 
 
+OVERRIDE_KEYS = ("bits", "group_size", "symmetric")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: Method = Method.RTN
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = False
+    # per-linear exceptions, first match wins: exact module name or `re:` regex -> a mapping
+    # of the keys to change (bits, group_size, symmetric), or null to keep it in full precision
+    overrides: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for pattern, change in self.overrides.items():
+            where = f"quantization.overrides[{pattern!r}]"
+            if change is None:
+                continue
+            _require(isinstance(change, dict), f"{where}: expected a mapping of "
+                     f"{', '.join(OVERRIDE_KEYS)} or null (keep in full precision)")
+            unknown = sorted(set(change) - set(OVERRIDE_KEYS))
+            _require(not unknown, f"{where}.{unknown[0] if unknown else ''}: unknown key; "
+                     f"allowed: {', '.join(OVERRIDE_KEYS)}")
+            bits = change.get("bits", self.bits)
+            _require(isinstance(bits, int) and 2 <= bits <= 8,
+                     f"{where}.bits: {bits!r} is not allowed; choose an integer from 2 to 8")
+            group = change.get("group_size", self.group_size)
+            _require(group is None or (isinstance(group, int) and group >= 1),
+                     f"{where}.group_size: {group!r}; use a positive integer or null")
+            _require(isinstance(change.get("symmetric", False), bool),
+                     f"{where}.symmetric: expected true or false")
         _require(2 <= self.bits <= 8,
                  f"quantization.bits: {self.bits} is not allowed; choose an integer from 2 to 8")
         _require(self.group_size is None or self.group_size >= 1,
                  f"quantization.group_size: {self.group_size}; use a positive integer that divides "
                  "every layer's in_features, or null for per-channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    formats: list[ExportFormat] = dataclasses.field(
+        default_factory=lambda: [ExportFormat.COMPRESSED_TENSORS])
+
+    def __post_init__(self) -> None:
+        _require(ExportFormat.COMPRESSED_TENSORS in self.formats,
+                 "export.formats: must include compressed-tensors (the output folder itself is "
+                 "that checkpoint); gptq and fake_quant are written beside it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +150,7 @@ class RunConfig:
     output: str = ""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
@@ -134,6 +175,17 @@ def build_config(cls: type, data: Mapping[str, Any] | None, where: str = "") -> 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}[{k!r}]")
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -159,6 +211,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
+    if hint is Any:
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -172,6 +226,10 @@ def config_to_dict(config: Any) -> Any:
         return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, enum.Enum):
         return config.value
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, Mapping):
+        return {k: config_to_dict(v) for k, v in config.items()}
     return config
 
 

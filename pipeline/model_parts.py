@@ -15,6 +15,8 @@ from torch import nn
 
 from pipeline.adapters import Adapter, Embedding, Positions, adapter_for
 from pipeline.config import ConfigError
+from pipeline.formats import AffineFormat, gptq
+from pipeline.formats import compressed_tensors as ct
 from pipeline.storage import CheckpointReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +58,12 @@ class ModelParts:
         self.meta = build_meta_model(self.hf_config)
         self.num_blocks = int(self.reader.config[self.adapter.num_blocks_key])
         self._rotary: nn.Module | None = None
+        self.packed = packed_linears(self.reader.config.get("quantization_config"),
+                                     self.block_linears(), self.reader.entries)
+
+    def block_linears(self) -> list[str]:
+        return [f"{self.block_path(i)}.{name}" for i in range(self.num_blocks)
+                for name in self.adapter.linears]
 
     @property
     def adapter_row(self) -> Adapter:
@@ -76,6 +84,8 @@ class ModelParts:
         out = {}
         for key in self.meta.get_submodule(path).state_dict():
             full = f"{path}.{key}"
+            if full.removesuffix(".weight") in self.packed:
+                continue  # read by `load` from its packed tensors
             candidates = [full, full.removeprefix("model."), tied.get(full, "")]
             found = next((c for c in candidates if c in self.reader.entries), None)
             if found is None:
@@ -83,17 +93,38 @@ class ModelParts:
             out[key] = found
         return out
 
+    def packed_tensor_names(self, path: str) -> dict[str, list[str]]:
+        """Weight key -> the packed tensors it is read from, for packed linears under `path`."""
+        out = {}
+        for module, layout in self.packed.items():
+            if module.startswith(path + "."):
+                names = [f"{module}.{s}" for s in layout.suffixes
+                         if f"{module}.{s}" in self.reader.entries]
+                out[f"{module.removeprefix(path + '.')}.weight"] = names
+        return out
+
     def part_nbytes(self, path: str) -> int:
-        return self.reader.nbytes(set(self.tensor_names(path).values()))
+        packed = [n for names in self.packed_tensor_names(path).values() for n in names]
+        return self.reader.nbytes(set(self.tensor_names(path).values()) | set(packed))
 
     def stored_dtypes(self, path: str) -> dict[str, torch.dtype]:
-        return {k: self.reader.entries[n].dtype for k, n in self.tensor_names(path).items()}
+        dtypes = {k: self.reader.entries[n].dtype for k, n in self.tensor_names(path).items()}
+        for key, names in self.packed_tensor_names(path).items():
+            dtypes[key] = next(self.reader.entries[n].dtype for n in names
+                               if n.endswith(("weight_scale", "scales")))
+        return dtypes
 
     def load(self, path: str) -> nn.Module:
-        """A real copy of the module at `path`, its tensors read from the checkpoint."""
+        """A real copy of the module at `path`, its tensors read from the checkpoint (packed
+        linears are unpacked and dequantized)."""
         names = self.tensor_names(path)
-        tensors = self.reader.read(set(names.values()))
+        packed = self.packed_tensor_names(path)
+        tensors = self.reader.read(set(names.values()) | {n for v in packed.values() for n in v})
         state = {k: tensors[n].to(self.compute_dtype) for k, n in names.items()}
+        for key, tensor_names in packed.items():
+            linear = f"{path}.{key.removesuffix('.weight')}"
+            local = {n.removeprefix(linear + "."): tensors[n] for n in tensor_names}
+            state[key] = self.packed[linear].unpack(local, self.compute_dtype)
         module = copy.deepcopy(self.meta.get_submodule(path))
         module.load_state_dict(state, strict=True, assign=True)
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -115,6 +146,41 @@ class ModelParts:
 
     def load_head(self) -> list[nn.Module]:
         return [self.load(p) for p in self.adapter.head_modules if self.has_module(p)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """How one linear's weight is stored in a quantized checkpoint."""
+
+    kind: str  # "compressed-tensors" or "gptq"
+    fmt: AffineFormat
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ct.SUFFIXES if self.kind == "compressed-tensors" else gptq.SUFFIXES
+
+    def unpack(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        if self.kind == "compressed-tensors":
+            return ct.decompress_linear(tensors, self.fmt, dtype)
+        return gptq.decompress_linear(tensors, self.fmt.bits, dtype)
+
+
+def packed_linears(qconfig: dict[str, Any] | None, linears: list[str],
+                   entries: dict[str, Any]) -> dict[str, PackedLayout]:
+    """Linears stored packed (compressed-tensors pack-quantized, or GPTQ v1), by full name."""
+    if not qconfig:
+        return {}
+    method = qconfig.get("quant_method")
+    if method == "compressed-tensors":
+        formats = ct.module_formats(qconfig, linears)
+        return {n: PackedLayout(method, f) for n, f in formats.items()
+                if f"{n}.weight_packed" in entries}
+    if method == "gptq":
+        group = qconfig.get("group_size", -1)
+        fmt = AffineFormat(int(qconfig["bits"]), None if group in (-1, None) else int(group),
+                           bool(qconfig.get("sym", True)))
+        return {n: PackedLayout(method, fmt) for n in linears if f"{n}.qweight" in entries}
+    return {}
 
 
 def embed(parts: ModelParts, modules: list[nn.Module | None], ids: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,13 @@ import torch
 
 import pipeline
 from pipeline import checkpoint, storage
-from pipeline.config import ConfigError, RunConfig, config_to_dict
+from pipeline.config import ConfigError, ExportFormat, RunConfig, config_to_dict
+from pipeline.export import FOLDERS, format_config, kernel_flags
+from pipeline.formats import AffineFormat
 from pipeline.model_parts import ModelParts
 from pipeline.plan import Plan
 
-RESULT_SECTIONS = ("calibration", "quantization")  # config sections that change the weights
+RESULT_SECTIONS = ("calibration", "quantization", "export")  # config sections that change the weights
 
 
 def fingerprint(config: RunConfig, parts: ModelParts, calib: torch.Tensor) -> dict[str, Any]:
@@ -75,26 +77,48 @@ def base_tensor_names(parts: ModelParts) -> dict[str, str]:
     return out
 
 
+def marker_formats(markers: list[dict[str, Any]]) -> dict[str, AffineFormat | None]:
+    """Linear full name -> the format its block's marker records (None: full precision)."""
+    return {name: None if scheme is None else AffineFormat(*scheme)
+            for m in markers for name, scheme in m["schemes"].items()}
+
+
 def finish_output(output: str, parts: ModelParts, model_path: str,
-                  markers: list[dict[str, Any]]) -> None:
-    """Write the non-block tensors, the index, config.json and the tokenizer files."""
+                  markers: list[dict[str, Any]], layouts: list[ExportFormat]) -> dict[str, Any]:
+    """Write, in every layout's folder, the non-block tensors, the index, config.json (with
+    its quantization_config) and the tokenizer files. Returns what was exported."""
     names = base_tensor_names(parts)
     tensors = parts.reader.read(set(names.values()))
     base = {full: tensors[name] for full, name in names.items()}
-    storage.write_tensors(storage.join(output, checkpoint.BASE_SHARD), base, {"format": "pt"})
-    files = {checkpoint.BASE_SHARD: sorted(base)}
-    total = sum(t.numel() * t.element_size() for t in base.values())
-    for m in markers:
-        files[m["file"]] = m["tensors"]
-        total += sum(storage.read_header(storage.join(output, m["file"]))[t].nbytes
-                     for t in m["tensors"])
-    checkpoint.write_index(output, files, total)
-    config = {k: v for k, v in parts.reader.config.items() if k != "quantization_config"}
-    storage.write_json(storage.join(output, "config.json"), config)
-    for name in storage.TOKENIZER_FILES:
-        src = storage.join(model_path, name)
-        if storage.exists(src):
-            storage.copy_file(src, storage.join(output, name))
+    formats = marker_formats(markers)
+    folders = {}
+    for layout in layouts:
+        sub = FOLDERS[layout]
+        folder = storage.join(output, sub) if sub else output
+        storage.write_tensors(storage.join(folder, checkpoint.BASE_SHARD), base, {"format": "pt"})
+        files = {checkpoint.BASE_SHARD: sorted(base)}
+        total = sum(t.numel() * t.element_size() for t in base.values())
+        for m in markers:
+            entry = m["files"][sub]
+            file = entry["file"].removeprefix(f"{sub}/") if sub else entry["file"]
+            files[file] = entry["tensors"]
+            total += sum(e.nbytes for e in storage.read_header(storage.join(output, entry["file"]))
+                         .values())
+        checkpoint.write_index(folder, files, total)
+        config = {k: v for k, v in parts.reader.config.items() if k != "quantization_config"}
+        qconfig = format_config(layout, formats)
+        if qconfig is not None:
+            config["quantization_config"] = qconfig
+        storage.write_json(storage.join(folder, "config.json"), config)
+        if layout is ExportFormat.GPTQ:
+            storage.write_json(storage.join(folder, "quantize_config.json"), qconfig)
+        for name in storage.TOKENIZER_FILES:
+            src = storage.join(model_path, name)
+            if storage.exists(src):
+                storage.copy_file(src, storage.join(folder, name))
+        folders[layout.value] = {"path": folder, "tensor_bytes": total}
+    return {"formats": [layout.value for layout in layouts], "folders": folders,
+            "flags": kernel_flags(formats)}
 
 
 def write_report(output: str, report: dict[str, Any]) -> None:

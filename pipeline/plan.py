@@ -1,15 +1,12 @@
-"""Plan a run from the config and the checkpoint's index alone: which blocks, how heavy, which
-stage owns which, and whether the format fits every layer (checked on the meta device)."""
+"""Plan a run from the config and the checkpoint's index alone: which blocks, how heavy, and
+which stage owns which."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from torch import nn
-
 from pipeline import storage
-from pipeline.config import ConfigError, QuantizationConfig
-from pipeline.formats import valid_group_sizes
+from pipeline.config import ConfigError
 from pipeline.model_parts import DTYPES, ModelParts
 
 
@@ -31,26 +28,6 @@ def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu") -
     if not storage.exists(path):
         raise ConfigError(f"model.path: {path!r} does not exist")
     return ModelParts(storage.CheckpointReader(path), DTYPES[compute_dtype], device)
-
-
-def validate_format(parts: ModelParts, quantization: QuantizationConfig) -> None:
-    """Every quantized linear's in_features must be divisible by the group size."""
-    if quantization.group_size is None:
-        return
-    layers = []
-    for i in range(parts.num_blocks):
-        block = parts.meta.get_submodule(parts.block_path(i))
-        for name in parts.adapter.linears:
-            linear = block.get_submodule(name)
-            assert isinstance(linear, nn.Linear)
-            layers.append((f"{parts.block_path(i)}.{name}", linear.in_features))
-    for full, in_features in layers:
-        if in_features % quantization.group_size:
-            options = ", ".join(str(g) for g in valid_group_sizes([n for _, n in layers]))
-            raise ConfigError(
-                f"quantization.group_size: {quantization.group_size} does not divide in_features "
-                f"{in_features} of {full}; choose one of {options or '(none)'}, or null for "
-                "per-channel")
 
 
 def split_stages(block_bytes: list[int], workers: int) -> list[tuple[int, int]]:
@@ -79,10 +56,7 @@ def split_stages(block_bytes: list[int], workers: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
-def make_plan(parts: ModelParts, model_path: str, quantization: QuantizationConfig | None,
-              workers: int) -> Plan:
-    if quantization is not None:
-        validate_format(parts, quantization)
+def make_plan(parts: ModelParts, model_path: str, workers: int) -> Plan:
     sizes = [parts.part_nbytes(parts.block_path(i)) for i in range(parts.num_blocks)]
     return Plan(model_path, parts.architecture, parts.num_blocks, tuple(sizes),
                 tuple(split_stages(sizes, workers)))

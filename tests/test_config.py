@@ -17,14 +17,16 @@ def test_round_trip():
     assert config.quantization.method is Method.RTN
     data = config_to_dict(config)
     assert data["quantization"] == {"method": "rtn", "bits": 3, "group_size": 64,
-                                    "symmetric": False}
+                                    "symmetric": False, "overrides": {}}
+    assert data["export"] == {"formats": ["compressed-tensors"]}
     assert build_config(RunConfig, data) == config
     assert yaml.safe_load(yaml.safe_dump(data)) == data
 
 
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
-                                          "bits, group_size, method, symmetric"):
+                                          "bits, group_size, method, overrides, "
+                                          "symmetric"):
         build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
     with pytest.raises(ConfigError, match="^colour: unknown key"):
         build_config(RunConfig, {**BASE, "colour": "red"})
@@ -71,3 +73,21 @@ def test_p1_default_recipe():
     assert (c.corpus, c.num_samples, c.seq_len, c.seed) == ("sotu:train", 128, 512, 0)
     assert (config.eval.corpus, config.eval.seq_len) == ("sotu:test", 512)
     assert config.model.path == "asset:smollm2-135m"
+
+
+def test_overrides_and_export_formats():
+    config = build_config(RunConfig, {**BASE, "quantization": {"overrides": {
+        "re:.*down_proj": {"bits": 8}, "model.layers.0.mlp.up_proj": None}},
+        "export": {"formats": ["compressed-tensors", "gptq", "fake_quant"]}})
+    assert config.quantization.overrides["re:.*down_proj"] == {"bits": 8}
+    assert build_config(RunConfig, config_to_dict(config)) == config
+    with pytest.raises(ConfigError, match=r"quantization.overrides\['x'\].bits: 9 is not "
+                                          "allowed"):
+        build_config(RunConfig, {**BASE, "quantization": {"overrides": {"x": {"bits": 9}}}})
+    with pytest.raises(ConfigError, match=r"overrides\['x'\].bitz: unknown key"):
+        build_config(RunConfig, {**BASE, "quantization": {"overrides": {"x": {"bitz": 3}}}})
+    with pytest.raises(ConfigError, match=r"export.formats\[0\]: 'awq' is not allowed; choose "
+                                          "one of compressed-tensors, gptq, fake_quant"):
+        build_config(RunConfig, {**BASE, "export": {"formats": ["awq"]}})
+    with pytest.raises(ConfigError, match="export.formats: must include compressed-tensors"):
+        build_config(RunConfig, {**BASE, "export": {"formats": ["gptq"]}})

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, EvalConfig, RunConfig, build_config
-from pipeline.formats import AffineFormat, fake_quantize
+from pipeline.formats import AffineFormat, QuantParams, choose_qparams, dequantize
+from pipeline.formats import quantize as quantize_codes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -24,24 +25,27 @@ def local_ray():
 
 
 def run_config(model, output, train, test, workers, bits=4, group_size=16, symmetric=False,
-               eval_enabled=True):
+               eval_enabled=True, formats=("compressed-tensors",)):
     return build_config(RunConfig, {
-        "model": {"path": model}, "output": output,
+        "model": {"path": model}, "output": output, "export": {"formats": list(formats)},
         "calibration": {"corpus": train, "num_samples": 12, "seq_len": 32, "seed": 0},
         "quantization": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
         "eval": {"corpus": test, "seq_len": 32, "max_windows": 20, "enabled": eval_enabled},
         "cluster": {"workers": workers, "chunk_size": 5}})
 
 
-def reference_weights(model_path, fmt):
-    """Independent reference: the whole model in one process, every decoder linear fake-quantized."""
+def reference_weights(model_path, fmt, scale_dtype=torch.float32):
+    """Independent reference: the whole model in one process, every decoder linear
+    quantized with min-max parameters (scales rounded to the stored dtype)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                module.weight.copy_(fake_quantize(module.weight, fmt))
+                qp = choose_qparams(module.weight, fmt)
+                qp = QuantParams(qp.scale.to(scale_dtype).float(), qp.zero_point)
+                module.weight.copy_(dequantize(quantize_codes(module.weight, qp, fmt), qp, fmt))
     return model.state_dict()
 
 
@@ -58,17 +62,21 @@ def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, 
     model = tiny_model(arch)
     fmt = AffineFormat(3, 16, False)
     ref = reference_weights(model, fmt)
+    shards = {}
     for workers in (1, 2, 3):
         out = str(tmp_path / f"w{workers}")
         report = quantize(run_config(model, out, *corpus_files, workers, bits=3,
-                                     eval_enabled=False))
-        got = output_weights(out)
+                                     eval_enabled=False,
+                                     formats=("compressed-tensors", "fake_quant")))
+        got = output_weights(os.path.join(out, "fake_quant"))
         tied = {"lm_head.weight"} if "lm_head.weight" not in got else set()
         assert set(got) == set(ref) - tied
         for name, tensor in got.items():
             assert torch.equal(tensor, ref[name]), (workers, name)
         assert len(report["plan"]["stages"]) == workers
         assert sorted({b["worker"] for b in report["blocks"]}) == list(range(workers))
+        shards[workers] = [b["sha256"] for b in report["blocks"]]
+    assert shards[1] == shards[2] == shards[3]  # packed shards byte-identical too
 
 
 @torch.no_grad()
@@ -127,11 +135,14 @@ def test_fsspec_urls_and_bf16_weights(tiny_root, corpus_files, tmp_path):
     model = build_model(str(tiny_root / "llama-bf16"), "llama", dtype=torch.bfloat16)
     out = tmp_path / "out"
     report = quantize(run_config(f"file://{model}", f"file://{out}", *corpus_files, workers=2,
-                                 eval_enabled=False))
+                                 eval_enabled=False, formats=("compressed-tensors",
+                                                              "fake_quant")))
     assert len(report["blocks"]) == 4
-    got = output_weights(str(out))
-    ref = reference_weights(model, AffineFormat(4, 16, False))
+    got = output_weights(str(out / "fake_quant"))
+    ref = reference_weights(model, AffineFormat(4, 16, False), scale_dtype=torch.bfloat16)
     for name, tensor in got.items():
         assert tensor.dtype == torch.bfloat16, name
-        # fake-quant computed in fp32, stored in the model's dtype
+        # fake-quant computed in fp32 with bf16-rounded scales, stored in bf16
         assert torch.equal(tensor, ref[name].to(torch.bfloat16)), name
+    packed = output_weights(str(out))
+    assert packed["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16

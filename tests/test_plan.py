@@ -2,6 +2,7 @@ import pytest
 
 from pipeline.config import ConfigError, QuantizationConfig
 from pipeline.plan import make_plan, open_model, split_stages
+from pipeline.schemes import validate_schemes
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +40,7 @@ def test_more_workers_than_blocks():
 
 def test_plan_reads_only_headers(tiny_model):
     parts = open_model(tiny_model("llama"))
-    plan = make_plan(parts, "x", QuantizationConfig(bits=4, group_size=32), 2)
+    plan = make_plan(parts, "x", 2)
     assert plan.num_blocks == 4 and plan.stages == ((0, 2), (2, 4))
     assert len(set(plan.block_bytes)) == 1 and plan.block_bytes[0] > 0
 
@@ -49,4 +50,4 @@ def test_group_size_error_is_actionable(tiny_model):
     with pytest.raises(ConfigError, match=r"quantization.group_size: 24 does not divide "
                                           r"in_features 64 of model.layers.0.self_attn.q_proj; "
                                           r"choose one of 16, 32, 64, or null for per-channel"):
-        make_plan(parts, "x", QuantizationConfig(bits=4, group_size=24), 1)
+        validate_schemes(parts, QuantizationConfig(bits=4, group_size=24), [])

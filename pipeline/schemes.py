@@ -1,0 +1,76 @@
+"""Which format each quantized linear gets: the recipe's format, changed by the ordered
+per-module overrides (exact name first, then the first matching `re:` regex; null = keep the
+linear in full precision). Checked on the meta device before any heavy work."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from pipeline.config import ConfigError, ExportFormat, QuantizationConfig
+from pipeline.formats import AffineFormat, valid_group_sizes
+from pipeline.model_parts import ModelParts
+
+
+def format_for(name: str, quantization: QuantizationConfig) -> AffineFormat | None:
+    change: dict | None = {}
+    if name in quantization.overrides:
+        change = quantization.overrides[name]
+    else:
+        for pattern, value in quantization.overrides.items():
+            if pattern.startswith("re:") and re.fullmatch(pattern[3:], name):
+                change = value
+                break
+    if change is None:
+        return None
+    return AffineFormat(change.get("bits", quantization.bits),
+                        change.get("group_size", quantization.group_size),
+                        change.get("symmetric", quantization.symmetric))
+
+
+def block_formats(parts: ModelParts, index: int, quantization: QuantizationConfig
+                  ) -> dict[str, AffineFormat | None]:
+    """Relative linear name -> format (None: full precision) for one block."""
+    path = parts.block_path(index)
+    return {name: format_for(f"{path}.{name}", quantization) for name in parts.adapter.linears}
+
+
+def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
+                     formats: list[ExportFormat]) -> dict[str, AffineFormat | None]:
+    """Every linear's group size divides its in_features; fused linears share one scheme;
+    GPTQ export gets one scheme for all. Returns full name -> format."""
+    out: dict[str, AffineFormat | None] = {}
+    in_features = {}
+    for i in range(parts.num_blocks):
+        block = parts.meta.get_submodule(parts.block_path(i))
+        chosen = block_formats(parts, i, quantization)
+        for group in parts.adapter.fused_groups:
+            if len({chosen[name] for name in group}) > 1:
+                detail = ", ".join(f"{n}: {_describe(chosen[n])}" for n in group)
+                raise ConfigError(
+                    f"quantization.overrides: {parts.block_path(i)} gives the fused linears "
+                    f"different schemes ({detail}); inference engines fuse them into one "
+                    "matrix, so give them the same scheme")
+        for name, fmt in chosen.items():
+            full = f"{parts.block_path(i)}.{name}"
+            linear = block.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            out[full], in_features[full] = fmt, linear.in_features
+    for full, fmt in out.items():
+        if fmt is not None and fmt.group_size and in_features[full] % fmt.group_size:
+            options = ", ".join(str(g) for g in valid_group_sizes(list(in_features.values())))
+            raise ConfigError(
+                f"quantization.group_size: {fmt.group_size} does not divide in_features "
+                f"{in_features[full]} of {full}; choose one of {options or '(none)'}, or null "
+                "for per-channel")
+    if ExportFormat.GPTQ in formats and len(set(out.values())) > 1:
+        raise ConfigError("export.formats: gptq needs one scheme for every linear (it has no "
+                          "per-module schemes); drop the overrides or drop gptq")
+    return out
+
+
+def _describe(fmt: AffineFormat | None) -> str:
+    if fmt is None:
+        return "full precision"
+    group = "per-channel" if fmt.group_size is None else f"g{fmt.group_size}"
+    return f"w{fmt.bits} {group} {'sym' if fmt.symmetric else 'asym'}"
