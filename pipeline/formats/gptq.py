@@ -18,19 +18,42 @@ SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def _pack_unsigned(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Dense little-endian packing of unsigned b-bit values along `dim` (0 or 1)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    # the helper adds 2^(b-1) to signed values; hand it value - 2^(b-1)
-    signed = (values.to(torch.int32) - 2 ** (bits - 1)).to(torch.int8)
-    return pack_to_int32(signed, bits, packed_dim=dim).contiguous()  # type: ignore[arg-type]
+    """Dense little-endian packing of unsigned b-bit values along `dim` (0 or 1): every 32
+    values become one 32*b-bit stream in b int32 words, value i at bit i*b (3-bit values
+    straddle words, as AutoGPTQ packs them)."""
+    v = values.to(torch.int64)
+    v = v if dim == 0 else v.t()
+    n, m = v.shape
+    pad = -n % 32
+    v = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(-1, 32, m)
+    words = torch.zeros(v.shape[0], bits, m, dtype=torch.int64)
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        words[:, word] |= (v[:, i] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            words[:, word + 1] |= v[:, i] >> (32 - shift)
+    out = words.reshape(-1, m)[: -(-n * bits // 32)]  # ceil(n*b/32) words, no padding words
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return (out if dim == 0 else out.t()).contiguous()
 
 
 def _unpack_unsigned(packed: torch.Tensor, bits: int, shape: list[int], dim: int) -> torch.Tensor:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    signed = unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim)  # type: ignore
-    return signed.to(torch.int32) + 2 ** (bits - 1)
+    """Inverse of `_pack_unsigned`; `shape` is the unpacked shape."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = w if dim == 0 else w.t()
+    m = w.shape[1]
+    w = torch.nn.functional.pad(w, (0, 0, 0, -w.shape[0] % bits)).reshape(-1, bits, m)
+    mask = 2**bits - 1
+    values = torch.zeros(w.shape[0], 32, m, dtype=torch.int64)
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        v = w[:, word] >> shift
+        if shift + bits > 32:
+            v = v | (w[:, word + 1] << (32 - shift))
+        values[:, i] = v & mask
+    n = shape[0] if dim == 0 else shape[1]
+    out = values.reshape(-1, m)[:n].to(torch.int32)
+    return out if dim == 0 else out.t().contiguous()
 
 
 def unsigned_codes(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat
