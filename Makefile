@@ -31,6 +31,7 @@ test-slow: setup
 bench: setup
 	$(BIN)/python benchmarks/depth_memory.py
 	$(BIN)/python benchmarks/p1_rtn.py
+	$(BIN)/python benchmarks/p1_export.py
 
 clean:
 	rm -rf $(VENV) runs
