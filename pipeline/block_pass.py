@@ -16,6 +16,7 @@ import torch
 from pipeline.config import ExportFormat, QuantizationConfig
 from pipeline.export import QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
+from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
 from pipeline.schemes import block_formats
@@ -134,4 +135,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_private_bytes": private,
     }
+    if ExportFormat.GPTQ in layouts:
+        metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
+                                         for q in linears.values())
     return BlockResult(fp_out, q_out, exports, schemes, metrics)

@@ -117,8 +117,14 @@ def finish_output(output: str, parts: ModelParts, model_path: str,
             if storage.exists(src):
                 storage.copy_file(src, storage.join(folder, name))
         folders[layout.value] = {"path": folder, "tensor_bytes": total}
+    flags = kernel_flags(formats)
+    wraps = sum(m["metrics"].get("gptq_zero_wraps", 0) for m in markers)
+    if wraps:
+        flags.append({"layout": "gptq", "groups": wraps,
+                      "note": "zero point 0 is stored as zero - 1 = -1 by GPTQ v1 and loads "
+                              "wrong; use the compressed-tensors folder for these groups"})
     return {"formats": [layout.value for layout in layouts], "folders": folders,
-            "flags": kernel_flags(formats)}
+            "flags": flags}
 
 
 def write_report(output: str, report: dict[str, Any]) -> None:

@@ -159,3 +159,15 @@ def test_vllm_kernel_table():
     assert ct.vllm_kernel(AffineFormat(4, None, False))
     assert not ct.vllm_kernel(AffineFormat(3, 64, False))
     assert not ct.vllm_kernel(AffineFormat(2, 64, False))
+
+
+def test_gptq_v1_cannot_store_zero_point_zero():
+    fmt = AffineFormat(4, 32, False)
+    codes = torch.full((32, 32), 5, dtype=torch.int32)
+    zero = torch.zeros(32, 1)
+    zero[3] = 2.0
+    qp = params(32, 1, zero)
+    assert gptq.zero_overflow(qp, fmt) == 31
+    w = gptq.decompress_linear(gptq.compress_linear(codes, qp, fmt), 4, torch.float32)
+    assert w[3].tolist() == [3.0] * 32  # representable zero point: exact
+    assert w[0].tolist() == [5.0 - 16] * 32  # zero 0 wraps to 15, loads as 16
