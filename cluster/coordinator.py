@@ -19,7 +19,9 @@ from cluster import runtime
 from cluster.stage import StageActor
 from pipeline import calibration
 from pipeline.assets import resolve_model_path
-from pipeline.config import ClusterConfig, EvalConfig, RunConfig
+from pipeline.checkpoint import verified_markers
+from pipeline.config import ClusterConfig, EvalConfig, ExportFormat, RunConfig
+from pipeline.export import format_config
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
 from pipeline.schemes import validate_schemes
@@ -75,15 +77,28 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
             "tokens": count, "seconds": time.perf_counter() - start}
 
 
-def quantize_blocks(stages: Stages, config: RunConfig, model_path: str,
-                    windows: torch.Tensor) -> list[dict[str, Any]]:
+def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows: torch.Tensor,
+                    done: dict[int, dict[str, Any]], saved_config: dict[str, Any]
+                    ) -> list[dict[str, Any]]:
+    """Quantize every block in order; a block already done (verified marker) is not redone:
+    both streams are carried through it, the quantized one through its saved shard."""
     start = time.perf_counter()
     fp = ray.get(stages.actors[0].embed.remote(model_path, split_windows(windows,
                                                                           stages.chunk_size)))
     q = fp
     markers = []
     for i in range(stages.plan.num_blocks):
-        fp, q, marker = ray.get(stages.owner(i).quantize_block.remote(
+        owner = stages.owner(i)
+        if i in done:
+            fp_ref = owner.forward_block.remote(model_path, i, fp)
+            q = ray.get(owner.forward_saved_block.remote(
+                config.output, i, done[i]["files"][""]["file"], saved_config, q))
+            fp = ray.get(fp_ref)
+            markers.append(done[i])
+            log.info("block %d/%d: done in an earlier run, streams carried through it", i + 1,
+                     stages.plan.num_blocks)
+            continue
+        fp, q, marker = ray.get(owner.quantize_block.remote(
             model_path, i, fp, q, config.quantization, config.export.formats, config.output))
         markers.append(marker)
         m = marker["metrics"]
@@ -113,7 +128,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     config = dataclasses.replace(config, output=absolute(config.output))
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
-    validate_schemes(parts, config.quantization, config.export.formats)
+    formats = validate_schemes(parts, config.quantization, config.export.formats)
     plan = make_plan(parts, model_path, config.cluster.workers)
     calib = calibration.calibration_windows_for(model_path, config.calibration)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
@@ -122,13 +137,21 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     with runtime.ray_session(config.cluster):
         stages, group = start_stages(plan, config.cluster)
         try:
-            markers = quantize_blocks(stages, config, model_path, calib)
+            done, redo = verified_markers(config.output, plan.num_blocks)
+            if redo:
+                log.warning("blocks %s: shard missing or checksum mismatch; redoing them", redo)
+            if done:
+                log.info("resuming: %d of %d blocks already done", len(done), plan.num_blocks)
+            saved_config = {**parts.reader.config, "quantization_config": format_config(
+                ExportFormat.COMPRESSED_TENSORS, formats)}
+            markers = quantize_blocks(stages, config, model_path, calib, done, saved_config)
             exported = finish_output(config.output, parts, model_path, markers,
                                      config.export.formats)
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
         finally:
             runtime.release(stages.actors, group)
     report = {"output": config.output, "method": config.quantization.method.value,
+              "resumed_blocks": sorted(done), "redone_blocks": redo,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
               "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
               "export": exported,

@@ -11,7 +11,7 @@ import torch
 from pipeline import block_pass, checkpoint
 from pipeline.config import ExportFormat, QuantizationConfig
 from pipeline.export import FOLDERS
-from pipeline.model_parts import ModelParts
+from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.plan import open_model
 
 
@@ -46,6 +46,11 @@ class StageActor:
 
     def forward_block(self, path: str, index: int, stream: list[Any]) -> list[Any]:
         return block_pass.forward_block(self._parts(path), index, stream, self.store)
+
+    def forward_saved_block(self, output: str, index: int, file: str, config: dict[str, Any],
+                            stream: list[Any]) -> list[Any]:
+        return block_pass.forward_saved_block(output, index, file, config, stream, self.store,
+                                              DTYPES[self.compute_dtype], self.device)
 
     def score(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor]
               ) -> tuple[float, int]:

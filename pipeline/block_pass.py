@@ -20,6 +20,7 @@ from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
 from pipeline.schemes import block_formats
+from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
 
 
@@ -52,6 +53,17 @@ def embed_stream(parts: ModelParts, ids_chunks: list[torch.Tensor], store: Chunk
 def forward_block(parts: ModelParts, index: int, stream: list[Any], store: ChunkStore) -> list[Any]:
     block = parts.load_block(index)
     return [store.put(_run(parts, block, store, h)) for h in stream]
+
+
+@torch.no_grad()
+def forward_saved_block(output: str, index: int, file: str, config: dict[str, Any],
+                        stream: list[Any], store: ChunkStore, compute_dtype: torch.dtype,
+                        device: str) -> list[Any]:
+    """Forward through a finished block read back from its shard in a run's output (used to
+    rebuild the quantized stream when a run resumes)."""
+    parts = ModelParts(CheckpointReader(output, config=config, files=[file]), compute_dtype,
+                       device)
+    return forward_block(parts, index, stream, store)
 
 
 @torch.no_grad()

@@ -57,6 +57,24 @@ def read_markers(output: str) -> dict[int, dict[str, Any]]:
     return markers
 
 
+def verified_markers(output: str, total: int) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """Markers whose every shard still has its recorded sha256, and the blocks whose shard is
+    missing, truncated or changed (their markers are removed, so they are redone)."""
+    good, bad = {}, []
+    for index, marker in sorted(read_markers(output).items()):
+        if index >= total:
+            continue
+        ok = all(storage.exists(storage.join(output, f["file"])) and
+                 storage.sha256_file(storage.join(output, f["file"])) == f["sha256"]
+                 for f in marker["files"].values())
+        if ok:
+            good[index] = marker
+        else:
+            bad.append(index)
+            storage.remove(marker_path(output, index))
+    return good, bad
+
+
 def write_index(output: str, files: dict[str, list[str]], total_size: int) -> None:
     weight_map = {t: f for f, names in sorted(files.items()) for t in names}
     storage.write_json(storage.join(output, storage.INDEX_NAME),

@@ -148,18 +148,24 @@ def read_header(path: str) -> dict[str, TensorEntry]:
 class CheckpointReader:
     """A HF safetensors model folder (single file or sharded with an index), read lazily."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, config: dict[str, Any] | None = None,
+                 files: list[str] | None = None):
+        """`config` and `files` stand in for config.json and the index, for a folder that is
+        still being written (a run's finished block shards)."""
         self.folder = folder.rstrip("/")
         config_path = join(self.folder, "config.json")
-        if not exists(config_path):
+        if config is None and not exists(config_path):
             raise ConfigError(f"model.path: no config.json in {folder!r}; give a Hugging Face "
                               "model folder (config.json + safetensors) or its fsspec URL")
-        self.config: dict[str, Any] = read_json(config_path)
+        self.config: dict[str, Any] = config if config is not None else read_json(config_path)
+        self.files = files
         self.entries: dict[str, TensorEntry] = {}
         for file in self.weight_files():
             self.entries.update(read_header(join(self.folder, file)))
 
     def weight_files(self) -> list[str]:
+        if self.files is not None:
+            return list(self.files)
         index = join(self.folder, INDEX_NAME)
         if exists(index):
             return sorted(set(read_json(index)["weight_map"].values()))

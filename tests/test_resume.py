@@ -1,0 +1,86 @@
+"""A run picks up where an earlier one stopped and ends with the same bytes."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+
+def recipe(tmp_path, model, train, name):
+    data = {"model": {"path": model}, "output": str(tmp_path / name),
+            "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
+            "quantization": {"bits": 3, "group_size": 16},
+            "export": {"formats": ["compressed-tensors", "fake_quant"]},
+            "eval": {"enabled": False}, "cluster": {"workers": 2, "chunk_size": 4}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def relayquant(*args, **kwargs):
+    exe = os.path.join(os.path.dirname(sys.executable), "relayquant")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600,
+                          check=False, **kwargs)
+
+
+def shards(folder):
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.safetensors"), recursive=True))
+    return {os.path.relpath(f, folder): open(f, "rb").read() for f in files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, corpus_files):
+    tmp = tmp_path_factory.mktemp("ref")
+    done = relayquant("quantize", "--config", recipe(tmp, tiny_model("llama", 6),
+                                                     corpus_files[0], "out"))
+    assert done.returncode == 0, done.stderr
+    return shards(str(tmp / "out"))
+
+
+def test_damaged_blocks_are_redone_and_done_ones_kept(tmp_path, tiny_model, corpus_files,
+                                                      reference):
+    config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
+    assert relayquant("quantize", "--config", config).returncode == 0
+    out = tmp_path / "out"
+    os.remove(out / "report.json")  # as if the driver had died before finishing
+    os.remove(out / ".relayquant" / "blocks" / "00004.json")  # block 4 never finished
+    shard = out / "model-block-00001.safetensors"  # flip bytes in a finished block
+    data = bytearray(shard.read_bytes())
+    data[-5:] = bytes(b ^ 0xFF for b in data[-5:])
+    shard.write_bytes(bytes(data))
+    fake = out / "fake_quant" / "model-block-00002.safetensors"  # truncate another
+    fake.write_bytes(fake.read_bytes()[:100])
+    again = relayquant("quantize", "--config", config, "--json")
+    assert again.returncode == 0, again.stderr
+    assert "blocks [1, 2]: shard missing or checksum mismatch; redoing them" in again.stderr
+    assert "resuming: 3 of 6 blocks already done" in again.stderr
+    report = json.load(open(out / "report.json"))
+    assert report["resumed_blocks"] == [0, 3, 5] and report["redone_blocks"] == [1, 2]
+    assert shards(str(out)) == reference
+
+
+def test_killed_driver_leaves_a_resumable_run(tmp_path, tiny_model, corpus_files, reference):
+    config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
+    exe = os.path.join(os.path.dirname(sys.executable), "relayquant")
+    job = subprocess.Popen([exe, "quantize", "--config", config], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "out" / ".relayquant" / "blocks" / "00001.json"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    status = json.loads(relayquant("status", str(tmp_path / "out"), "--json").stdout)
+    assert not status["complete"] and 2 <= status["done"] < 6 or status["done"] == 6
+    again = relayquant("quantize", "--config", config)
+    assert again.returncode == 0, again.stderr
+    assert shards(str(tmp_path / "out")) == reference
+    status = json.loads(relayquant("status", str(tmp_path / "out"), "--json").stdout)
+    assert status["complete"] and status["done"] == 6
