@@ -122,6 +122,48 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                  ray.exceptions.WorkerCrashedError)
+
+
+def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path: str,
+                          calib: torch.Tensor, formats: dict[str, Any]
+                          ) -> tuple[Stages, Any, list[dict[str, Any]], dict[str, Any]]:
+    """Quantize every block; when a stage dies (killed, out of memory), start the stages again
+    and resume from the durable blocks: streams held by a dead actor are gone, so they are
+    rebuilt from the start through the finished blocks. Gives up after cluster.max_retries."""
+    saved_config = {**parts.reader.config, "quantization_config": format_config(
+        ExportFormat.COMPRESSED_TENSORS, formats)}
+    history: dict[str, Any] = {"stage_failures": []}
+    for attempt in range(config.cluster.max_retries + 1):
+        stages, group = start_stages(plan, config.cluster)
+        try:
+            done, redo = verified_markers(config.output, plan.num_blocks)
+            if redo:
+                log.warning("blocks %s: shard missing or checksum mismatch; redoing them", redo)
+            if done:
+                log.info("resuming: %d of %d blocks already done", len(done), plan.num_blocks)
+            history.setdefault("resumed_blocks", sorted(done))
+            history.setdefault("redone_blocks", redo)
+            markers = quantize_blocks(stages, config, model_path, calib, done, saved_config)
+            return stages, group, markers, history
+        except STAGE_FAILURES as e:
+            runtime.release(stages.actors, group)
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            history["stage_failures"].append(reason)
+            if attempt == config.cluster.max_retries:
+                raise RuntimeError(
+                    f"a stage failed {attempt + 1} times, giving up ({reason}); every finished "
+                    "block is kept: run the same command again to resume") from e
+            log.warning("a stage failed (%s); restarting the stages and resuming from the "
+                        "finished blocks (retry %d of %d)", reason, attempt + 1,
+                        config.cluster.max_retries)
+        except BaseException:
+            runtime.release(stages.actors, group)
+            raise
+    raise AssertionError("unreachable")
+
+
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
@@ -135,23 +177,16 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                 else None)
     manifest = prepare_output(config, parts, plan, calib, restart)
     with runtime.ray_session(config.cluster):
-        stages, group = start_stages(plan, config.cluster)
+        stages, group, markers, history = quantize_with_retries(plan, config, parts, model_path,
+                                                                calib, formats)
         try:
-            done, redo = verified_markers(config.output, plan.num_blocks)
-            if redo:
-                log.warning("blocks %s: shard missing or checksum mismatch; redoing them", redo)
-            if done:
-                log.info("resuming: %d of %d blocks already done", len(done), plan.num_blocks)
-            saved_config = {**parts.reader.config, "quantization_config": format_config(
-                ExportFormat.COMPRESSED_TENSORS, formats)}
-            markers = quantize_blocks(stages, config, model_path, calib, done, saved_config)
             exported = finish_output(config.output, parts, model_path, markers,
                                      config.export.formats)
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
         finally:
             runtime.release(stages.actors, group)
     report = {"output": config.output, "method": config.quantization.method.value,
-              "resumed_blocks": sorted(done), "redone_blocks": redo,
+              **history,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
               "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
               "export": exported,

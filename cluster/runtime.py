@@ -86,5 +86,8 @@ def reserve(resources: Resources, workers: int) -> PlacementGroup:
 def release(actors: list[Any], group: PlacementGroup) -> None:
     """Stop the stage actors and give their reserved resources back."""
     for actor in actors:
-        ray.kill(actor, no_restart=True)
+        try:
+            ray.kill(actor, no_restart=True)
+        except ValueError:
+            pass  # already gone
     remove_placement_group(group)

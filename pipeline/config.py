@@ -133,8 +133,11 @@ class ClusterConfig:
     # torch threads per stage; None = every core of the stage's node on CPU (one stage computes
     # at a time in the sequential schedule), the reserved CPUs on GPU stages
     threads: int | None = None
+    # how often a run restarts its stages after one dies before it gives up
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
+        _require(self.max_retries >= 0, f"cluster.max_retries: {self.max_retries}; must be >= 0")
         _require(self.threads is None or self.threads >= 1,
                  f"cluster.threads: {self.threads}; must be >= 1 or null (automatic)")
         _require(self.workers >= 1, f"cluster.workers: {self.workers}; must be >= 1")

@@ -56,6 +56,10 @@ def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan, calib: torc
         raise ConfigError(f"output: {out} exists and is not a relayquant output; choose a new or "
                           "empty folder")
     storage.remove(storage.join(out, checkpoint.REPORT))
+    for folder in (out, *(storage.join(out, sub) for sub in FOLDERS.values() if sub)):
+        for name in storage.list_names(folder):
+            if ".tmp-" in name:  # a write cut short by a crash; never renamed into place
+                storage.remove(storage.join(folder, name))
     manifest = {"relayquant_version": pipeline.__version__, "config": config_to_dict(config),
                 "fingerprint": fresh, "plan": plan.to_dict(), "started_at": time.time()}
     storage.write_json(storage.join(out, checkpoint.MANIFEST), manifest)

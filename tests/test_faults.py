@@ -1,0 +1,85 @@
+"""A stage actor killed mid-run: the stages restart, the run resumes from the durable blocks
+and ends with the same bytes; a fault that repeats fails loudly after the retries."""
+import glob
+import logging
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+
+from cluster.coordinator import quantize
+from pipeline.config import RunConfig, build_config
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def run_config(model, out, train, retries=2):
+    return build_config(RunConfig, {
+        "model": {"path": model}, "output": out,
+        "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
+        "quantization": {"bits": 3, "group_size": 16}, "eval": {"enabled": False},
+        "cluster": {"workers": 2, "chunk_size": 2, "max_retries": retries}})
+
+
+def shards(folder):
+    return {os.path.relpath(f, folder): open(f, "rb").read()
+            for f in sorted(glob.glob(os.path.join(folder, "**", "*.safetensors"),
+                                      recursive=True))}
+
+
+def kill_a_stage_when(marker, stage_name="StageActor"):
+    """SIGKILL one stage actor process (ours: a descendant of this process) once `marker`
+    exists."""
+    killed = []
+
+    def watch():
+        deadline = time.time() + 300
+        while not os.path.exists(marker) and time.time() < deadline:
+            time.sleep(0.02)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if stage_name in " ".join(proc.cmdline()):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+            except psutil.Error:
+                continue
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def test_killed_stage_actor_is_replaced_and_the_run_resumes(tiny_model, corpus_files, tmp_path):
+    model = tiny_model("llama", 6)
+    reference = quantize(run_config(model, str(tmp_path / "ref"), corpus_files[0]))
+    out = str(tmp_path / "out")
+    thread, killed = kill_a_stage_when(os.path.join(out, ".relayquant", "blocks", "00002.json"))
+    report = quantize(run_config(model, out, corpus_files[0]))
+    thread.join()
+    assert killed, "no stage actor was found to kill"
+    assert len(report["stage_failures"]) == 1
+    assert shards(out) == shards(str(tmp_path / "ref"))
+    assert [b["sha256"] for b in report["blocks"]] == [b["sha256"] for b in reference["blocks"]]
+
+
+def test_a_fault_that_repeats_fails_loudly(tiny_model, corpus_files, tmp_path):
+    out = str(tmp_path / "out")
+    thread, killed = kill_a_stage_when(os.path.join(out, ".relayquant", "blocks", "00001.json"))
+    with pytest.raises(RuntimeError, match="a stage failed 1 times, giving up .*run the same "
+                                           "command again to resume"):
+        quantize(run_config(tiny_model("llama", 6), out, corpus_files[0], retries=0))
+    thread.join()
+    assert killed
+    assert not os.path.exists(os.path.join(out, "report.json"))
