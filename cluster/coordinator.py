@@ -19,7 +19,7 @@ from cluster import runtime
 from cluster.stage import StageActor
 from pipeline import calibration
 from pipeline.assets import resolve_model_path
-from pipeline.checkpoint import verified_markers
+from pipeline.checkpoint import latest_boundary, verified_markers
 from pipeline.config import ClusterConfig, EvalConfig, ExportFormat, RunConfig
 from pipeline.export import format_config
 from pipeline.output_dir import finish_output, prepare_output, write_report
@@ -77,17 +77,38 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
             "tokens": count, "seconds": time.perf_counter() - start}
 
 
+def resume_point(stages: Stages, config: RunConfig, done: dict[int, Any]
+                 ) -> tuple[int, list[Any], list[Any]] | None:
+    """(block, fp, q) from the newest saved boundary that only finished blocks precede."""
+    if not config.checkpoint.save_streams:
+        return None
+    boundary = latest_boundary(config.output)
+    leading = next(i for i in range(stages.plan.num_blocks + 1) if i not in done)
+    if boundary is None or not 0 < boundary["boundary"] <= leading:
+        return None
+    b = boundary["boundary"]
+    loader = stages.owner(min(b, stages.plan.num_blocks - 1))
+    fp, q = ray.get(loader.load_streams.remote(boundary))
+    log.info("resuming from the saved streams entering block %d", b + 1)
+    return b, fp, q
+
+
 def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows: torch.Tensor,
                     done: dict[int, dict[str, Any]], saved_config: dict[str, Any]
                     ) -> list[dict[str, Any]]:
     """Quantize every block in order; a block already done (verified marker) is not redone:
     both streams are carried through it, the quantized one through its saved shard."""
     start = time.perf_counter()
-    fp = ray.get(stages.actors[0].embed.remote(model_path, split_windows(windows,
-                                                                          stages.chunk_size)))
-    q = fp
-    markers = []
-    for i in range(stages.plan.num_blocks):
+    resumed = resume_point(stages, config, done)
+    if resumed is None:
+        first = 0
+        fp = ray.get(stages.actors[0].embed.remote(
+            model_path, split_windows(windows, stages.chunk_size)))
+        q = fp
+    else:
+        first, fp, q = resumed
+    markers = [done[i] for i in range(first)]
+    for i in range(first, stages.plan.num_blocks):
         owner = stages.owner(i)
         if i in done:
             fp_ref = owner.forward_block.remote(model_path, i, fp)
@@ -100,6 +121,8 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
             continue
         fp, q, marker = ray.get(owner.quantize_block.remote(
             model_path, i, fp, q, config.quantization, config.export.formats, config.output))
+        if config.checkpoint.save_streams and i + 1 < stages.plan.num_blocks:
+            ray.get(owner.save_streams.remote(config.output, i + 1, fp, q))
         markers.append(marker)
         m = marker["metrics"]
         log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB "

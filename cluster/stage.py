@@ -52,6 +52,12 @@ class StageActor:
         return block_pass.forward_saved_block(output, index, file, config, stream, self.store,
                                               DTYPES[self.compute_dtype], self.device)
 
+    def save_streams(self, output: str, boundary: int, fp: list[Any], q: list[Any]) -> None:
+        block_pass.save_boundary(output, boundary, fp, q, self.store)
+
+    def load_streams(self, boundary: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        return block_pass.load_boundary(boundary, self.store)
+
     def score(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor]
               ) -> tuple[float, int]:
         return block_pass.score_stream(self._parts(path), stream, ids_chunks, self.store)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint import read_boundary_chunk, write_boundary
 from pipeline.config import ExportFormat, QuantizationConfig
 from pipeline.export import QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
@@ -64,6 +65,17 @@ def forward_saved_block(output: str, index: int, file: str, config: dict[str, An
     parts = ModelParts(CheckpointReader(output, config=config, files=[file]), compute_dtype,
                        device)
     return forward_block(parts, index, stream, store)
+
+
+def save_boundary(output: str, boundary: int, fp: list[Any], q: list[Any],
+                  store: ChunkStore) -> None:
+    write_boundary(output, boundary, [store.get(h) for h in fp], [store.get(h) for h in q])
+
+
+def load_boundary(boundary: dict[str, Any], store: ChunkStore) -> tuple[list[Any], list[Any]]:
+    return tuple(  # type: ignore[return-value]
+        [store.put(read_boundary_chunk(boundary, kind, i)) for i in range(boundary["chunks"])]
+        for kind in ("fp", "q"))
 
 
 @torch.no_grad()

@@ -75,6 +75,49 @@ def verified_markers(output: str, total: int) -> tuple[dict[int, dict[str, Any]]
     return good, bad
 
 
+def boundary_folder(output: str, boundary: int) -> str:
+    return storage.join(output, STATE_DIR, "streams", f"{boundary:05d}")
+
+
+def write_boundary(output: str, boundary: int, fp: list[torch.Tensor],
+                   q: list[torch.Tensor]) -> None:
+    """Save both streams entering block `boundary`; `boundary.json` (checksums) is written last,
+    then older boundaries are removed."""
+    folder = boundary_folder(output, boundary)
+    files = {}
+    for kind, chunks in (("fp", fp), ("q", q)):
+        for i, chunk in enumerate(chunks):
+            name = f"{kind}-{i:05d}.safetensors"
+            files[name] = storage.write_tensors(storage.join(folder, name), {"h": chunk})
+    storage.write_json(storage.join(folder, "boundary.json"),
+                       {"boundary": boundary, "chunks": len(fp), "sha256": files})
+    parent = storage.join(output, STATE_DIR, "streams")
+    for name in storage.list_names(parent):
+        if name.isdigit() and int(name) != boundary:
+            storage.remove(storage.join(parent, name))
+
+
+def latest_boundary(output: str) -> dict[str, Any] | None:
+    """The newest saved boundary whose files all match their checksums."""
+    parent = storage.join(output, STATE_DIR, "streams")
+    for name in sorted((n for n in storage.list_names(parent) if n.isdigit()), reverse=True):
+        folder = storage.join(parent, name)
+        meta_path = storage.join(folder, "boundary.json")
+        if not storage.exists(meta_path):
+            continue
+        meta = storage.read_json(meta_path)
+        if all(storage.exists(storage.join(folder, f)) and
+               storage.sha256_file(storage.join(folder, f)) == h
+               for f, h in meta["sha256"].items()):
+            return {**meta, "folder": folder}
+    return None
+
+
+def read_boundary_chunk(boundary: dict[str, Any], kind: str, index: int) -> torch.Tensor:
+    path = storage.join(boundary["folder"], f"{kind}-{index:05d}.safetensors")
+    return storage.read_tensors(path)["h"]
+
+
 def write_index(output: str, files: dict[str, list[str]], total_size: int) -> None:
     weight_map = {t: f for f, names in sorted(files.items()) for t in names}
     storage.write_json(storage.join(output, storage.INDEX_NAME),

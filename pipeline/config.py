@@ -109,6 +109,13 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    # also write both streams at each finished block's boundary, so a resumed run reads them
+    # instead of recomputing them through every finished block (costs disk: 2 streams)
+    save_streams: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     corpus: str = "sotu:test"
     seq_len: int = 512
@@ -154,6 +161,7 @@ class RunConfig:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 

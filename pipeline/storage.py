@@ -97,6 +97,10 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor],
     return hashlib.sha256(data).hexdigest()
 
 
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    return dict(safetensors.torch.load(read_bytes(path)))
+
+
 def sha256_file(path: str) -> str:
     fs, inner = filesystem(path)
     digest = hashlib.sha256()

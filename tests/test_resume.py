@@ -84,3 +84,27 @@ def test_killed_driver_leaves_a_resumable_run(tmp_path, tiny_model, corpus_files
     assert shards(str(tmp_path / "out")) == reference
     status = json.loads(relayquant("status", str(tmp_path / "out"), "--json").stdout)
     assert status["complete"] and status["done"] == 6
+
+
+def test_saved_stream_boundary_is_used_when_it_fits(tmp_path, tiny_model, corpus_files,
+                                                     reference):
+    config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
+    args = ["--config", config, "--set", "checkpoint.save_streams=true"]
+    assert relayquant("quantize", *args).returncode == 0
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out / ".relayquant" / "streams")) == ["00005"]  # newest only
+    os.remove(out / "report.json")
+    os.remove(out / ".relayquant" / "blocks" / "00005.json")
+    again = relayquant("quantize", *args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from the saved streams entering block 6" in again.stderr
+    assert "block 6/6 on stage" in again.stderr and "block 5/6" not in again.stderr
+    assert shards(str(out)) == reference
+    # a boundary past the first unfinished block is not usable: streams are recomputed
+    os.remove(out / "report.json")
+    for i in (3, 4):
+        os.remove(out / ".relayquant" / "blocks" / f"0000{i}.json")
+    again = relayquant("quantize", *args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from the saved streams" not in again.stderr
+    assert shards(str(out)) == reference
