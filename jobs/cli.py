@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("status", help="what a run has done so far")
     s.add_argument("output")
+    s.add_argument("--config", default=None,
+                   help="also say whether this recipe would resume the run (same fingerprint)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     s.add_argument("--json", action="store_true")
     a = sub.add_parser("assets", help="prepare or locate the P1 model and corpus")
     a.add_argument("action", choices=["prepare", "path"])
@@ -112,14 +115,37 @@ def eval_command(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import status
 
+    def action() -> dict[str, Any]:
+        result = status(args.output)
+        if args.config and result["relayquant"]:
+            from jobs.recipes import load_recipe, parse_overrides
+            from pipeline.assets import resolve_model_path
+            from pipeline.calibration import calibration_windows_for
+            from pipeline.output_dir import fingerprint_differences
+            from pipeline.plan import open_model
+
+            config = load_recipe(args.config, parse_overrides(args.set))
+            model_path = resolve_model_path(config.model.path)
+            diff = fingerprint_differences(args.output, config, open_model(model_path),
+                                           calibration_windows_for(model_path,
+                                                                   config.calibration))
+            result.update(fingerprint_matches=not diff, fingerprint_differences=diff)
+        return result
+
     def summary(r: dict[str, Any]) -> str:
         if not r["relayquant"]:
             return f"{r['output']}: not a relayquant output"
         state = "complete" if r["complete"] else "incomplete"
-        return (f"{r['output']}: {r['done']}/{r['total']} blocks done, {state}; remaining: "
+        text = (f"{r['output']}: {r['done']}/{r['total']} blocks done, {state}; remaining: "
                 f"{r['remaining_blocks'] or 'none'}")
+        if r.get("estimated_remaining_seconds"):
+            text += f"; about {r['estimated_remaining_seconds']:.0f}s of work left"
+        if "fingerprint_matches" in r:
+            text += ("; the recipe matches (a re-run resumes)" if r["fingerprint_matches"] else
+                     f"; the recipe differs: {'; '.join(r['fingerprint_differences'][:3])}")
+        return text
 
-    return run_guarded(lambda: status(args.output), args.json, summary)
+    return run_guarded(action, args.json, summary)
 
 
 def assets_command(args: argparse.Namespace) -> int:

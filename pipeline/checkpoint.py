@@ -146,6 +146,9 @@ def status(output: str) -> dict[str, Any]:
         "output": output, "relayquant": True, "done": len(done), "total": total,
         "complete": complete, "done_blocks": done,
         "remaining_blocks": [i for i in range(total) if i not in markers],
+        # the block a live run works on now, or the one a resumed run starts with
+        "next_block": None if complete else next((i for i in range(total) if i not in markers),
+                                                 None),
         "started_at": manifest.get("started_at"),
         "elapsed_seconds": (time.time() - manifest["started_at"]) if manifest.get("started_at")
         else None,

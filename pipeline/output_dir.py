@@ -38,6 +38,13 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
+def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
+                            calib: torch.Tensor) -> list[str]:
+    """What differs between the run in `output` and `config` (empty: same run)."""
+    old = storage.read_json(storage.join(output, checkpoint.MANIFEST))
+    return _differences(old.get("fingerprint"), fingerprint(config, parts, calib))
+
+
 def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan, calib: torch.Tensor,
                    restart: bool) -> dict[str, Any]:
     """Refuse a folder that holds something else; write the manifest; return it."""
@@ -56,7 +63,8 @@ def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan, calib: torc
         raise ConfigError(f"output: {out} exists and is not a relayquant output; choose a new or "
                           "empty folder")
     storage.remove(storage.join(out, checkpoint.REPORT))
-    for folder in (out, *(storage.join(out, sub) for sub in FOLDERS.values() if sub)):
+    for folder in (out, *(storage.join(out, sub) for sub in FOLDERS.values() if sub),
+                   storage.join(out, checkpoint.STATE_DIR, "blocks")):
         for name in storage.list_names(folder):
             if ".tmp-" in name:  # a write cut short by a crash; never renamed into place
                 storage.remove(storage.join(folder, name))

@@ -112,7 +112,13 @@ def test_quantize_json_status_and_eval(tmp_path, tiny_model, corpus_files):
     os.remove(os.path.join(out, ".relayquant", "blocks", "00002.json"))
     status = json.loads(relayquant("status", out, "--json").stdout)
     assert (status["done"], status["total"], status["complete"]) == (3, 4, False)
-    assert status["remaining_blocks"] == [2]
+    assert status["remaining_blocks"] == [2] and status["next_block"] == 2
+    same = json.loads(relayquant("status", out, "--config", recipe, "--json").stdout)
+    assert same["fingerprint_matches"] is True
+    other = json.loads(relayquant("status", out, "--config", recipe, "--set",
+                                  "quantization.bits=3", "--json").stdout)
+    assert other["fingerprint_matches"] is False
+    assert other["fingerprint_differences"] == ["config.quantization.bits: 4 -> 3"]
 
     ev = relayquant("eval", "--model", out, "--corpus", corpus_files[1], "--seq-len", "32",
                     "--max-windows", "6", "--json")
