@@ -153,8 +153,9 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
                           calib: torch.Tensor, formats: dict[str, Any]
                           ) -> tuple[Stages, Any, list[dict[str, Any]], dict[str, Any]]:
     """Quantize every block; when a stage dies (killed, out of memory), start the stages again
-    and resume from the durable blocks: streams held by a dead actor are gone, so they are
-    rebuilt from the start through the finished blocks. Gives up after cluster.max_retries."""
+    and resume from the durable blocks: streams held by a dead actor are gone (objects made by
+    ray.put are never reconstructed), so they are rebuilt from the newest saved boundary or
+    from the start through the finished blocks. Gives up after cluster.max_retries."""
     saved_config = {**parts.reader.config, "quantization_config": format_config(
         ExportFormat.COMPRESSED_TENSORS, formats)}
     history: dict[str, Any] = {"stage_failures": []}
