@@ -1,8 +1,8 @@
 """Protocol P1 under faults: kill the quantization run at random points (the driver, or one
 stage actor), resume, and check the finished output is byte-identical to an uninterrupted run.
 
-An uninterrupted reference run comes first. Then RUNS runs each take FAULTS faults: a random
-block is picked, the run is killed at a random moment inside it (SIGKILL of the driver's whole
+An uninterrupted reference run comes first. Then RUNS runs each take FAULTS faults at distinct
+random blocks (in order): the run is killed at a random moment while that block is in work (SIGKILL of the driver's whole
 process group, after which the same command is submitted again; or SIGKILL of one stage actor,
 which the running job recovers from by itself). Time lost per fault = (faulted wall time -
 reference wall time) / faults, reported relative to the mean block time. Writes
@@ -62,8 +62,8 @@ def kill_stage_actor(job: subprocess.Popen) -> bool:
 def faulted_run(output: str, faults: int, block_seconds: float, rng: random.Random) -> dict:
     events, wall = [], 0.0
     job, started = start(output), time.perf_counter()
-    for _ in range(faults):
-        target = rng.randint(markers(output), 28)  # a block ahead, before the last
+    # distinct blocks spread over the run, in order: the fault hits while that block is in work
+    for target in sorted(rng.sample(range(0, 29), faults)):
         while markers(output) < target and job.poll() is None:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, block_seconds))
