@@ -25,6 +25,10 @@ from tiny_models import build_tokenizer, corpus_text  # noqa: E402
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 1024, 2816, 16, 4, 320
 
 
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import write_result  # noqa: E402
+
+
 def block_tensors(i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     p = f"model.layers.{i}."
     head_dim = HIDDEN // HEADS
@@ -118,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         shallow["stage_peak_rss_bytes"],
         "target_ratio": 1.15,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
     return result
 
 

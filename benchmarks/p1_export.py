@@ -44,6 +44,10 @@ json.dump({"perplexity": math.exp(nll / count), "windows": int(windows.shape[0])
 """
 
 
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import write_result  # noqa: E402
+
+
 def score_with_transformers(folder: str, windows_path: str, work: str) -> dict:
     out = os.path.join(work, f"score-{os.path.basename(folder) or 'ct'}.json")
     subprocess.run([sys.executable, "-c", SCORE, folder, windows_path, out], check=True,
@@ -138,10 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             "size": predicted_bytes(out), "quantize_wall_seconds": report["wall_seconds"],
             "total_seconds": time.time() - start, "flags": report["export"]["flags"],
         }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
     return result
 
 

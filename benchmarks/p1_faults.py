@@ -32,6 +32,10 @@ SETTINGS = ["--set", "eval.enabled=false", "--set", "checkpoint.save_streams=tru
             "--set", "cluster.workers=2", "--set", "cluster.max_retries=20"]
 
 
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import write_result  # noqa: E402
+
+
 def start(output: str) -> subprocess.Popen:
     return subprocess.Popen([EXE, "quantize", "--config", "p1-rtn-w4", "--output", output,
                              *SETTINGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -124,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lost_seconds_per_fault": lost, "lost_per_fault_in_blocks": lost / block_seconds,
         "details": runs,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))
+    write_result(args.out, result)
     return result
 
 

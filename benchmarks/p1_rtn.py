@@ -8,6 +8,7 @@ Needs `relayquant assets prepare`. Writes benchmarks/results/p1_rtn.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import os
@@ -21,6 +22,10 @@ REFERENCE = {"fp": 24.373, "w4_pc_asym": 42.016, "w3_g64_asym": 71.029,
              "w2_g64_asym": 416642.473, "w4_g64_sym": 37.370}
 SCHEMES = {"w4_pc_asym": (4, None, False), "w3_g64_asym": (3, 64, False),
            "w2_g64_asym": (2, 64, False), "w4_g64_sym": (4, 64, True)}
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import write_result  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,10 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "stage_peak_rss_bytes": max(b["peak_rss_bytes"] for b in report["blocks"]),
                 "workers": args.workers})
     result = {"benchmark": "p1_rtn", "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
     return result
 
 

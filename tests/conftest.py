@@ -36,3 +36,15 @@ def corpus_files(tiny_root):
     train.write_text(corpus_text(40000, seed=0))
     test.write_text(corpus_text(8000, seed=7))
     return str(train), str(test)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray for one test module (never a `ray start` found on the node)."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()

@@ -1,11 +1,9 @@
 """The distributed path on tiny models: bit-identical to a single-process reference."""
 import json
-import logging
 import math
 import os
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 
@@ -14,14 +12,8 @@ from pipeline.config import ClusterConfig, EvalConfig, RunConfig, build_config
 from pipeline.formats import AffineFormat, QuantParams, choose_qparams, dequantize
 from pipeline.formats import quantize as quantize_codes
 
-pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def run_config(model, output, train, test, workers, bits=4, group_size=16, symmetric=False,

@@ -1,18 +1,16 @@
 """The export loads in plain transformers as it is and agrees with relayquant's own model."""
 import json
-import logging
 import os
 import subprocess
 import sys
 
 import pytest
-import ray
 import torch
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, ConfigError, EvalConfig, RunConfig, build_config
 
-pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
 LOGITS = """
 import sys, torch
@@ -24,12 +22,6 @@ with torch.no_grad():
     torch.save(model(input_ids=ids).logits, sys.argv[2])
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def transformers_logits(folder, tmp_path):

@@ -1,7 +1,6 @@
 """A stage actor killed mid-run: the stages restart, the run resumes from the durable blocks
 and ends with the same bytes; a fault that repeats fails loudly after the retries."""
 import glob
-import logging
 import os
 import signal
 import threading
@@ -9,19 +8,12 @@ import time
 
 import psutil
 import pytest
-import ray
 
 from cluster.coordinator import quantize
 from pipeline.config import RunConfig, build_config
 
-pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def run_config(model, out, train, retries=2):
