@@ -63,13 +63,14 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
 
 
 def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
-                      label: str) -> dict[str, Any]:
-    """Perplexity with the windows streamed through every stage's blocks, forward only."""
+                      label: str, abits: int = 16) -> dict[str, Any]:
+    """Perplexity with the windows streamed through every stage's blocks, forward only (with
+    abits < 16, the quantized linears' inputs fake-quantized per token)."""
     start = time.perf_counter()
     ids_chunks = split_windows(windows, stages.chunk_size)
     stream = ray.get(stages.actors[0].embed.remote(model_path, ids_chunks))
     for i in range(stages.plan.num_blocks):
-        stream = ray.get(stages.owner(i).forward_block.remote(model_path, i, stream))
+        stream = ray.get(stages.owner(i).forward_block.remote(model_path, i, stream, abits))
         _progress(f"eval {label}", i + 1, stages.plan.num_blocks, start)
     log.info("eval %s: scoring %d windows on the last stage", label, windows.shape[0])
     nll, count = ray.get(stages.actors[-1].score.remote(model_path, stream, ids_chunks))
@@ -113,7 +114,8 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
         if i in done:
             fp_ref = owner.forward_block.remote(model_path, i, fp)
             q = ray.get(owner.forward_saved_block.remote(
-                config.output, i, done[i]["files"][""]["file"], saved_config, q))
+                config.output, i, done[i]["files"][""]["file"], saved_config, q,
+                config.quantization.abits))
             fp = ray.get(fp_ref)
             markers.append(done[i])
             log.info("block %d/%d: done in an earlier run, streams carried through it", i + 1,
@@ -125,10 +127,13 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
             ray.get(owner.save_streams.remote(config.output, i + 1, fp, q))
         markers.append(marker)
         m = marker["metrics"]
-        log.info("block %d/%d on stage %d: %.2fs, output rel. error %.3e, peak RSS %.0f MB "
-                 "(private %.0f MB)", i + 1, stages.plan.num_blocks, m["worker"], m["seconds"],
-                 m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
-                 m["peak_private_bytes"] / 2**20)
+        trained = (f", loss {m['loss_before']:.3e} -> {m['loss_after']:.3e}"
+                   if "loss_before" in m else "")
+        remaining = stages.plan.num_blocks - i - 1
+        log.info("block %d/%d on stage %d: %.2fs%s, output rel. error %.3e, peak RSS %.0f MB "
+                 "(private %.0f MB), ~%.0fs left", i + 1, stages.plan.num_blocks, m["worker"],
+                 m["seconds"], trained, m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
+                 m["peak_private_bytes"] / 2**20, m["seconds"] * remaining)
     log.info("quantized %d blocks in %.1fs", stages.plan.num_blocks, time.perf_counter() - start)
     return markers
 
@@ -225,7 +230,8 @@ def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
     if windows is None:
         return None
     fp = stream_perplexity(stages, model_path, windows, "fp") if config.eval.fp else None
-    quant = stream_perplexity(stages, config.output, windows, "quantized")
+    quant = stream_perplexity(stages, config.output, windows, "quantized",
+                              config.quantization.abits)
     return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
             "corpus": config.eval.corpus, "windows": quant["windows"],
             "seq_len": config.eval.seq_len, "tokens": quant["tokens"],

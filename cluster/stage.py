@@ -44,13 +44,14 @@ class StageActor:
     def embed(self, path: str, ids_chunks: list[torch.Tensor]) -> list[Any]:
         return block_pass.embed_stream(self._parts(path), ids_chunks, self.store)
 
-    def forward_block(self, path: str, index: int, stream: list[Any]) -> list[Any]:
-        return block_pass.forward_block(self._parts(path), index, stream, self.store)
+    def forward_block(self, path: str, index: int, stream: list[Any], abits: int = 16
+                      ) -> list[Any]:
+        return block_pass.forward_block(self._parts(path), index, stream, self.store, abits)
 
     def forward_saved_block(self, output: str, index: int, file: str, config: dict[str, Any],
-                            stream: list[Any]) -> list[Any]:
+                            stream: list[Any], abits: int = 16) -> list[Any]:
         return block_pass.forward_saved_block(output, index, file, config, stream, self.store,
-                                              DTYPES[self.compute_dtype], self.device)
+                                              DTYPES[self.compute_dtype], self.device, abits)
 
     def save_streams(self, output: str, boundary: int, fp: list[Any], q: list[Any]) -> None:
         block_pass.save_boundary(output, boundary, fp, q, self.store)

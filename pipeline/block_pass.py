@@ -14,12 +14,21 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import read_boundary_chunk, write_boundary
-from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline.config import ExportFormat, Method, QuantizationConfig
 from pipeline.export import QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
+from pipeline.reconstruct import (
+    GradSync,
+    activation_quant,
+    gptq_block,
+    input_hooks,
+    input_stats,
+    quantized_names,
+    train_block,
+)
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
@@ -51,20 +60,26 @@ def embed_stream(parts: ModelParts, ids_chunks: list[torch.Tensor], store: Chunk
 
 
 @torch.no_grad()
-def forward_block(parts: ModelParts, index: int, stream: list[Any], store: ChunkStore) -> list[Any]:
+def forward_block(parts: ModelParts, index: int, stream: list[Any], store: ChunkStore,
+                  abits: int = 16) -> list[Any]:
+    """The stream through one block; with abits < 16 the input of every linear stored quantized
+    is fake-quantized per token (the weight-activation accuracy path)."""
     block = parts.load_block(index)
-    return [store.put(_run(parts, block, store, h)) for h in stream]
+    path = parts.block_path(index)
+    quantized = [n for n in parts.adapter.linears if f"{path}.{n}" in parts.packed]
+    with activation_quant(block, quantized, abits):
+        return [store.put(_run(parts, block, store, h)) for h in stream]
 
 
 @torch.no_grad()
 def forward_saved_block(output: str, index: int, file: str, config: dict[str, Any],
                         stream: list[Any], store: ChunkStore, compute_dtype: torch.dtype,
-                        device: str) -> list[Any]:
+                        device: str, abits: int = 16) -> list[Any]:
     """Forward through a finished block read back from its shard in a run's output (used to
     rebuild the quantized stream when a run resumes)."""
     parts = ModelParts(CheckpointReader(output, config=config, files=[file]), compute_dtype,
                        device)
-    return forward_block(parts, index, stream, store)
+    return forward_block(parts, index, stream, store, abits)
 
 
 def save_boundary(output: str, boundary: int, fp: list[Any], q: list[Any],
@@ -104,6 +119,7 @@ class BlockResult:
     metrics: dict[str, Any]
 
 
+@torch.no_grad()
 def quantize_linears_(block: torch.nn.Module, formats: dict[str, AffineFormat | None],
                       dtypes: dict[str, torch.dtype]) -> dict[str, QuantizedLinear]:
     """Quantize the block's linears in place (fake-quant weights) and return their codes.
@@ -120,45 +136,66 @@ def quantize_linears_(block: torch.nn.Module, formats: dict[str, AffineFormat | 
     return out
 
 
-@torch.no_grad()
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
                    quantization: QuantizationConfig, layouts: list[ExportFormat],
-                   store: ChunkStore) -> BlockResult:
-    """Run the FP stream through the block, quantize its linears, run the quantized stream
-    through the quantized block, and measure the block's output error against the FP target."""
+                   store: ChunkStore, grad_sync: GradSync | None = None) -> BlockResult:
+    """Run the FP stream through the block (the targets), quantize its linears with the
+    configured method, run the quantized stream through the quantized block, and measure the
+    block's output error against the FP target."""
     start = time.perf_counter()
     block = parts.load_block(index)
     loaded = time.perf_counter()
-    fp_out, private = [], private_bytes()
-    for h in fp_in:
-        fp_out.append(store.put(_run(parts, block, store, h)))
-        private = max(private, private_bytes())
     path = parts.block_path(index)
     dtypes = parts.stored_dtypes(path)
     formats = block_formats(parts, index, quantization)
-    linears = quantize_linears_(block, formats, dtypes)
+    names = quantized_names(formats)
+    method, omni = quantization.method, quantization.omniquant
+    stats, visit = input_stats(block, names)
+    collect = method is Method.OMNIQUANT and omni.let
+    fp_out, private = [], private_bytes()
+    with torch.no_grad(), input_hooks(block, names if collect else [], visit):
+        for h in fp_in:
+            fp_out.append(store.put(_run(parts, block, store, h)))
+            private = max(private, private_bytes())
+    metrics: dict[str, Any] = {"index": index}
+    if method is Method.RTN:
+        linears = quantize_linears_(block, formats, dtypes)
+    elif method is Method.GPTQ:
+        linears, extra = gptq_block(parts, block, formats, q_in, store, quantization, dtypes)
+        metrics.update(extra)
+    else:
+        aug = None
+        if omni.aug_loss:
+            with torch.no_grad():
+                aug = [store.put(_run(parts, block, store, h)) for h in q_in]
+        linears, extra = train_block(parts, index, block, formats, q_in, fp_out, aug, stats,
+                                     quantization, store, dtypes, grad_sync)
+        metrics.update(extra)
+    private = max(private, private_bytes())
     q_out, err, ref, numel = [], 0.0, 0.0, 0
-    for hq, hf in zip(q_in, fp_out, strict=True):
-        y = _run(parts, block, store, hq)
-        target = store.get(hf)
-        err += (y - target).double().pow(2).sum().item()
-        ref += target.double().pow(2).sum().item()
-        numel += target.numel()
-        private = max(private, private_bytes())
-        q_out.append(store.put(y))
+    with torch.no_grad(), activation_quant(block, names, quantization.abits):
+        for hq, hf in zip(q_in, fp_out, strict=True):
+            y = _run(parts, block, store, hq)
+            target = store.get(hf)
+            err += (y - target).double().pow(2).sum().item()
+            ref += target.double().pow(2).sum().item()
+            numel += target.numel()
+            private = max(private, private_bytes())
+            q_out.append(store.put(y))
     state = block.state_dict()
     exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
     schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
                for n, f in formats.items()}
-    metrics = {
-        "index": index,
+    metrics.update({
         "seconds": time.perf_counter() - start,
         "load_seconds": loaded - start,
         "output_mse": err / max(numel, 1),
         "output_relative_error": err / ref if ref else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_private_bytes": private,
-    }
+    })
+    if torch.cuda.is_available() and parts.device.startswith("cuda"):
+        metrics["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     if ExportFormat.GPTQ in layouts:
         metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
                                          for q in linears.values())

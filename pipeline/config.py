@@ -19,6 +19,8 @@ class ConfigError(ValueError):
 
 class Method(str, enum.Enum):
     RTN = "rtn"
+    GPTQ = "gptq"
+    OMNIQUANT = "omniquant"
 
 
 class ExportFormat(str, enum.Enum):
@@ -63,6 +65,48 @@ OVERRIDE_KEYS = ("bits", "group_size", "symmetric")
 
 
 @dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+    # dampening added to the Hessian diagonal, as a fraction of its mean; multiplied by 10 each
+    # time the Cholesky factorization fails (the damping used is logged and reported)
+    damp: float = 0.01
+    block_size: int = 128  # columns updated lazily together
+    act_order: bool = False  # columns in order of decreasing Hessian diagonal (static groups)
+
+    def __post_init__(self) -> None:
+        _require(0 < self.damp < 1, f"quantization.gptq.damp: {self.damp}; must be in (0, 1)")
+        _require(self.block_size >= 1,
+                 f"quantization.gptq.block_size: {self.block_size}; must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniQuantConfig:
+    lwc: bool = True  # learnable weight clipping
+    let: bool = False  # learnable equivalent transformation
+    epochs: int = 20
+    batch_size: int = 1  # calibration windows per optimizer step
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    weight_decay: float = 0.0
+    alpha: float = 0.5  # SmoothQuant migration strength of the LET scale init
+    aug_loss: bool = False  # also fit the FP block applied to the quantized stream
+    # clipping factor init (sigmoid(4.0) = 0.982, the reference's)
+    lwc_init: float = 4.0
+
+    def __post_init__(self) -> None:
+        where = "quantization.omniquant"
+        _require(self.lwc or self.let, f"{where}: lwc and let are both false; enable at least "
+                 "one, or use quantization.method rtn")
+        _require(self.epochs >= 0, f"{where}.epochs: {self.epochs}; must be >= 0")
+        _require(self.batch_size >= 1, f"{where}.batch_size: {self.batch_size}; must be >= 1")
+        for name in ("lwc_lr", "let_lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"{where}.{name}: {value}; must be > 0")
+        _require(self.weight_decay >= 0,
+                 f"{where}.weight_decay: {self.weight_decay}; must be >= 0")
+        _require(0 <= self.alpha <= 1, f"{where}.alpha: {self.alpha}; must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: Method = Method.RTN
     bits: int = 4
@@ -71,8 +115,16 @@ class QuantizationConfig:
     # per-linear exceptions, first match wins: exact module name or `re:` regex -> a mapping
     # of the keys to change (bits, group_size, symmetric), or null to keep it in full precision
     overrides: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
+    # activation bits: 16 = weight-only; 4-8 = per-token dynamic fake-quant of every quantized
+    # linear's input (accuracy path only: such models are not exported with their activations)
+    abits: int = 16
+    gptq: GPTQConfig = dataclasses.field(default_factory=GPTQConfig)
+    omniquant: OmniQuantConfig = dataclasses.field(default_factory=OmniQuantConfig)
 
     def __post_init__(self) -> None:
+        _require(self.abits == 16 or 4 <= self.abits <= 8,
+                 f"quantization.abits: {self.abits} is not allowed; choose 16 (weight-only) or "
+                 "an integer from 4 to 8")
         for pattern, change in self.overrides.items():
             where = f"quantization.overrides[{pattern!r}]"
             if change is None:

@@ -199,14 +199,23 @@ def embed(parts: ModelParts, modules: list[nn.Module | None], ids: torch.Tensor)
     return h.to(parts.compute_dtype)
 
 
-def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """One block's forward on [batch, seq, hidden] (causal, no cache)."""
+def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor,
+              tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One block's forward on [batch, seq, hidden] (causal, no cache). `tensors` replaces some
+    of the block's parameters for this call (relative names), keeping their autograd graph."""
     pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if tensors is None:
+            return block(*args, **kwargs)
+        return torch.func.functional_call(block, tensors, args, kwargs)
+
     if parts.adapter.positions is Positions.ROTARY:
-        cos_sin = parts.rotary()(h, pos)
-        out = block(h, position_ids=pos, position_embeddings=cos_sin)
+        with torch.no_grad():
+            cos_sin = parts.rotary()(h, pos)
+        out = call(h, position_ids=pos, position_embeddings=cos_sin)
     else:
-        out = block(h, position_ids=pos)
+        out = call(h, position_ids=pos)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -35,6 +35,8 @@ class Adapter:
     linears: tuple[str, ...]  # quantizable linears, relative to a block
     fused_groups: tuple[tuple[str, ...], ...]  # linears an engine keeps on one scheme
     norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...]
+    value_out: tuple[str, str]  # (v projection, attention output projection)
+    query_key: tuple[str, str]  # (q projection, k projection)
 
 
 _LLAMA = Adapter(
@@ -54,6 +56,8 @@ _LLAMA = Adapter(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
+    query_key=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 _OPT = Adapter(
@@ -74,6 +78,8 @@ _OPT = Adapter(
         ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("final_layer_norm", ("fc1",)),
     ),
+    value_out=("self_attn.v_proj", "self_attn.out_proj"),
+    query_key=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 # Qwen3 adds q/k norms inside attention; they are not linears, so the Llama row still applies.

@@ -1,0 +1,118 @@
+"""GPTQ (Frantar et al. 2022): quantize a linear's columns one at a time, each time spreading the
+rounding error over the columns not yet quantized through the inverse Hessian of the layer's
+reconstruction loss, H = 2 X^T X / n over the calibration inputs X. Lazy batch updates over
+`block_size` columns; damping grows x10 whenever the Cholesky factorization fails; optional
+act-order (columns by decreasing H diagonal) with static group parameters, so groups stay
+contiguous and the export needs no g_idx.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from pipeline.formats import AffineFormat, QuantParams, choose_qparams, dequantize
+
+log = logging.getLogger(__name__)
+
+
+class HessianError(RuntimeError):
+    pass
+
+
+class Hessian:
+    """Running H = 2/n sum x x^T over the rows of every input batch seen."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.matrix = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.matrix += x.T @ x
+        self.count += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return (2.0 / max(self.count, 1)) * self.matrix
+
+
+@dataclasses.dataclass
+class GPTQResult:
+    weight: torch.Tensor  # dequantized, in the input weight's dtype
+    codes: torch.Tensor  # int32 [out, in]
+    qparams: QuantParams
+    damp: float  # the damping that factorized
+
+
+def _inverse_factor(h: torch.Tensor, damp: float, limit: float = 1.0
+                    ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp on failure."""
+    mean_diag = h.diagonal().mean().item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    while True:
+        try:
+            lower = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True), damp
+        except torch.linalg.LinAlgError:
+            if damp * 10 > limit:
+                raise HessianError(
+                    f"the Hessian is not positive definite even with damping {damp:g}") from None
+            log.info("GPTQ: Cholesky failed with damping %g; retrying with %g", damp, damp * 10)
+            damp *= 10
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  scale_dtype: torch.dtype = torch.float32) -> GPTQResult:
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    out_features, columns = w.shape
+    group = fmt.group_size
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    # parameters: per channel (or static groups with act-order) from the whole weight up front;
+    # otherwise each group's from the error-updated weight when its first column comes up
+    lazy_groups = group is not None and not act_order
+    static = choose_qparams(w.float(), fmt)
+    scale = static.scale.to(scale_dtype).double()
+    zero = static.zero_point.double()
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    column_group = (torch.arange(columns, device=w.device) // group if group is not None
+                    else torch.zeros(columns, dtype=torch.long, device=w.device))
+    if perm is not None:
+        column_group = column_group[perm]
+    upper, used = _inverse_factor(h, damp)
+    if group is not None:
+        block_size = max(group, block_size // group * group)  # groups never straddle blocks
+    codes = torch.zeros_like(w)
+    one_group = AffineFormat(fmt.bits, None, fmt.symmetric)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(column_group[col])
+            if lazy_groups and col % group == 0:
+                p = choose_qparams(w1[:, i:i + group].float(), one_group)
+                scale[:, g] = p.scale[:, 0].to(scale_dtype).double()
+                zero[:, g] = p.zero_point[:, 0].double()
+            s, z = scale[:, g], zero[:, g]
+            q = (torch.round(w1[:, i] / s) + z).clamp(fmt.qmin, fmt.qmax)
+            codes[:, col] = q
+            err = (w1[:, i] - (q - z) * s) / u1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    codes = codes.to(torch.int32)
+    qparams = QuantParams(scale.float(), zero.float())
+    fake = dequantize(codes, qparams, fmt, dtype=weight.dtype)
+    return GPTQResult(fake, codes, qparams, used)

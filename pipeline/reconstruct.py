@@ -1,0 +1,320 @@
+"""Block reconstruction: the methods that set one block's quantized weights from its two input
+streams, the full-precision one (targets) and the quantized one (what the quantized model sees).
+
+- `gptq_block`: Hessians of every quantized linear from the quantized stream, then GPTQ.
+- `train_block` (OmniQuant): learnable clipping (LWC) and/or equivalent transforms (LET), trained
+  with AdamW to minimize the MSE between the quantized block's output on the quantized stream
+  and the FP block's output on the FP stream (plus, with `aug_loss`, the FP block's output on
+  the quantized stream), then folded into plain weights and integer parameters.
+
+The training step takes a `grad_sync` callable, run after backward and before the optimizer
+step on the list of learnable tensors, where a data-parallel schedule averages gradients across
+workers. Activation quantization (abits < 16) is a forward pre-hook on every quantized linear.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import OmniQuantConfig, QuantizationConfig
+from pipeline.export import QuantizedLinear
+from pipeline.formats import AffineFormat, QuantParams
+from pipeline.methods.gptq import Hessian, gptq_quantize
+from pipeline.methods.let import ActStats, EquivalentTransform
+from pipeline.methods.lwc import ClippingFactors, round_ste
+from pipeline.model_parts import ModelParts, run_block
+from pipeline.streams import ChunkStore
+
+log = logging.getLogger(__name__)
+
+GradSync = Callable[[list[torch.Tensor]], None]
+
+
+class TrainingError(RuntimeError):
+    """Training of one block diverged (NaN/inf loss)."""
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token dynamic asymmetric min-max fake-quant (straight-through rounding)."""
+    qmax = 2**bits - 1
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8).detach()
+    zero = torch.round(-lo / scale).detach()
+    q = (round_ste(x / scale) + zero).clamp(0, qmax)
+    return (q - zero) * scale
+
+
+@contextlib.contextmanager
+def activation_quant(block: nn.Module, names: list[str], abits: int) -> Iterator[None]:
+    """Fake-quantize the inputs of the named linears while the context is open (no-op at 16)."""
+    if abits >= 16:
+        yield
+        return
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args: (fake_quant_tokens(args[0], abits), *args[1:])) for n in names]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def input_hooks(block: nn.Module, names: list[str],
+                visit: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: visit(n, args[0])) for n in names]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def input_stats(block: nn.Module, names: list[str]) -> tuple[dict[str, ActStats], Callable]:
+    """Stats dict filled by the visitor that `input_hooks` calls."""
+    stats: dict[str, ActStats] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        if name not in stats:
+            stats[name] = ActStats.empty(x.shape[-1], x.device)
+        stats[name].update(x)
+
+    return stats, visit
+
+
+def quantized_names(formats: dict[str, AffineFormat | None]) -> list[str]:
+    return [n for n, f in formats.items() if f is not None]
+
+
+# --- GPTQ ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFormat | None],
+               q_in: list[Any], store: ChunkStore, quantization: QuantizationConfig,
+               dtypes: dict[str, torch.dtype]) -> tuple[dict[str, QuantizedLinear], dict]:
+    """Quantize the block's linears in place with GPTQ; Hessians from the quantized stream
+    through the still-FP block (linears that read the same input share one Hessian)."""
+    names = quantized_names(formats)
+    hessians: dict[str, Hessian] = {}
+    shared: dict[str, str] = {}
+    last: dict[int, str] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        key = x.data_ptr()
+        if key in last and last[key] in hessians and last[key] != name:
+            shared[name] = last[key]
+            return
+        last[key] = name
+        hessians.setdefault(name, Hessian(x.shape[-1], x.device)).add(x)
+
+    start = time.perf_counter()
+    with activation_quant(block, names, quantization.abits), input_hooks(block, names, visit):
+        for h in q_in:
+            last.clear()
+            run_block(parts, block, store.get(h).to(parts.device))
+    collected = time.perf_counter() - start
+    out, damps = {}, {}
+    cfg = quantization.gptq
+    for name in names:
+        fmt = formats[name]
+        assert fmt is not None
+        weight = block.get_parameter(f"{name}.weight")
+        result = gptq_quantize(weight, hessians[shared.get(name, name)].value(), fmt,
+                               damp=cfg.damp, block_size=cfg.block_size,
+                               act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
+        weight.copy_(result.weight)
+        damps[name] = result.damp
+        out[name] = QuantizedLinear(result.codes.cpu(), QuantParams(
+            result.qparams.scale.cpu(), result.qparams.zero_point.cpu()), fmt)
+    raised = {n: d for n, d in damps.items() if d != cfg.damp}
+    if raised:
+        log.info("GPTQ: damping raised for %s", raised)
+    return out, {"hessian_seconds": collected,
+                 "gptq_seconds": time.perf_counter() - start - collected,
+                 "damp": max(damps.values(), default=cfg.damp)}
+
+
+# --- OmniQuant ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Batches:
+    """Minibatches of `size` windows over streams stored as chunks, in order; each chunk is read
+    once per pass (the current one is cached)."""
+
+    streams: list[list[Any]]
+    store: ChunkStore
+    size: int
+    device: str
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        pending: list[list[torch.Tensor]] = [[] for _ in self.streams]
+        count = 0
+        for handles in zip(*self.streams, strict=True):
+            chunks = [self.store.get(h) for h in handles]
+            for i in range(chunks[0].shape[0]):
+                for part, c in zip(pending, chunks, strict=True):
+                    part.append(c[i : i + 1])
+                count += 1
+                if count == self.size:
+                    yield [torch.cat(p).to(self.device) for p in pending]
+                    pending, count = [[] for _ in self.streams], 0
+        if count:
+            yield [torch.cat(p).to(self.device) for p in pending]
+
+
+def use_amp(device: str, formats: dict[str, AffineFormat | None], abits: int) -> bool:
+    """fp16 autocast with loss scaling on CUDA, except where 8-bit fake-quant overflows fp16
+    gradients (the reference's rule: 8 <= bits < 16 trains in fp32)."""
+    bits = [f.bits for f in formats.values() if f is not None] + [abits]
+    return device.startswith("cuda") and all(b < 8 or b >= 16 for b in bits)
+
+
+class BlockQuantizer(nn.Module):
+    """The learnable parameters of one block and the map to its fake-quantized tensors."""
+
+    def __init__(self, parts: ModelParts, block: nn.Module,
+                 formats: dict[str, AffineFormat | None], stats: dict[str, ActStats],
+                 cfg: OmniQuantConfig, abits: int):
+        super().__init__()
+        self.names = quantized_names(formats)
+        self.base = {n: p.detach() for n, p in block.named_parameters()}
+        init = cfg.lwc_init if cfg.lwc else math.inf
+        self.clips = nn.ModuleDict({
+            n.replace(".", "__"): ClippingFactors(self.base[f"{n}.weight"].shape, f, init,
+                                                  self.base[f"{n}.weight"].device)
+            for n, f in formats.items() if f is not None})
+        if not cfg.lwc:
+            self.clips.requires_grad_(False)
+        self.let = (EquivalentTransform(block, parts.adapter, parts.hf_config, stats, cfg.alpha,
+                                        shift=abits < 16) if cfg.let else None)
+
+    def clip(self, name: str) -> ClippingFactors:
+        return self.clips[name.replace(".", "__")]  # type: ignore[return-value]
+
+    def groups(self, cfg: OmniQuantConfig) -> list[dict[str, Any]]:
+        out = []
+        if self.let is not None:
+            out.append({"params": self.let.scale_parameters(), "lr": cfg.let_lr})
+        if cfg.lwc:
+            out.append({"params": list(self.clips.parameters()), "lr": cfg.lwc_lr})
+        return out
+
+    def transformed(self) -> dict[str, torch.Tensor]:
+        """The block's tensors after LET (not quantized)."""
+        return self.let.transform(self.base) if self.let is not None else dict(self.base)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The block's tensors after LET and differentiable fake-quant."""
+        t = self.transformed()
+        for n in self.names:
+            t[f"{n}.weight"] = self.clip(n).fake_quantize(t[f"{n}.weight"])
+        return t
+
+    @torch.no_grad()
+    def fold_(self, block: nn.Module, dtypes: dict[str, torch.dtype]
+              ) -> dict[str, QuantizedLinear]:
+        """Write the transformed, quantized tensors into `block`; return the linears' codes."""
+        t = self.transformed()
+        for name, value in t.items():
+            block.get_parameter(name).copy_(value)
+        out = {}
+        for n in self.names:
+            weight = block.get_parameter(f"{n}.weight")
+            clip = self.clip(n)
+            fake, codes, qparams = clip.export(weight, dtypes[f"{n}.weight"])
+            weight.copy_(fake)
+            out[n] = QuantizedLinear(codes.cpu(), QuantParams(qparams.scale.cpu(),
+                                                             qparams.zero_point.cpu()), clip.fmt)
+        return out
+
+
+@torch.no_grad()
+def probe_loss(parts: ModelParts, block: nn.Module,
+               tensors: Callable[[], dict[str, torch.Tensor]] | None,
+               batch: list[torch.Tensor]) -> float:
+    """The training loss on a few windows, without training (before and after)."""
+    out = run_block(parts, block, batch[0].float(), tensors() if tensors else None)
+    loss = torch.nn.functional.mse_loss(out.float(), batch[1].float())
+    if len(batch) > 2:
+        loss = loss + torch.nn.functional.mse_loss(out.float(), batch[2].float())
+    return loss.item()
+
+
+def train_block(parts: ModelParts, index: int, block: nn.Module,
+                formats: dict[str, AffineFormat | None], q_in: list[Any], targets: list[Any],
+                aug_targets: list[Any] | None, stats: dict[str, ActStats],
+                quantization: QuantizationConfig, store: ChunkStore,
+                dtypes: dict[str, torch.dtype], grad_sync: GradSync | None = None
+                ) -> tuple[dict[str, QuantizedLinear], dict[str, Any]]:
+    """OmniQuant on one block; leaves `block` holding its folded, quantized weights."""
+    cfg = quantization.omniquant
+    compute_dtype = next(block.parameters()).dtype
+    block.float().requires_grad_(False)
+    model = BlockQuantizer(parts, block, formats, stats, cfg, quantization.abits)
+    groups = model.groups(cfg)
+    learnable = [p for g in groups for p in g["params"]]
+    amp = use_amp(parts.device, formats, quantization.abits)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
+    streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
+    names = model.names
+    epoch_losses: list[float] = []
+    start = time.perf_counter()
+    probe = next(iter(Batches(streams, store, 16, parts.device)))
+    with activation_quant(block, names, quantization.abits):
+        loss_before = probe_loss(parts, block, model.tensors, probe)
+        for epoch in range(cfg.epochs if optimizer is not None else 0):
+            total, steps = 0.0, 0
+            for batch in Batches(streams, store, cfg.batch_size, parts.device):
+                x, target = batch[0], batch[1]
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    out = run_block(parts, block, x.float(), model.tensors())
+                    loss = torch.nn.functional.mse_loss(out.float(), target.float())
+                    if len(batch) > 2:
+                        loss = loss + torch.nn.functional.mse_loss(out.float(), batch[2].float())
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"block {index}: the reconstruction loss became {loss.item()} at epoch "
+                        f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
+                        "let_lr, or train in fp32 (cluster.compute_dtype float32)")
+                assert optimizer is not None
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if grad_sync is not None:
+                    grad_sync([p.grad for p in learnable if p.grad is not None])
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                total += loss.item()
+                steps += 1
+            epoch_losses.append(total / max(steps, 1))
+            log.info("block %d: epoch %d/%d, loss %.4e, %.1fs", index + 1, epoch + 1, cfg.epochs,
+                     epoch_losses[-1], time.perf_counter() - start)
+    linears = model.fold_(block, dtypes)
+    with activation_quant(block, names, quantization.abits):
+        loss_after = probe_loss(parts, block, None, probe)
+    block.to(compute_dtype)
+    metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
+                               "epochs": len(epoch_losses), "amp": amp,
+                               "loss_before": loss_before, "loss_after": loss_after,
+                               "loss_windows": int(probe[0].shape[0])}
+    if epoch_losses:
+        metrics["loss_first_epoch"] = epoch_losses[0]
+        metrics["loss_last_epoch"] = epoch_losses[-1]
+    return linears, metrics

@@ -1,0 +1,249 @@
+"""Block reconstruction: LET is exact before quantization (GQA, RoPE, biases, OPT), LWC at +inf
+is RTN, GPTQ beats RTN on a known Hessian, training errors are clear, every recipe validates."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import block_pass
+from pipeline.config import ConfigError, ExportFormat, QuantizationConfig, build_config
+from pipeline.formats import AffineFormat
+from pipeline.methods.gptq import Hessian, HessianError, gptq_quantize
+from pipeline.methods.let import EquivalentTransform
+from pipeline.methods.lwc import ClippingFactors
+from pipeline.methods.rtn import rtn_quantize
+from pipeline.model_parts import run_block
+from pipeline.plan import open_model
+from pipeline.reconstruct import TrainingError, fake_quant_tokens, input_hooks, input_stats
+from pipeline.streams import MemoryStore
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def block_and_input(tiny_model, arch: str):
+    parts = open_model(tiny_model(arch), "float32")
+    block = parts.load_block(1).requires_grad_(False)
+    torch.manual_seed(0)
+    h = torch.randn(2, 24, parts.hf_config.hidden_size)
+    return parts, block, h
+
+
+def random_let(parts, block, h, shift: bool) -> EquivalentTransform:
+    names = list(parts.adapter.linears)
+    stats, visit = input_stats(block, names)
+    with torch.no_grad(), input_hooks(block, names, visit):
+        run_block(parts, block, h)
+    let = EquivalentTransform(block, parts.adapter, parts.hf_config, stats, 0.5, shift=shift)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in let.scale_parameters():  # far from the init, so every term matters
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(p * torch.exp(0.5 * noise) if p.abs().min() > 0 else noise)
+    return let
+
+
+@pytest.mark.parametrize("arch,shift", [("llama", False), ("qwen2", False), ("opt", False),
+                                        ("opt", True), ("mistral", False), ("qwen3", False)])
+def test_let_folding_is_exact(tiny_model, arch, shift):
+    parts, block, h = block_and_input(tiny_model, arch)
+    with torch.no_grad():
+        reference = run_block(parts, block, h)
+        let = random_let(parts, block, h, shift)
+        base = {n: p.detach() for n, p in block.named_parameters()}
+        transformed = let.transform(base)
+        assert rel(run_block(parts, block, h, transformed), reference) < 1e-5
+        changed = [n for n in base if not torch.equal(base[n], transformed[n])]
+        for name, value in transformed.items():  # fold into the block itself
+            block.get_parameter(name).copy_(value)
+        assert rel(run_block(parts, block, h), reference) < 1e-5
+    # every transform took part: norms, consumers, v/o and (except with a q/k norm) q/k
+    assert "self_attn.v_proj.weight" in changed
+    assert any(n.endswith("norm.weight") for n in changed)
+    assert let.value_out
+    assert let.query_key == (arch != "qwen3")
+    if arch == "opt" and shift:
+        assert let.value_shift and "self_attn.out_proj.bias" in changed
+
+
+def test_let_gqa_and_rotary_tie_are_what_keep_it_exact(tiny_model):
+    """Negative control: the same random q/k scale without the rotary tie breaks Q K^T (so the
+    exactness test above can fail), and the v->o scale is sized to the key-value heads."""
+    parts, block, h = block_and_input(tiny_model, "llama")
+    with torch.no_grad():
+        reference = run_block(parts, block, h)
+        let = random_let(parts, block, h, False)
+        heads = let.heads
+        assert heads.key_value < heads.query  # the tiny Llama is GQA
+        assert let.scales["value_out"].shape == (heads.key_value * heads.head_dim,)
+        assert let.scales["query_key"].shape == (heads.key_value, heads.head_dim // 2)
+        let.rotary = False  # pretend there were no RoPE: one free scale per channel
+        let.scales["query_key"] = torch.nn.Parameter(
+            torch.exp(0.5 * torch.randn(heads.key_value, heads.head_dim)))
+        base = {n: p.detach() for n, p in block.named_parameters()}
+        assert rel(run_block(parts, block, h, let.transform(base)), reference) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", [AffineFormat(4, None, False), AffineFormat(3, 16, False),
+                                 AffineFormat(4, 32, True), AffineFormat(2, 16, False)])
+def test_lwc_at_infinity_is_rtn(fmt):
+    torch.manual_seed(0)
+    w = torch.randn(24, 64) * 0.1
+    clip = ClippingFactors(w.shape, fmt, math.inf)
+    fake, codes, qparams = clip.export(w, torch.float32)
+    rfake, rcodes, rparams = rtn_quantize(w, fmt)
+    assert torch.equal(codes, rcodes) and torch.equal(fake, rfake)
+    assert torch.equal(qparams.scale, rparams.scale)
+    assert torch.equal(qparams.zero_point, rparams.zero_point)
+    assert torch.equal(clip.fake_quantize(w).detach(), rfake)
+
+
+def test_lwc_learns_through_the_scale_only():
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    clip = ClippingFactors(w.shape, AffineFormat(3, 16), 4.0)
+    x = torch.randn(64, 32)
+    loss = ((x @ clip.fake_quantize(w).T - x @ w.T) ** 2).mean()
+    loss.backward()
+    assert clip.up.grad is not None and clip.up.grad.abs().sum() > 0
+    assert clip.low.grad is not None and clip.low.grad.abs().sum() > 0
+    _, zero = clip.qparams(w)
+    assert not zero.requires_grad
+
+
+@pytest.mark.parametrize("fmt", [AffineFormat(3, None), AffineFormat(3, 32),
+                                 AffineFormat(4, 32, True)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_a_known_hessian(fmt, act_order):
+    torch.manual_seed(0)
+    x = torch.randn(4096, 128) @ torch.randn(128, 128) * 0.3 + torch.randn(128)
+    w = torch.randn(64, 128)
+    h = Hessian(128)
+    h.add(x)
+    result = gptq_quantize(w, h.value(), fmt, act_order=act_order)
+    rtn, _, _ = rtn_quantize(w, fmt)
+
+    def output_error(wq: torch.Tensor) -> float:
+        return ((x @ (w - wq).T) ** 2).mean().item()
+
+    assert output_error(result.weight) < 0.7 * output_error(rtn)
+    # the weights are exactly the codes' dequantized values, on the format's grid
+    assert result.codes.min() >= fmt.qmin and result.codes.max() <= fmt.qmax
+    from pipeline.formats import dequantize
+    assert torch.equal(dequantize(result.codes, result.qparams, fmt), result.weight)
+
+
+def test_gptq_raises_damping_until_it_factorizes():
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.02], dtype=torch.float64))
+    w = torch.randn(4, 4)
+    result = gptq_quantize(w, h, AffineFormat(4), damp=0.01)
+    assert result.damp == pytest.approx(0.1)
+    with pytest.raises(HessianError, match="damping"):
+        gptq_quantize(w, -torch.eye(4, dtype=torch.float64), AffineFormat(4), damp=0.01)
+
+
+def test_activation_fake_quant_per_token():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16) * torch.linspace(0.1, 10, 5).view(1, 5, 1)
+    y = fake_quant_tokens(x, 8)
+    assert rel(y, x) < 0.02 and rel(fake_quant_tokens(x, 4), x) > rel(y, x)
+    for t in range(5):  # each token has its own grid: at most 2^8 levels
+        assert torch.unique(y[0, t]).numel() <= 256
+
+
+def quantization(**changes) -> QuantizationConfig:
+    return build_config(QuantizationConfig, changes, "quantization")
+
+
+def stream(parts, n=4, seq=32, seed=0):
+    torch.manual_seed(seed)
+    store = MemoryStore()
+    ids = torch.randint(0, parts.hf_config.vocab_size, (n, seq))
+    return store, block_pass.embed_stream(parts, [ids[:2], ids[2:]], store)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_omniquant_training_lowers_the_block_error(tiny_model, arch):
+    parts = open_model(tiny_model(arch), "float32")
+    store, fp = stream(parts)
+    results = {}
+    for name, q in {"rtn": quantization(bits=3, group_size=16),
+                    "lwc+let": quantization(bits=3, group_size=16, method="omniquant",
+                                            omniquant={"epochs": 3, "let": True,
+                                                       "lwc_lr": 0.05, "let_lr": 0.01})}.items():
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        results[name] = r.metrics
+    trained = results["lwc+let"]
+    assert trained["loss_after"] < trained["loss_before"]
+    assert trained["output_mse"] < results["rtn"]["output_mse"]
+
+
+def test_a_nan_loss_stops_the_block_with_a_clear_error(tiny_model):
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts)
+    bad = [store.put(store.get(fp[0]).clone().fill_(float("nan"))), fp[1]]
+    with pytest.raises(TrainingError, match="block 0: the reconstruction loss became nan"):
+        block_pass.quantize_block(parts, 0, fp, bad, quantization(method="omniquant",
+                                                                   omniquant={"epochs": 1}),
+                                  [ExportFormat.COMPRESSED_TENSORS], store)
+
+
+def test_grad_sync_runs_before_every_step(tiny_model):
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts)
+    seen = []
+
+    def sync(grads):
+        seen.append(len(grads))
+        for g in grads:  # a data-parallel average would go here; zeroing freezes the params
+            g.zero_()
+
+    q = quantization(method="omniquant", bits=3, group_size=16,
+                     omniquant={"epochs": 2, "let": True, "batch_size": 2})
+    r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store,
+                                  grad_sync=sync)
+    assert len(seen) == 4 and all(n > 0 for n in seen)  # 4 windows / 2 per step x 2 epochs
+    assert r.metrics["loss_after"] == pytest.approx(r.metrics["loss_before"], rel=1e-6)
+
+
+def test_weight_activation_quantization_path(tiny_model):
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts)
+    errors = {}
+    for abits in (16, 8, 4):
+        q = quantization(bits=4, abits=abits)
+        errors[abits] = block_pass.quantize_block(
+            parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store).metrics["output_mse"]
+    assert errors[16] < errors[8] < errors[4]
+
+
+def test_method_settings_are_validated():
+    with pytest.raises(ConfigError, match="quantization.method: 'awq' is not allowed; "
+                                          "choose one of rtn, gptq, omniquant"):
+        quantization(method="awq")
+    with pytest.raises(ConfigError, match="quantization.omniquant: lwc and let are both false"):
+        quantization(method="omniquant", omniquant={"lwc": False})
+    with pytest.raises(ConfigError, match="quantization.abits: 3"):
+        quantization(abits=3)
+    with pytest.raises(ConfigError, match="quantization.gptq.damp"):
+        quantization(gptq={"damp": 0})
+    with pytest.raises(ConfigError, match="quantization.omniquant.epochs"):
+        quantization(omniquant={"epochs": -1})
+
+
+def test_every_bundled_recipe_validates():
+    from jobs.recipes import CONFIG_DIR, load_recipe
+
+    names = sorted(p.stem for p in Path(CONFIG_DIR).glob("*.yaml"))
+    for scheme in ("w4", "w3g64", "w2g64"):
+        for method in ("gptq", "omniquant"):
+            assert f"p1-{method}-{scheme}" in names
+    assert "p1-omniquant-w4a4" in names
+    for name in names:
+        config = load_recipe(name)
+        assert config.quantization.bits in (2, 3, 4, 8)
