@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_models import build_tokenizer, corpus_text  # noqa: E402
+from tiny_models import build_tokenizer, corpus_text
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 1024, 2816, 16, 4, 320
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 def block_tensors(i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ json.dump({"perplexity": math.exp(nll / count), "windows": int(windows.shape[0])
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 def score_with_transformers(folder: str, windows_path: str, work: str) -> dict:

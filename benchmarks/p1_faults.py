@@ -33,7 +33,7 @@ SETTINGS = ["--set", "eval.enabled=false", "--set", "checkpoint.save_streams=tru
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 def start(output: str) -> subprocess.Popen:
@@ -67,7 +67,7 @@ def faulted_run(output: str, faults: int, block_seconds: float, rng: random.Rand
     events, wall = [], 0.0
     job, started = start(output), time.perf_counter()
     # distinct blocks spread over the run, in order: the fault hits while that block is in work
-    for target in sorted(rng.sample(range(0, 29), faults)):
+    for target in sorted(rng.sample(range(29), faults)):
         while markers(output) < target and job.poll() is None:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, block_seconds))

@@ -8,10 +8,9 @@ Needs `relayquant assets prepare`. Writes benchmarks/results/p1_rtn.json.
 from __future__ import annotations
 
 import argparse
-import sys
-import json
 import logging
 import os
+import sys
 import tempfile
 
 from cluster.coordinator import quantize
@@ -25,7 +24,7 @@ SCHEMES = {"w4_pc_asym": (4, None, False), "w3_g64_asym": (3, 64, False),
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 def main(argv: list[str] | None = None) -> dict:

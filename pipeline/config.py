@@ -23,6 +23,11 @@ class Method(str, enum.Enum):
     OMNIQUANT = "omniquant"
 
 
+class Rounding(str, enum.Enum):
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class ExportFormat(str, enum.Enum):
     COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
     GPTQ = "gptq"  # OUTPUT/gptq/
@@ -91,6 +96,9 @@ class OmniQuantConfig:
     aug_loss: bool = False  # also fit the FP block applied to the quantized stream
     # clipping factor init (sigmoid(4.0) = 0.982, the reference's)
     lwc_init: float = 4.0
+    # final rounding onto the learned grid: nearest (the reference) or gptq (GPTQ's error
+    # feedback on the folded weights, Hessians from the quantized stream)
+    rounding: Rounding = Rounding.NEAREST
 
     def __post_init__(self) -> None:
         where = "quantization.omniquant"

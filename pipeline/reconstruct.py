@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import OmniQuantConfig, QuantizationConfig
+from pipeline.config import GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.methods.gptq import Hessian, gptq_quantize
@@ -99,29 +99,35 @@ def quantized_names(formats: dict[str, AffineFormat | None]) -> list[str]:
 # --- GPTQ ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in: list[Any],
+                     store: ChunkStore, abits: int) -> dict[str, Hessian]:
+    """Each named linear's Hessian from the quantized stream through `block` as it is now. The
+    consumers of one norm read the same input and share one Hessian."""
+    shared: dict[str, str] = {}
+    for _norm, consumers in parts.adapter.norm_to_linears:
+        group = [n for n in consumers if n in names]
+        shared.update({n: group[0] for n in group[1:]})
+    hessians: dict[str, Hessian] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        hessians.setdefault(name, Hessian(x.shape[-1], x.device)).add(x)
+
+    watched = [n for n in names if n not in shared]
+    with activation_quant(block, names, abits), input_hooks(block, watched, visit):
+        for h in q_in:
+            run_block(parts, block, store.get(h).to(parts.device))
+    return {n: hessians[shared.get(n, n)] for n in names}
+
+
+@torch.no_grad()
 def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFormat | None],
                q_in: list[Any], store: ChunkStore, quantization: QuantizationConfig,
                dtypes: dict[str, torch.dtype]) -> tuple[dict[str, QuantizedLinear], dict]:
     """Quantize the block's linears in place with GPTQ; Hessians from the quantized stream
     through the still-FP block (linears that read the same input share one Hessian)."""
     names = quantized_names(formats)
-    hessians: dict[str, Hessian] = {}
-    shared: dict[str, str] = {}
-    last: dict[int, str] = {}
-
-    def visit(name: str, x: torch.Tensor) -> None:
-        key = x.data_ptr()
-        if key in last and last[key] in hessians and last[key] != name:
-            shared[name] = last[key]
-            return
-        last[key] = name
-        hessians.setdefault(name, Hessian(x.shape[-1], x.device)).add(x)
-
     start = time.perf_counter()
-    with activation_quant(block, names, quantization.abits), input_hooks(block, names, visit):
-        for h in q_in:
-            last.clear()
-            run_block(parts, block, store.get(h).to(parts.device))
+    hessians = collect_hessians(parts, block, names, q_in, store, quantization.abits)
     collected = time.perf_counter() - start
     out, damps = {}, {}
     cfg = quantization.gptq
@@ -129,7 +135,7 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
         fmt = formats[name]
         assert fmt is not None
         weight = block.get_parameter(f"{name}.weight")
-        result = gptq_quantize(weight, hessians[shared.get(name, name)].value(), fmt,
+        result = gptq_quantize(weight, hessians[name].value(), fmt,
                                damp=cfg.damp, block_size=cfg.block_size,
                                act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
         weight.copy_(result.weight)
@@ -221,17 +227,25 @@ class BlockQuantizer(nn.Module):
         return t
 
     @torch.no_grad()
-    def fold_(self, block: nn.Module, dtypes: dict[str, torch.dtype]
-              ) -> dict[str, QuantizedLinear]:
-        """Write the transformed, quantized tensors into `block`; return the linears' codes."""
+    def fold_(self, block: nn.Module, dtypes: dict[str, torch.dtype],
+              hessians: Callable[[], dict[str, Hessian]] | None = None,
+              gptq: GPTQConfig | None = None) -> dict[str, QuantizedLinear]:
+        """Write the transformed, quantized tensors into `block`; return the linears' codes.
+        With `hessians`, the rounding onto the learned grid is GPTQ's."""
         t = self.transformed()
         for name, value in t.items():
             block.get_parameter(name).copy_(value)
+        h = hessians() if hessians is not None else None
         out = {}
         for n in self.names:
             weight = block.get_parameter(f"{n}.weight")
             clip = self.clip(n)
             fake, codes, qparams = clip.export(weight, dtypes[f"{n}.weight"])
+            if h is not None and gptq is not None:
+                result = gptq_quantize(weight, h[n].value(), clip.fmt, damp=gptq.damp,
+                                       block_size=gptq.block_size, act_order=gptq.act_order,
+                                       scale_dtype=dtypes[f"{n}.weight"], qparams=qparams)
+                fake, codes = result.weight, result.codes
             weight.copy_(fake)
             out[n] = QuantizedLinear(codes.cpu(), QuantParams(qparams.scale.cpu(),
                                                              qparams.zero_point.cpu()), clip.fmt)
@@ -306,7 +320,11 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             epoch_losses.append(total / max(steps, 1))
             log.info("block %d: epoch %d/%d, loss %.4e, %.1fs", index + 1, epoch + 1, cfg.epochs,
                      epoch_losses[-1], time.perf_counter() - start)
-    linears = model.fold_(block, dtypes)
+    hessians = None
+    if cfg.rounding is Rounding.GPTQ:
+        def hessians() -> dict[str, Hessian]:
+            return collect_hessians(parts, block, names, q_in, store, quantization.abits)
+    linears = model.fold_(block, dtypes, hessians, quantization.gptq)
     with activation_quant(block, names, quantization.abits):
         loss_after = probe_loss(parts, block, None, probe)
     block.to(compute_dtype)

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_models import build_model, corpus_text  # noqa: E402
+from tiny_models import build_model, corpus_text
 
 
 @pytest.fixture(scope="session")

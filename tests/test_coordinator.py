@@ -138,3 +138,49 @@ def test_fsspec_urls_and_bf16_weights(tiny_root, corpus_files, tmp_path):
         assert torch.equal(tensor, ref[name].to(torch.bfloat16)), name
     packed = output_weights(str(out))
     assert packed["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["gptq", "omniquant"])
+def test_reconstruction_is_the_same_on_one_and_two_workers(tiny_model, corpus_files, tmp_path,
+                                                          method):
+    """The learned methods give the same weights on 1 and 2 workers (CPU, fixed seeds), and the
+    same as the pipeline functions run in this process without Ray."""
+    from pipeline import block_pass
+    from pipeline.calibration import calibration_windows_for
+    from pipeline.config import ExportFormat
+    from pipeline.plan import open_model
+    from pipeline.streams import MemoryStore, split_windows
+
+    model = tiny_model("llama")
+    weights = {}
+    for workers in (1, 2):
+        config = run_config(model, str(tmp_path / f"w{workers}"), *corpus_files, workers, bits=3,
+                            eval_enabled=False)
+        changes = {"method": method, "omniquant": {"epochs": 2, "let": True}}
+        config = build_config(RunConfig, {**_plain(config), "quantization": {
+            **_plain(config)["quantization"], **changes}})
+        report = quantize(config)
+        assert report["method"] == method
+        if method == "omniquant":
+            assert all(b["loss_after"] < b["loss_before"] for b in report["blocks"])
+        weights[workers] = output_weights(str(tmp_path / f"w{workers}"))
+    assert weights[1].keys() == weights[2].keys()
+    for name in weights[1]:
+        assert torch.equal(weights[1][name], weights[2][name]), name
+    # in process, no Ray: the same functions over the same chunks
+    parts = open_model(model, "float32")
+    store = MemoryStore()
+    calib = calibration_windows_for(model, config.calibration)
+    fp = q = block_pass.embed_stream(parts, split_windows(calib, 5), store)
+    for i in range(parts.num_blocks):
+        r = block_pass.quantize_block(parts, i, fp, q, config.quantization,
+                                      [ExportFormat.COMPRESSED_TENSORS], store)
+        fp, q = r.fp_out, r.q_out
+        for name, tensor in r.exports[ExportFormat.COMPRESSED_TENSORS].items():
+            assert torch.equal(tensor, weights[1][name]), name
+
+
+def _plain(config):
+    from pipeline.config import config_to_dict
+
+    return config_to_dict(config)

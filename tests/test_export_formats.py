@@ -3,9 +3,8 @@ independent bit-stream packer."""
 import pytest
 import torch
 
-from pipeline.formats import AffineFormat, QuantParams
+from pipeline.formats import AffineFormat, QuantParams, gptq
 from pipeline.formats import compressed_tensors as ct
-from pipeline.formats import gptq
 
 pytestmark = pytest.mark.unit
 

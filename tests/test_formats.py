@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from pipeline.formats import (AffineFormat, choose_qparams, dequantize, fake_quantize, quantize,
-                              valid_group_sizes)
+from pipeline.formats import (
+    AffineFormat,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    valid_group_sizes,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from test_cli import write_recipe
 
 pytestmark = pytest.mark.cluster

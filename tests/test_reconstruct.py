@@ -183,6 +183,26 @@ def test_omniquant_training_lowers_the_block_error(tiny_model, arch):
     assert trained["output_mse"] < results["rtn"]["output_mse"]
 
 
+def test_gptq_rounding_on_the_learned_grid(tiny_model):
+    """rounding: gptq keeps the learned grid (same scales and zero points as nearest rounding)
+    and only changes the codes, lowering the block's error."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    exports = {}
+    for rounding in ("nearest", "gptq"):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 1, "rounding": rounding})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        exports[rounding] = (r.exports[ExportFormat.COMPRESSED_TENSORS], r.metrics)
+    near, gptq = exports["nearest"][0], exports["gptq"][0]
+    scales = [n for n in near if n.endswith(("weight_scale", "weight_zero_point"))]
+    assert scales and all(torch.equal(near[n], gptq[n]) for n in scales)
+    packed = [n for n in near if n.endswith("weight_packed")]
+    assert any(not torch.equal(near[n], gptq[n]) for n in packed)
+    assert exports["gptq"][1]["output_mse"] < exports["nearest"][1]["output_mse"]
+
+
 def test_a_nan_loss_stops_the_block_with_a_clear_error(tiny_model):
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts)

@@ -7,15 +7,7 @@ import random
 
 import torch
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from "
-         "at which but have an they you were her she there one all we their been has when who "
-         "will more no if out so said what up its about into than them can only other new some "
-         "could time these two may then do first any my now such like our over man me even most "
-         "made after also did many before must through back years where much your way well down "
-         "should because each just those people how too little state good very make world still "
-         "own see men work long get here between both life being under never day same another "
-         "know while last might us great old year off come since against go came right used take "
-         "three nation union congress president government law peace war people states").split()
+WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "one", "all", "we", "their", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "nation", "union", "congress", "president", "government", "law", "peace", "war", "people", "states"]
 
 
 def corpus_text(num_words: int = 40000, seed: int = 0) -> str:

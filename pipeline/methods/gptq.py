@@ -65,18 +65,21 @@ def _inverse_factor(h: torch.Tensor, damp: float, limit: float = 1.0
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  scale_dtype: torch.dtype = torch.float32) -> GPTQResult:
+                  scale_dtype: torch.dtype = torch.float32,
+                  qparams: QuantParams | None = None) -> GPTQResult:
+    """GPTQ rounding of `weight`; with `qparams` given (e.g. learned clipping) the grid is
+    fixed and only the rounding is chosen."""
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
-    out_features, columns = w.shape
+    columns = w.shape[1]
     group = fmt.group_size
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     # parameters: per channel (or static groups with act-order) from the whole weight up front;
     # otherwise each group's from the error-updated weight when its first column comes up
-    lazy_groups = group is not None and not act_order
-    static = choose_qparams(w.float(), fmt)
+    lazy_groups = group is not None and not act_order and qparams is None
+    static = choose_qparams(w.float(), fmt) if qparams is None else qparams
     scale = static.scale.to(scale_dtype).double()
     zero = static.zero_point.double()
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
@@ -99,7 +102,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
         for i in range(i2 - i1):
             col = i1 + i
             g = int(column_group[col])
-            if lazy_groups and col % group == 0:
+            if lazy_groups and group is not None and col % group == 0:
                 p = choose_qparams(w1[:, i:i + group].float(), one_group)
                 scale[:, g] = p.scale[:, 0].to(scale_dtype).double()
                 zero[:, g] = p.zero_point[:, 0].double()

@@ -115,7 +115,6 @@ class EquivalentTransform(nn.Module):
             if use_shift:
                 self.shifts[key] = nn.Parameter(((stat.maximum + stat.minimum) / 2).to(device))
         v, o = adapter.value_out
-        q, k = adapter.query_key
         kv_width = self.heads.key_value * self.heads.head_dim
         shapes_ok = (block.get_parameter(f"{v}.weight").shape[0] == kv_width
                      and block.get_parameter(f"{o}.weight").shape[1]

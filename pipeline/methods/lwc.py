@@ -45,7 +45,7 @@ class ClippingFactors(nn.Module):
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Differentiable fake-quant of `weight` (in the training dtype)."""
         fmt = self.fmt
-        out_features, in_features = weight.shape
+        out_features = weight.shape[0]
         scale, zero = self.qparams(weight)
         x = weight.reshape(out_features, scale.shape[1], -1)
         q = (round_ste(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(fmt.qmin, fmt.qmax)

@@ -1,0 +1,127 @@
+"""Protocol P1 with the block reconstruction methods: RTN, GPTQ, OmniQuant LWC, OmniQuant LWC+LET
+(and LWC+LET with GPTQ rounding) at W4 per-channel, W3 g64 and W2 g64 asymmetric; perplexity on
+all 292 SOTU test windows, quantization wall time and the stages' peak memory, beside the peer
+numbers of ../shared/research/p1_baselines.md.
+
+    python benchmarks/p1_reconstruct.py [--rows w4:gptq w3g64:omniquant_lwc ...] [--workers 1]
+
+Each row is the bundled recipe `p1-<method>-<scheme>` (RTN: `p1-rtn-w4` at the scheme), run
+through the whole pipeline (local Ray, stage actors, export, streamed evaluation). Rows are
+merged into benchmarks/results/p1_reconstruct.json as they finish, so the table can be filled
+over several invocations; `--rows` picks rows (default: all, skipping those already there
+unless --redo). Needs `relayquant assets prepare`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from cluster.coordinator import quantize
+from jobs.recipes import load_recipe
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import RESULTS, write_result  # noqa: E402
+
+SCHEMES = {"w4": (4, None), "w3g64": (3, 64), "w2g64": (2, 64)}
+PEER_SCHEME = {"w4": "w4_pc_asym", "w3g64": "w3_g64_asym", "w2g64": "w2_g64_asym"}
+# ../shared/research/p1_baselines.md (reference evaluator, 292 windows)
+PEERS = {
+    "w4_pc_asym": {"rtn": 42.016, "llm-compressor gptq": 31.134, "autoround (50 iters)": 27.663},
+    "w3_g64_asym": {"rtn": 71.029, "llm-compressor gptq": 40.772, "autoround (50 iters)": 31.296},
+    "w2_g64_asym": {"rtn": 416642.473, "llm-compressor gptq": 1565.885,
+                    "autoround (50 iters)": 94.587},
+}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn": ("p1-rtn-w4", {}),
+    "gptq": ("p1-gptq-{scheme}", {}),
+    "omniquant_lwc": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False}),
+    "omniquant_lwc_let": ("p1-omniquant-{scheme}", {}),
+    "omniquant_lwc_let_gptq": ("p1-omniquant-{scheme}",
+                               {"quantization.omniquant.rounding": "gptq"}),
+}
+
+
+def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+    bits, group = SCHEMES[scheme]
+    recipe, changes = VARIANTS[variant]
+    config = load_recipe(recipe.format(scheme=scheme), {
+        **changes, "output": os.path.join(work, f"{scheme}-{variant}"),
+        "cluster.workers": workers, "quantization.bits": bits, "quantization.group_size": group,
+        "eval.fp": fp})
+    start = time.perf_counter()
+    report = quantize(config)
+    ppl = report["perplexity"]
+    blocks = report["blocks"]
+    omni = config.quantization.omniquant
+    return {
+        "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=scheme),
+        "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,
+                      "let": omni.let, "lwc_lr": omni.lwc_lr, "let_lr": omni.let_lr,
+                      "aug_loss": omni.aug_loss, "rounding": omni.rounding.value}
+                     if variant.startswith("omniquant") else {}),
+        "perplexity": ppl["quantized"], "fp_perplexity": ppl["fp"], "windows": ppl["windows"],
+        "wall_seconds": time.perf_counter() - start,
+        "quantize_seconds": sum(b["seconds"] for b in blocks),
+        "eval_seconds": ppl["seconds"]["quantized"],
+        "stage_peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
+        "stage_peak_private_bytes": max(b["peak_private_bytes"] for b in blocks),
+        "mean_loss_before": _mean(blocks, "loss_before"),
+        "mean_loss_after": _mean(blocks, "loss_after"),
+        "workers": workers,
+    }
+
+
+def _mean(blocks: list[dict[str, Any]], key: str) -> float | None:
+    values = [b[key] for b in blocks if key in b]
+    return sum(values) / len(values) if values else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    every = [f"{s}:{v}" for s in SCHEMES for v in VARIANTS]
+    parser.add_argument("--rows", nargs="+", default=every, choices=every)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "p1_reconstruct.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
+    result: dict[str, Any] = {"benchmark": "p1_reconstruct", "peers": PEERS, "fp": None,
+                              "rows": []}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    done = {(r["scheme"], r["method"]) for r in result["rows"]}
+    with tempfile.TemporaryDirectory(prefix="relayquant-p1r-") as work:
+        for row in args.rows:
+            scheme, variant = row.split(":")
+            if (PEER_SCHEME[scheme], variant) in done and not args.redo:
+                continue
+            out = run_row(scheme, variant, work, args.workers, fp=result["fp"] is None)
+            if out["fp_perplexity"] is not None:
+                result["fp"] = out["fp_perplexity"]
+            result["rows"] = [r for r in result["rows"]
+                              if (r["scheme"], r["method"]) != (out["scheme"], variant)] + [out]
+            write_result(args.out, result)
+    print(table(result))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| scheme | method | PPL (292 windows) | quantize s | peak RSS MB | beats every peer |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["scheme"], r["method"])):
+        best_peer = min(result["peers"][r["scheme"]].values())
+        lines.append(f"| {r['scheme']} | {r['method']} | {r['perplexity']:.3f} | "
+                     f"{r['quantize_seconds']:.0f} | {r['stage_peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{'yes' if r['perplexity'] < best_peer else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
