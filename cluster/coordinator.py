@@ -221,6 +221,12 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
+    if config.quantization.abits < 16:
+        report["activation_quantization"] = {
+            "abits": config.quantization.abits, "kind": "per-token dynamic asymmetric fake-quant",
+            "exported": False,
+            "note": "the perplexity includes activation quantization; the checkpoint holds the "
+                    "quantized weights only (evaluate it with the same abits)"}
     write_report(config.output, report)
     return report
 
@@ -238,7 +244,8 @@ def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
             "seconds": {"fp": fp["seconds"] if fp else None, "quantized": quant["seconds"]}}
 
 
-def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -> dict[str, Any]:
+def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,
+             abits: int = 16) -> dict[str, Any]:
     """`relayquant eval`: perplexity of a model folder, streamed through stage actors."""
     model_path = absolute(resolve_model_path(model_path))
     parts = open_model(model_path, cluster.compute_dtype)
@@ -247,7 +254,7 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig) -
     with runtime.ray_session(cluster):
         stages, group = start_stages(plan, cluster)
         try:
-            result = stream_perplexity(stages, model_path, windows, "model")
+            result = stream_perplexity(stages, model_path, windows, "model", abits)
         finally:
             runtime.release(stages.actors, group)
     return {"model": model_path, "corpus": eval_config.corpus, "seq_len": eval_config.seq_len,

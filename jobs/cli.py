@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--workers", type=int, default=1)
+    e.add_argument("--abits", type=int, default=16,
+                   help="fake-quantize the quantized linears' inputs per token to this many bits "
+                        "(a W4A4 run's model: 4); 16 = off")
     e.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("status", help="what a run has done so far")
@@ -104,8 +107,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
         eval_config = EvalConfig(corpus=args.corpus, seq_len=args.seq_len,
                                  max_windows=args.max_windows)
+        if args.abits != 16 and not 4 <= args.abits <= 8:
+            raise ConfigError(f"--abits: {args.abits} is not allowed; choose 16 (off) or an "
+                              "integer from 4 to 8")
         return evaluate(args.model, eval_config,
-                        ClusterConfig(workers=args.workers, address=args.address))
+                        ClusterConfig(workers=args.workers, address=args.address), args.abits)
 
     return run_guarded(action, args.json, lambda r: (
         f"perplexity {r['perplexity']:.4f} on {r['corpus']} ({r['windows']} windows of "

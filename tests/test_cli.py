@@ -138,3 +138,17 @@ def test_changed_config_is_refused_then_restart(tmp_path, tiny_model, corpus_fil
     again = relayquant("quantize", "--config", recipe, "--set", "quantization.bits=3",
                        "--restart", "--json")
     assert again.returncode == 0, again.stderr
+
+
+def test_bad_method_settings_are_refused_before_any_work(capsys, tmp_path, tiny_model,
+                                                         corpus_files):
+    recipe = write_recipe(tmp_path, tiny_model("llama"), *corpus_files)
+    assert_bad_input(capsys, tmp_path, ["quantize", "--config", recipe, "--set",
+                                        "quantization.method=awq"],
+                     "quantization.method: 'awq' is not allowed; choose one of rtn, gptq, "
+                     "omniquant")
+    assert_bad_input(capsys, tmp_path, ["quantize", "--config", recipe, "--set",
+                                        "quantization.omniquant.epochs=-2"],
+                     "quantization.omniquant.epochs: -2")
+    assert_bad_input(capsys, tmp_path, ["eval", "--model", tiny_model("llama"), "--abits", "3"],
+                     "--abits: 3 is not allowed")
