@@ -1,5 +1,5 @@
 """Protocol P1 with the block reconstruction methods: RTN, GPTQ, OmniQuant LWC, OmniQuant LWC+LET
-(and LWC+LET with GPTQ rounding) at W4 per-channel, W3 g64 and W2 g64 asymmetric; perplexity on
+(and LWC with GPTQ rounding onto the learned grid) at W4 per-channel, W3 g64 and W2 g64 asymmetric; perplexity on
 all 292 SOTU test windows, quantization wall time and the stages' peak memory, beside the peer
 numbers of ../shared/research/p1_baselines.md.
 
@@ -42,8 +42,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq": ("p1-gptq-{scheme}", {}),
     "omniquant_lwc": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False}),
     "omniquant_lwc_let": ("p1-omniquant-{scheme}", {}),
-    "omniquant_lwc_let_gptq": ("p1-omniquant-{scheme}",
-                               {"quantization.omniquant.rounding": "gptq"}),
+    "omniquant_lwc_gptq": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False,
+                                                     "quantization.omniquant.rounding": "gptq"}),
 }
 
 
