@@ -22,8 +22,10 @@ from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import latest_boundary, verified_markers
 from pipeline.config import ClusterConfig, EvalConfig, ExportFormat, RunConfig
 from pipeline.export import format_config
+from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
+from pipeline.reconstruct import TrainingError
 from pipeline.schemes import validate_schemes
 from pipeline.streams import split_windows
 
@@ -150,6 +152,7 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+METHOD_ERRORS = (TrainingError, HessianError)
 STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                   ray.exceptions.WorkerCrashedError)
 
@@ -187,6 +190,11 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
             log.warning("a stage failed (%s); restarting the stages and resuming from the "
                         "finished blocks (retry %d of %d)", reason, attempt + 1,
                         config.cluster.max_retries)
+        except ray.exceptions.RayTaskError as e:
+            runtime.release(stages.actors, group)
+            if isinstance(e.cause, METHOD_ERRORS):  # say it plainly, not as a remote traceback
+                raise type(e.cause)(f"{e.cause}; every finished block is kept") from None
+            raise
         except BaseException:
             runtime.release(stages.actors, group)
             raise

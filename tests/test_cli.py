@@ -152,3 +152,29 @@ def test_bad_method_settings_are_refused_before_any_work(capsys, tmp_path, tiny_
                      "quantization.omniquant.epochs: -2")
     assert_bad_input(capsys, tmp_path, ["eval", "--model", tiny_model("llama"), "--abits", "3"],
                      "--abits: 3 is not allowed")
+
+
+def test_a_diverging_block_fails_with_one_clear_line(capsys, tmp_path, tiny_model, corpus_files):
+    """A NaN weight in block 1 (a damaged checkpoint) makes the reconstruction loss NaN: the
+    run fails naming the block, blocks before it stay done."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    for shard in model.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][0, 0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, str(model), *corpus_files,
+                          quantization={"method": "omniquant", "omniquant": {"epochs": 1}})
+    code = main(["quantize", "--config", recipe])
+    err = capsys.readouterr().err.strip().splitlines()
+    failed = [line for line in err if line.startswith("relayquant: failed")]
+    assert code == 1 and len(failed) == 1, err
+    assert "TrainingError: block 1: the reconstruction loss became nan" in failed[0]
+    assert "Traceback" not in failed[0]
+    assert os.path.exists(tmp_path / "out" / ".relayquant" / "blocks" / "00000.json")
