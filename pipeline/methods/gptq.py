@@ -21,15 +21,22 @@ class HessianError(RuntimeError):
     pass
 
 
+def sweep_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 on CPU (cheap there, and the sums do not depend on chunking); float32 on GPUs,
+    where a 70B down_proj Hessian (28672^2) would take 6.6 GB in float64."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 class Hessian:
     """Running H = 2/n sum x x^T over the rows of every input batch seen."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.matrix = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.dtype = sweep_dtype(device)
+        self.matrix = torch.zeros(columns, columns, dtype=self.dtype, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
         self.matrix += x.T @ x
         self.count += x.shape[0]
 
@@ -69,8 +76,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
                   qparams: QuantParams | None = None) -> GPTQResult:
     """GPTQ rounding of `weight`; with `qparams` given (e.g. learned clipping) the grid is
     fixed and only the rounding is chosen."""
-    w = weight.detach().double().clone()
-    h = hessian.detach().double().clone()
+    dtype = sweep_dtype(weight.device)
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype).clone()
     columns = w.shape[1]
     group = fmt.group_size
     dead = h.diagonal() == 0
@@ -80,8 +88,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
     # otherwise each group's from the error-updated weight when its first column comes up
     lazy_groups = group is not None and not act_order and qparams is None
     static = choose_qparams(w.float(), fmt) if qparams is None else qparams
-    scale = static.scale.to(scale_dtype).double()
-    zero = static.zero_point.double()
+    scale = static.scale.to(scale_dtype).to(dtype)
+    zero = static.zero_point.to(dtype)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
@@ -104,8 +112,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
             g = int(column_group[col])
             if lazy_groups and group is not None and col % group == 0:
                 p = choose_qparams(w1[:, i:i + group].float(), one_group)
-                scale[:, g] = p.scale[:, 0].to(scale_dtype).double()
-                zero[:, g] = p.zero_point[:, 0].double()
+                scale[:, g] = p.scale[:, 0].to(scale_dtype).to(dtype)
+                zero[:, g] = p.zero_point[:, 0].to(dtype)
             s, z = scale[:, g], zero[:, g]
             q = (torch.round(w1[:, i] / s) + z).clamp(fmt.qmin, fmt.qmax)
             codes[:, col] = q
