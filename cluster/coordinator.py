@@ -17,16 +17,24 @@ import torch
 
 from cluster import runtime
 from cluster.stage import StageActor
-from pipeline import calibration
+from pipeline import budget, calibration, storage
 from pipeline.assets import resolve_model_path
-from pipeline.checkpoint import latest_boundary, verified_markers
-from pipeline.config import ClusterConfig, EvalConfig, ExportFormat, RunConfig
+from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
+from pipeline.config import (
+    BudgetConfig,
+    ClusterConfig,
+    EvalConfig,
+    ExportFormat,
+    Objective,
+    RunConfig,
+)
 from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
 from pipeline.reconstruct import TrainingError
 from pipeline.schemes import validate_schemes
+from pipeline.sensitivity import unit_statistics
 from pipeline.streams import split_windows
 
 log = logging.getLogger(__name__)
@@ -140,6 +148,61 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
     return markers
 
 
+def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
+                     budget: BudgetConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """CVXQ statistics: forward through the stages (each keeps its input stream), the objective
+    at the last stage, gradients back stage to stage; per-linear statistics come back."""
+    start = time.perf_counter()
+    ids_chunks = split_windows(windows, stages.chunk_size)
+    stream = ray.get(stages.actors[0].embed.remote(model_path, ids_chunks))
+    inputs = []
+    for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
+        inputs.append(stream)
+        for i in range(a, b):
+            stream = ray.get(actor.forward_block.remote(model_path, i, stream))
+    forward = time.perf_counter() - start
+    last = stages.actors[-1]
+    directions = (ray.get(last.pca.remote(model_path, stream, budget.pca_dims))
+                  if budget.objective is Objective.PCA else None)
+    grads = ray.get(last.objective_grads.remote(model_path, stream, ids_chunks, budget.objective,
+                                                directions, budget.seed))
+    stats: dict[str, dict[str, float]] = {}
+    for s in reversed(range(len(stages.actors))):
+        grads, part = ray.get(stages.actors[s].backward.remote(
+            model_path, stages.plan.stages[s], inputs[s], grads, s > 0))
+        stats.update(part)
+        log.info("sensitivity: stage %d done, %.1fs elapsed", s, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return stats, {"seconds": seconds, "forward_seconds": forward,
+                   "relative_to_forward": seconds / forward if forward else None}
+
+
+def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
+                  calib: torch.Tensor) -> dict[str, Any]:
+    """The run's allocation: read back when an earlier attempt saved it (same fingerprint),
+    else the sensitivity pass on fresh stages and the global solve."""
+    path = storage.join(config.output, STATE_DIR, budget.ALLOCATION_FILE)
+    if storage.exists(path):
+        log.info("allocation: reusing the one saved by an earlier attempt")
+        return storage.read_json(path)
+    stages, group = start_stages(plan, config.cluster)
+    try:
+        stats, timing = sensitivity_pass(stages, model_path, calib, config.quantization.budget)
+    finally:
+        runtime.release(stages.actors, group)
+    allocation = budget.solve(parts, unit_statistics(parts, stats), config.quantization)
+    allocation["sensitivity"] = timing
+    log.info("allocation: log2 lambda %.3f, %d units, achieved %.4f bits per weight (target "
+             "%.4f%s); sensitivity pass %.1fs = %.2f x one calibration forward pass",
+             allocation["log_lambda"], len(allocation["units"]), allocation["achieved_bits"],
+             allocation["target_bits"],
+             ", side information counted" if allocation["count_side_info"] else "",
+             timing["seconds"], timing["relative_to_forward"] or 0)
+    log.info("allocation: widths %s", " ".join(str(u["bits"]) for u in allocation["units"]))
+    storage.write_json(path, allocation)
+    return allocation
+
+
 def _progress(phase: str, done: int, total: int, start: float) -> None:
     if done == total or done % max(1, total // 10) == 0:
         elapsed = time.perf_counter() - start
@@ -208,12 +271,21 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
     formats = validate_schemes(parts, config.quantization, config.export.formats)
+    if config.quantization.budget.average_bits is not None:
+        budget.check_feasible(parts, config.quantization)
     plan = make_plan(parts, model_path, config.cluster.workers)
     calib = calibration.calibration_windows_for(model_path, config.calibration)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
     manifest = prepare_output(config, parts, plan, calib, restart)
+    allocation = None
     with runtime.ray_session(config.cluster):
+        if config.quantization.budget.average_bits is not None:
+            allocation = allocate_bits(plan, config, parts, model_path, calib)
+            config = dataclasses.replace(config, quantization=budget.apply(
+                config.quantization, parts, allocation))
+            formats = validate_schemes(parts, config.quantization, config.export.formats)
+            allocation["plot"] = budget.write_plot(config.output, allocation, parts)
         stages, group, markers, history = quantize_with_retries(plan, config, parts, model_path,
                                                                 calib, formats)
         try:
@@ -229,6 +301,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
+    if allocation is not None:
+        report["allocation"] = allocation
     if config.quantization.abits < 16:
         report["activation_quantization"] = {
             "abits": config.quantization.abits, "kind": "per-token dynamic asymmetric fake-quant",

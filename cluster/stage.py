@@ -8,8 +8,8 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import block_pass, checkpoint
-from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline import block_pass, checkpoint, sensitivity
+from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.export import FOLDERS
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.plan import open_model
@@ -72,6 +72,23 @@ class StageActor:
         marker = checkpoint.write_block(output, index, exports, result.schemes,
                                         {**result.metrics, "worker": self.stage})
         return result.fp_out, result.q_out, marker
+
+    def pca(self, path: str, stream: list[Any], dims: int) -> torch.Tensor:
+        parts = self._parts(path)
+        cov = sensitivity.hidden_covariance(parts, stream, self.store)
+        return sensitivity.pca_directions(cov, dims)
+
+    def objective_grads(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor],
+                        objective: Objective, directions: torch.Tensor | None,
+                        seed: int) -> list[Any]:
+        return sensitivity.objective_grads(self._parts(path), stream, ids_chunks, self.store,
+                                           objective, directions, seed)
+
+    def backward(self, path: str, blocks: tuple[int, int], x_stream: list[Any],
+                 g_stream: list[Any], need_input_grad: bool
+                 ) -> tuple[list[Any], dict[str, dict[str, float]]]:
+        return sensitivity.stage_backward(self._parts(path), blocks, x_stream, g_stream,
+                                          self.store, need_input_grad)
 
     def peak_rss_bytes(self) -> int:
         return block_pass.peak_rss_bytes()

@@ -27,9 +27,11 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.config import ConfigError
 
-class AllocationError(ValueError):
-    pass
+
+class AllocationError(ConfigError):
+    """The budget cannot be met (bad input: exit 2 on the command line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Unit:
     params: int
     grad_sq: float  # mean squared gradient of the objective w.r.t. the unit's weights
     weight_var: float  # variance of the unit's weights
-    side_bits: float = 0.0  # side-information bits per weight (scales, zero points)
+    side_bits: float = 0.0  # side-information bits per weight that do not depend on b (scales)
+    side_per_bit: float = 0.0  # side bits per weight per weight bit (zero points stored at b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,18 +89,25 @@ def allocate(units: Sequence[Unit], choices: Sequence[int], average_bits: float,
         raise AllocationError("allocation: no decision units")
     widths = sorted({int(c) for c in choices})
     if not widths or widths[0] < 0:
-        raise AllocationError(f"budget.choices: {list(choices)}; give non-negative integers")
+        raise AllocationError(f"quantization.budget.choices: {list(choices)}; give non-negative integers")
     p, gs = _costs(units)
     total = float(p.sum())
     side = (float((p * torch.tensor([u.side_bits for u in units], dtype=torch.float64)).sum())
             if count_side_info else 0.0)
-    budget = average_bits * total - side  # weight bits available
-    lowest, highest = widths[0] * total, widths[-1] * total
+    if count_side_info:  # the rate of one more bit, counting what grows with it
+        p_rate = p * (1 + torch.tensor([u.side_per_bit for u in units], dtype=torch.float64))
+    else:
+        p_rate = p
+    budget = average_bits * total - side  # bits available for what grows with the width
+    rate_total = float(p_rate.sum())
+    lowest, highest = widths[0] * rate_total, widths[-1] * rate_total
     if budget < lowest - 1e-9 * total:
         raise AllocationError(
-            f"budget.average_bits: {average_bits} is below the smallest width "
+            f"quantization.budget.average_bits: {average_bits} is below the smallest width "
             f"{widths[0]}{' plus the side information' if side else ''} "
             f"(at least {(lowest + side) / total:.4f})")
+    # per weight of rate: the same distortion, spread over the rate-weighted sizes
+    p, p_distortion, gs = p_rate, p, gs * p / p_rate
     c = torch.tensor(widths, dtype=torch.float64)
 
     def rate(log2_lambda: float) -> tuple[torch.Tensor, float]:
@@ -144,7 +154,8 @@ def allocate(units: Sequence[Unit], choices: Sequence[int], average_bits: float,
             used += float(step[i])
             idx[i] = up[i]
     bits = [int(c[i]) for i in idx]
-    weight_bits = float((p * c[idx]).sum()) / total
+    weight_bits = float((p_distortion * c[idx]).sum()) / total
+    rate_bits = float((p * c[idx]).sum()) / total
     return Allocation(bits=bits, log2_lambda=log2_lambda, target_bits=average_bits,
-                      achieved_bits=weight_bits + side / total, weight_bits=weight_bits,
+                      achieved_bits=rate_bits + side / total, weight_bits=weight_bits,
                       distortion=modelled_distortion(units, bits))

@@ -114,6 +114,36 @@ class OmniQuantConfig:
         _require(0 <= self.alpha <= 1, f"{where}.alpha: {self.alpha}; must be in [0, 1]")
 
 
+class Objective(str, enum.Enum):
+    PCA = "pca"  # random signs on the final hidden states' top principal directions (CVXQ)
+    LM_LOSS = "lm_loss"  # the next-token loss
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """CVXQ: one average-bit budget over the whole model, allocated per decision unit (the
+    fused groups q/k/v, o, gate/up, down of every block)."""
+
+    average_bits: float | None = None  # null: no allocation, every unit gets quantization.bits
+    choices: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 8])
+    # count scales and zero points in the budget (bits per weight of side information)
+    count_side_info: bool = False
+    objective: Objective = Objective.PCA
+    pca_dims: int = 1024  # principal directions of the final hidden states (capped at hidden)
+    seed: int = 0  # random signs of the projected objective
+
+    def __post_init__(self) -> None:
+        where = "quantization.budget"
+        _require(bool(self.choices) and all(isinstance(c, int) and 2 <= c <= 8
+                                            for c in self.choices),
+                 f"{where}.choices: {self.choices}; give bit widths from 2 to 8")
+        if self.average_bits is not None:
+            _require(min(self.choices) <= self.average_bits,
+                     f"{where}.average_bits: {self.average_bits} is below the smallest choice "
+                     f"{min(self.choices)}")
+        _require(self.pca_dims >= 1, f"{where}.pca_dims: {self.pca_dims}; must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: Method = Method.RTN
@@ -128,6 +158,7 @@ class QuantizationConfig:
     abits: int = 16
     gptq: GPTQConfig = dataclasses.field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = dataclasses.field(default_factory=OmniQuantConfig)
+    budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         _require(self.abits == 16 or 4 <= self.abits <= 8,

@@ -110,3 +110,15 @@ def test_deterministic_and_fast_for_1e5_units():
     assert allocate(units, list(range(9)), 3.0) == a
     assert abs(a.achieved_bits - 3.0) < 0.02
     assert elapsed < 30  # a few seconds on a loaded 2-core machine; the benchmark has the figure
+
+
+def test_zero_points_that_grow_with_the_width_are_counted():
+    """Group 64 asymmetric: 16-bit scale per group (0.25 bit/weight) plus a b-bit zero point
+    (b/64): uniform 3 bits costs 3 + 0.25 + 3/64 = 3.296875 bits per weight."""
+    units = [Unit(f"u{i}", 4096, 10 ** -(i % 7), 1e-3, side_bits=16 / 64, side_per_bit=1 / 64)
+             for i in range(60)]
+    uniform = 3 + 16 / 64 + 3 / 64
+    got = allocate(units, [2, 3, 4, 8], uniform, count_side_info=True)
+    assert got.achieved_bits <= uniform + 1e-12 and got.achieved_bits > uniform - 0.02
+    assert got.weight_bits == pytest.approx((got.achieved_bits - 0.25) * 64 / 65)
+    assert got.distortion < allocate(units, [3], 3.0).distortion

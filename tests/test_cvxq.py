@@ -1,0 +1,141 @@
+"""CVXQ on the stages: the streamed gradient statistics equal a single-process autograd
+computation, the allocation is global (the same on 1, 2 and 3 workers), and a budgeted run
+quantizes each unit at its width, reports and plots the allocation, and resumes with it."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cluster import runtime
+from cluster.coordinator import quantize, sensitivity_pass, start_stages
+from pipeline import budget
+from pipeline.calibration import calibration_windows_for
+from pipeline.config import BudgetConfig, RunConfig, build_config
+from pipeline.plan import make_plan, open_model
+from pipeline.sensitivity import pca_directions, projection_signs, unit_statistics
+from pipeline.streams import split_windows
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
+
+
+def config_for(model, output, train, test, workers, **quantization):
+    return build_config(RunConfig, {
+        "model": {"path": model}, "output": output,
+        "calibration": {"corpus": train, "num_samples": 12, "seq_len": 32, "seed": 0},
+        "quantization": {"bits": 3, "group_size": 16, **quantization},
+        "eval": {"corpus": test, "seq_len": 32, "max_windows": 12},
+        "cluster": {"workers": workers, "chunk_size": 5}})
+
+
+def streamed_stats(model, config, workers):
+    parts = open_model(model, "float32")
+    plan = make_plan(parts, model, workers)
+    calib = calibration_windows_for(model, config.calibration)
+    stages, group = start_stages(plan, config.cluster)
+    try:
+        return parts, calib, sensitivity_pass(stages, model, calib, config.quantization.budget)[0]
+    finally:
+        runtime.release(stages.actors, group)
+
+
+def reference_stats(model, calib, chunk_size, budget_config):
+    """The whole HF model in this process: the same objective, plain autograd."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    hf.config._attn_implementation = "sdpa"
+    decoder = hf.model
+    chunks = split_windows(calib, chunk_size)
+    with torch.no_grad():
+        hidden = [decoder(input_ids=c).last_hidden_state.double() for c in chunks]
+    cov = sum(h.reshape(-1, h.shape[-1]).T @ h.reshape(-1, h.shape[-1]) for h in hidden)
+    directions = pca_directions(cov, budget_config.pca_dims)
+    linears = {n: m for n, m in hf.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    sums = {n: 0.0 for n in linears}
+    for c, ids in enumerate(chunks):
+        hf.zero_grad()
+        y = decoder(input_ids=ids).last_hidden_state @ directions
+        (y * projection_signs(y.shape, budget_config.seed, c)).sum().backward()
+        for n, m in linears.items():
+            sums[n] += float(m.weight.grad.double().pow(2).sum())
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_streamed_gradient_statistics_match_single_process_autograd(tiny_model, corpus_files,
+                                                                    tmp_path, arch):
+    model = tiny_model(arch)
+    config = config_for(model, str(tmp_path / "o"), *corpus_files, 2,
+                        budget={"average_bits": 3.0, "pca_dims": 16})
+    _, calib, stats = streamed_stats(model, config, 2)
+    ref = reference_stats(model, calib, 5, config.quantization.budget)
+    assert set(ref) == set(stats)
+    for name, value in ref.items():
+        got = stats[name]["grad_sq_sum"]
+        assert abs(got - value) <= 1e-5 * abs(value), (name, got, value)
+
+
+def test_allocation_is_global_not_per_shard(tiny_model, corpus_files, tmp_path):
+    model = tiny_model("llama")
+    allocations = []
+    for workers in (1, 2, 3):
+        config = config_for(model, str(tmp_path / f"o{workers}"), *corpus_files, workers,
+                            budget={"average_bits": 3.0, "choices": [2, 3, 4, 8]})
+        parts, _, stats = streamed_stats(model, config, workers)
+        allocations.append(budget.solve(parts, unit_statistics(parts, stats),
+                                        config.quantization))
+    assert allocations[0]["units"] == allocations[1]["units"] == allocations[2]["units"]
+    assert len({u["bits"] for u in allocations[0]["units"]}) > 1  # really mixed
+
+
+def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_files, tmp_path):
+    model = tiny_model("llama")
+    out = str(tmp_path / "out")
+    # uniform 3-bit g16 asymmetric with fp32 scales: 3 + 32/16 + 3/16 bits per weight
+    uniform = 3 + 2 + 3 / 16
+    config = config_for(model, out, *corpus_files, 2,
+                        budget={"average_bits": uniform, "choices": [2, 3, 4],
+                                "count_side_info": True})
+    report = quantize(config)
+    alloc = report["allocation"]
+    assert uniform - 0.1 <= alloc["achieved_bits"] <= uniform + 1e-9  # 16 units: coarse steps
+    assert alloc["sensitivity"]["relative_to_forward"] > 1
+    bits = {lin: u["bits"] for u in alloc["units"] for lin in u["linears"]}
+    markers = [json.loads(open(os.path.join(out, ".relayquant", "blocks", f)).read())
+               for f in sorted(os.listdir(os.path.join(out, ".relayquant", "blocks")))]
+    for marker in markers:
+        for linear, scheme in marker["schemes"].items():
+            assert scheme[0] == bits[linear], linear
+    with open(os.path.join(out, "allocation.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # a second run of the same command resumes with the saved allocation: nothing recomputed
+    os.remove(os.path.join(out, "report.json"))
+    again = quantize(config)
+    assert again["allocation"]["units"] == alloc["units"]
+    assert again["resumed_blocks"] == list(range(4))
+
+
+def test_an_infeasible_budget_is_refused_before_any_work(tiny_model, corpus_files, tmp_path):
+    from pipeline.config import ConfigError
+
+    config = config_for(tiny_model("llama"), str(tmp_path / "o"), *corpus_files, 1,
+                        budget={"average_bits": 3.0, "choices": [2, 3, 4],
+                                "count_side_info": True})
+    with pytest.raises(ConfigError, match=r"quantization.budget.average_bits: 3.0 is below what "
+                                          r"the smallest choice \(2 bits plus scales and zero "
+                                          r"points\) costs: at least 4.1250"):
+        quantize(config)
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_budget_settings_are_validated():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization.budget.choices"):
+        BudgetConfig(average_bits=3.0, choices=[1, 3])
+    with pytest.raises(ConfigError, match="quantization.budget.average_bits: 1.5"):
+        BudgetConfig(average_bits=1.5, choices=[2, 3])
