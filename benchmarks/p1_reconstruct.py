@@ -26,7 +26,7 @@ from cluster.coordinator import quantize
 from jobs.recipes import load_recipe
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import RESULTS, write_result  # noqa: E402
+from results_file import RESULTS, write_result
 
 SCHEMES = {"w4": (4, None), "w3g64": (3, 64), "w2g64": (2, 64)}
 PEER_SCHEME = {"w4": "w4_pc_asym", "w3g64": "w3_g64_asym", "w2g64": "w2_g64_asym"}
@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "omniquant_lwc_let": ("p1-omniquant-{scheme}", {}),
     "omniquant_lwc_gptq": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False,
                                                      "quantization.omniquant.rounding": "gptq"}),
+    "omniquant_lwc_learned": ("p1-omniquant-{scheme}", {
+        "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned"}),
 }
 
 
@@ -63,7 +65,8 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dic
         "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=scheme),
         "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,
                       "let": omni.let, "lwc_lr": omni.lwc_lr, "let_lr": omni.let_lr,
-                      "aug_loss": omni.aug_loss, "rounding": omni.rounding.value}
+                      "aug_loss": omni.aug_loss, "rounding": omni.rounding.value,
+                      "round_lr": omni.round_lr}
                      if variant.startswith("omniquant") else {}),
         "perplexity": ppl["quantized"], "fp_perplexity": ppl["fp"], "windows": ppl["windows"],
         "wall_seconds": time.perf_counter() - start,

@@ -26,6 +26,7 @@ class Method(str, enum.Enum):
 class Rounding(str, enum.Enum):
     NEAREST = "nearest"
     GPTQ = "gptq"
+    LEARNED = "learned"
 
 
 class ExportFormat(str, enum.Enum):
@@ -96,17 +97,20 @@ class OmniQuantConfig:
     aug_loss: bool = False  # also fit the FP block applied to the quantized stream
     # clipping factor init (sigmoid(4.0) = 0.982, the reference's)
     lwc_init: float = 4.0
-    # final rounding onto the learned grid: nearest (the reference) or gptq (GPTQ's error
-    # feedback on the folded weights, Hessians from the quantized stream)
+    # rounding onto the learned grid: nearest (the reference), gptq (GPTQ's error feedback on
+    # the folded weights, Hessians from the quantized stream), or learned (a per-weight offset
+    # in [-0.5, 0.5] trained with the other parameters on the block loss, as AutoRound does)
     rounding: Rounding = Rounding.NEAREST
+    round_lr: float = 5e-3
 
     def __post_init__(self) -> None:
         where = "quantization.omniquant"
-        _require(self.lwc or self.let, f"{where}: lwc and let are both false; enable at least "
-                 "one, or use quantization.method rtn")
+        _require(self.lwc or self.let or self.rounding is Rounding.LEARNED,
+                 f"{where}: lwc and let are both false and rounding is not learned; enable at "
+                 "least one, or use quantization.method rtn")
         _require(self.epochs >= 0, f"{where}.epochs: {self.epochs}; must be >= 0")
         _require(self.batch_size >= 1, f"{where}.batch_size: {self.batch_size}; must be >= 1")
-        for name in ("lwc_lr", "let_lr"):
+        for name in ("lwc_lr", "let_lr", "round_lr"):
             value = getattr(self, name)
             _require(value > 0, f"{where}.{name}: {value}; must be > 0")
         _require(self.weight_decay >= 0,

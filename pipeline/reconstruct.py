@@ -195,12 +195,14 @@ class BlockQuantizer(nn.Module):
         self.names = quantized_names(formats)
         self.base = {n: p.detach() for n, p in block.named_parameters()}
         init = cfg.lwc_init if cfg.lwc else math.inf
+        learned = cfg.rounding is Rounding.LEARNED
         self.clips = nn.ModuleDict({
             n.replace(".", "__"): ClippingFactors(self.base[f"{n}.weight"].shape, f, init,
-                                                  self.base[f"{n}.weight"].device)
+                                                  self.base[f"{n}.weight"].device, learned)
             for n, f in formats.items() if f is not None})
-        if not cfg.lwc:
-            self.clips.requires_grad_(False)
+        for clip in self.clips.values():
+            clip.up.requires_grad_(cfg.lwc)
+            clip.low.requires_grad_(cfg.lwc)
         self.let = (EquivalentTransform(block, parts.adapter, parts.hf_config, stats, cfg.alpha,
                                         shift=abits < 16) if cfg.let else None)
 
@@ -212,8 +214,16 @@ class BlockQuantizer(nn.Module):
         if self.let is not None:
             out.append({"params": self.let.scale_parameters(), "lr": cfg.let_lr})
         if cfg.lwc:
-            out.append({"params": list(self.clips.parameters()), "lr": cfg.lwc_lr})
+            out.append({"params": [p for c in self.clips.values() for p in (c.up, c.low)],
+                        "lr": cfg.lwc_lr})
+        offsets = [c.offset for c in self.clips.values() if c.offset is not None]
+        if offsets:
+            out.append({"params": offsets, "lr": cfg.round_lr})
         return out
+
+    def after_step(self) -> None:
+        for clip in self.clips.values():
+            clip.clamp_offset_()
 
     def transformed(self) -> dict[str, torch.Tensor]:
         """The block's tensors after LET (not quantized)."""
@@ -315,6 +325,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                     scaler.update()
                 else:
                     optimizer.step()
+                model.after_step()
                 total += loss.item()
                 steps += 1
             epoch_losses.append(total / max(steps, 1))

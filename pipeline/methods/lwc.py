@@ -20,13 +20,28 @@ class ClippingFactors(nn.Module):
     """One pair of logits per row (per-channel) or per row-group, shape [out, groups]."""
 
     def __init__(self, weight_shape: torch.Size, fmt: AffineFormat, init: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", learn_rounding: bool = False):
         super().__init__()
         out_features, in_features = weight_shape
         shape = (out_features, fmt.groups(in_features))
         self.fmt = fmt
         self.up = nn.Parameter(torch.full(shape, float(init), device=device))
         self.low = nn.Parameter(torch.full(shape, float(init), device=device))
+        # learned rounding: w/scale + offset is rounded, offset in [-0.5, 0.5] (AutoRound's V)
+        self.offset = (nn.Parameter(torch.zeros(weight_shape, device=device))
+                       if learn_rounding else None)
+
+    def clamp_offset_(self) -> None:
+        if self.offset is not None:
+            with torch.no_grad():
+                self.offset.clamp_(-0.5, 0.5)
+
+    def _grid(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x / scale (+ the learned rounding offset), grouped like x."""
+        y = x / scale.unsqueeze(-1)
+        if self.offset is not None:
+            y = y + self.offset.reshape(y.shape)
+        return y
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point), each [out, groups]; scale carries the gradient."""
@@ -48,7 +63,7 @@ class ClippingFactors(nn.Module):
         out_features = weight.shape[0]
         scale, zero = self.qparams(weight)
         x = weight.reshape(out_features, scale.shape[1], -1)
-        q = (round_ste(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(fmt.qmin, fmt.qmax)
+        q = (round_ste(self._grid(x, scale)) + zero.unsqueeze(-1)).clamp(fmt.qmin, fmt.qmax)
         return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(weight.shape)
 
     @torch.no_grad()
@@ -58,5 +73,11 @@ class ClippingFactors(nn.Module):
         clipping; scales rounded to their stored dtype first, as RTN does."""
         scale, zero = self.qparams(weight.float())
         qparams = QuantParams(scale.to(scale_dtype).float(), zero.float())
-        codes = quantize(weight, qparams, self.fmt)
+        if self.offset is None:
+            codes = quantize(weight, qparams, self.fmt)
+        else:
+            out_features = weight.shape[0]
+            x = weight.float().reshape(out_features, qparams.scale.shape[1], -1)
+            q = torch.round(self._grid(x, qparams.scale)) + qparams.zero_point.unsqueeze(-1)
+            codes = q.clamp(self.fmt.qmin, self.fmt.qmax).reshape(weight.shape).to(torch.int32)
         return dequantize(codes, qparams, self.fmt, dtype=weight.dtype), codes, qparams
