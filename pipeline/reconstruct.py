@@ -222,8 +222,8 @@ class BlockQuantizer(nn.Module):
         return out
 
     def after_step(self) -> None:
-        for clip in self.clips.values():
-            clip.clamp_offset_()
+        for name in self.names:
+            self.clip(name).clamp_offset_()
 
     def transformed(self) -> dict[str, torch.Tensor]:
         """The block's tensors after LET (not quantized)."""
