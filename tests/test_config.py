@@ -16,8 +16,12 @@ def test_round_trip():
     config = build_config(RunConfig, {**BASE, "quantization": {"bits": 3, "group_size": 64}})
     assert config.quantization.method is Method.RTN
     data = config_to_dict(config)
-    assert data["quantization"] == {"method": "rtn", "bits": 3, "group_size": 64,
-                                    "symmetric": False, "overrides": {}}
+    assert {k: data["quantization"][k] for k in ("method", "bits", "group_size", "symmetric",
+                                                 "overrides", "abits")} == {
+        "method": "rtn", "bits": 3, "group_size": 64, "symmetric": False, "overrides": {},
+        "abits": 16}
+    assert data["quantization"]["omniquant"]["epochs"] == 20
+    assert data["quantization"]["budget"]["average_bits"] is None
     assert data["export"] == {"formats": ["compressed-tensors"]}
     assert build_config(RunConfig, data) == config
     assert yaml.safe_load(yaml.safe_dump(data)) == data
@@ -25,8 +29,8 @@ def test_round_trip():
 
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
-                                          "bits, group_size, method, overrides, "
-                                          "symmetric"):
+                                          "abits, bits, budget, gptq, group_size, method, "
+                                          "omniquant, overrides, symmetric"):
         build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
     with pytest.raises(ConfigError, match="^colour: unknown key"):
         build_config(RunConfig, {**BASE, "colour": "red"})

@@ -1,0 +1,100 @@
+"""Protocol P1 with CVXQ bit allocation against uniform schemes at exactly the same total bits
+(weights + scales + zero points): uniform W3 g64 asymmetric vs CVXQ at 3.546875 bits per weight
+(3 + 32/64 for the fp32 scales + 3/64 for the zero points), and a uniform 2/3-bit mix (even
+blocks 2-bit, odd blocks 3-bit) vs CVXQ at 3.0390625 (2.5 bits on average), each with RTN and
+with the reconstructor (OmniQuant LWC + learned rounding, the P1 CPU settings).
+
+    python benchmarks/p1_cvxq.py [--rows cvxq-rtn-3bit uniform-rtn-3bit ...] [--workers 1]
+
+Rows merge into benchmarks/results/p1_cvxq.json as they finish; the report's allocation
+(achieved bits, log lambda, widths) and the sensitivity pass's time relative to one calibration
+forward pass are kept per CVXQ row. Needs `relayquant assets prepare`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from cluster.coordinator import quantize
+from jobs.recipes import load_recipe
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import RESULTS, write_result
+
+RECONSTRUCTOR = {"quantization.method": "omniquant", "quantization.omniquant.let": False,
+                 "quantization.omniquant.rounding": "learned",
+                 "quantization.omniquant.epochs": 1, "quantization.omniquant.lwc_lr": 0.05}
+EVEN_BLOCKS_2BIT = {r"re:model\.layers\.\d*[02468]\..*": {"bits": 2}}
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "uniform-rtn-3bit": ("p1-rtn-w4", {"quantization.bits": 3, "quantization.group_size": 64}),
+    "cvxq-rtn-3bit": ("p1-cvxq-rtn-3bit", {}),
+    "uniform-reconstructor-3bit": ("p1-rtn-w4", {"quantization.bits": 3,
+                                                 "quantization.group_size": 64,
+                                                 **RECONSTRUCTOR}),
+    "cvxq-reconstructor-3bit": ("p1-cvxq-rtn-3bit", RECONSTRUCTOR),
+    "uniform-mix-rtn-2.5bit": ("p1-rtn-w4", {"quantization.bits": 3,
+                                             "quantization.group_size": 64,
+                                             "quantization.overrides": EVEN_BLOCKS_2BIT}),
+    "cvxq-rtn-2.5bit": ("p1-cvxq-rtn-2.5bit", {}),
+    "uniform-mix-reconstructor-2.5bit": ("p1-rtn-w4", {
+        "quantization.bits": 3, "quantization.group_size": 64,
+        "quantization.overrides": EVEN_BLOCKS_2BIT, **RECONSTRUCTOR}),
+    "cvxq-reconstructor-2.5bit": ("p1-cvxq-rtn-2.5bit", RECONSTRUCTOR),
+}
+
+
+def run_row(name: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+    recipe, changes = ROWS[name]
+    config = load_recipe(recipe, {**changes, "output": os.path.join(work, name),
+                                  "cluster.workers": workers, "eval.fp": fp})
+    start = time.perf_counter()
+    report = quantize(config)
+    blocks = report["blocks"]
+    row: dict[str, Any] = {
+        "row": name, "recipe": recipe, "changes": changes,
+        "perplexity": report["perplexity"]["quantized"],
+        "fp_perplexity": report["perplexity"]["fp"],
+        "wall_seconds": time.perf_counter() - start,
+        "quantize_seconds": sum(b["seconds"] for b in blocks),
+        "stage_peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
+    }
+    if "allocation" in report:
+        a = report["allocation"]
+        row["allocation"] = {k: a[k] for k in ("target_bits", "achieved_bits", "weight_bits",
+                                              "log_lambda", "sensitivity")}
+        row["allocation"]["widths"] = [u["bits"] for u in a["units"]]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "p1_cvxq.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
+    result: dict[str, Any] = {"benchmark": "p1_cvxq", "fp": None, "rows": []}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="relayquant-p1c-") as work:
+        for name in args.rows:
+            if any(r["row"] == name for r in result["rows"]) and not args.redo:
+                continue
+            row = run_row(name, work, args.workers, fp=result["fp"] is None)
+            if row["fp_perplexity"] is not None:
+                result["fp"] = row["fp_perplexity"]
+            result["rows"] = [r for r in result["rows"] if r["row"] != name] + [row]
+            write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
