@@ -308,7 +308,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         loss = loss + torch.nn.functional.mse_loss(out.float(), batch[2].float())
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"block {index}: the reconstruction loss became {loss.item()} at epoch "
+                        f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
+                        f"the reconstruction loss became {loss.item()} at epoch "
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
                         "let_lr, or train in fp32 (cluster.compute_dtype float32)")
                 assert optimizer is not None

@@ -175,6 +175,7 @@ def test_a_diverging_block_fails_with_one_clear_line(capsys, tmp_path, tiny_mode
     err = capsys.readouterr().err.strip().splitlines()
     failed = [line for line in err if line.startswith("relayquant: failed")]
     assert code == 1 and len(failed) == 1, err
-    assert "TrainingError: block 1: the reconstruction loss became nan" in failed[0]
+    assert ("TrainingError: block 2/4 (model.layers.1): the reconstruction loss became nan"
+            in failed[0])
     assert "Traceback" not in failed[0]
     assert os.path.exists(tmp_path / "out" / ".relayquant" / "blocks" / "00000.json")
