@@ -2,7 +2,7 @@
 (weights + scales + zero points): uniform W3 g64 asymmetric vs CVXQ at 3.546875 bits per weight
 (3 + 32/64 for the fp32 scales + 3/64 for the zero points), and a uniform 2/3-bit mix (even
 blocks 2-bit, odd blocks 3-bit) vs CVXQ at 3.0390625 (2.5 bits on average), each with RTN and
-with the reconstructor (OmniQuant LWC + learned rounding, the P1 CPU settings).
+with the reconstructor (OmniQuant LWC + GPTQ rounding, the P1 CPU settings).
 
     python benchmarks/p1_cvxq.py [--rows cvxq-rtn-3bit uniform-rtn-3bit ...] [--workers 1]
 
@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
 
 RECONSTRUCTOR = {"quantization.method": "omniquant", "quantization.omniquant.let": False,
-                 "quantization.omniquant.rounding": "learned",
-                 "quantization.omniquant.epochs": 1, "quantization.omniquant.lwc_lr": 0.05}
+                 "quantization.omniquant.rounding": "gptq",
+                 "quantization.omniquant.epochs": 1, "quantization.omniquant.lwc_lr": 0.05,
+                 "quantization.omniquant.lwc_init": 8.0, "quantization.gptq.act_order": True}
 EVEN_BLOCKS_2BIT = {r"re:model\.layers\.\d*[02468]\..*": {"bits": 2}}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-rtn-3bit": ("p1-rtn-w4", {"quantization.bits": 3, "quantization.group_size": 64}),
