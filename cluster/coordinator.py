@@ -285,7 +285,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             config = dataclasses.replace(config, quantization=budget.apply(
                 config.quantization, parts, allocation))
             formats = validate_schemes(parts, config.quantization, config.export.formats)
-            allocation["plot"] = budget.write_plot(config.output, allocation, parts)
+            allocation["plot"] = budget.write_plot(config.output, allocation)
         stages, group, markers, history = quantize_with_retries(plan, config, parts, model_path,
                                                                 calib, formats)
         try:

@@ -54,15 +54,16 @@ def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
 
 
 def build_units(parts: ModelParts, stats: list[dict[str, Any]],
-                quantization: QuantizationConfig) -> list[tuple[Unit, list[str]]]:
-    """Units whose linears are all quantized (a unit kept in full precision is left out)."""
+                quantization: QuantizationConfig) -> list[tuple[Unit, dict[str, Any]]]:
+    """Units whose linears are all quantized (a unit kept in full precision is left out), each
+    with its statistics entry."""
     out = []
     for s in stats:
         if any(format_for(n, quantization) is None for n in s["linears"]):
             continue
         side, per_bit = side_information(parts, s["linears"][0], quantization)
         out.append((Unit(s["name"], int(s["params"]), float(s["grad_sq"]),
-                         float(s["weight_var"]), side, per_bit), s["linears"]))
+                         float(s["weight_var"]), side, per_bit), s))
     return out
 
 
@@ -79,10 +80,11 @@ def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: Quantiza
         "log_base": 2, "choices": sorted(budget.choices),
         "count_side_info": budget.count_side_info, "objective": budget.objective.value,
         "modelled_distortion": result.distortion,
-        "units": [{"name": u.name, "bits": b, "params": u.params, "linears": linears,
+        "units": [{"name": u.name, "bits": b, "params": u.params, "linears": s["linears"],
+                   "block": s["block"], "kind": s["kind"],
                    "grad_sq": u.grad_sq, "weight_var": u.weight_var,
                    "side_bits": u.side_bits + u.side_per_bit * b}
-                  for (u, linears), b in zip(units, result.bits, strict=True)],
+                  for (u, s), b in zip(units, result.bits, strict=True)],
     }
 
 
@@ -99,14 +101,10 @@ def apply(quantization: QuantizationConfig, parts: ModelParts, allocation: dict[
     return dataclasses.replace(quantization, overrides=overrides)
 
 
-def write_plot(output: str, allocation: dict[str, Any], parts: ModelParts) -> str:
-    kinds = {"+".join(n.split(".")[-1] for n in g): i
-             for i, g in enumerate(parts.adapter.fused_groups)}
+def write_plot(output: str, allocation: dict[str, Any]) -> str:
     units = allocation["units"]
-    png = bars_png([u["bits"] for u in units],
-                   [kinds.get(u["name"].rsplit(".", 1)[-1], 0) for u in units],
-                   [int(u["name"].split(".")[len(parts.adapter.blocks.split("."))])
-                    for u in units], top=max(allocation["choices"]))
+    png = bars_png([u["bits"] for u in units], [u["kind"] for u in units],
+                   [u["block"] for u in units], top=max(allocation["choices"]))
     path = storage.join(output, "allocation.png")
     storage.write_bytes(path, png)
     return path

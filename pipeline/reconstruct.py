@@ -100,9 +100,9 @@ def quantized_names(formats: dict[str, AffineFormat | None]) -> list[str]:
 
 @torch.no_grad()
 def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in: list[Any],
-                     store: ChunkStore, abits: int) -> dict[str, Hessian]:
+                     store: ChunkStore, abits: int) -> dict[str, torch.Tensor]:
     """Each named linear's Hessian from the quantized stream through `block` as it is now. The
-    consumers of one norm read the same input and share one Hessian."""
+    consumers of one norm read the same input and share one Hessian (one tensor)."""
     shared: dict[str, str] = {}
     for _norm, consumers in parts.adapter.norm_to_linears:
         group = [n for n in consumers if n in names]
@@ -116,7 +116,8 @@ def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in
     with activation_quant(block, names, abits), input_hooks(block, watched, visit):
         for h in q_in:
             run_block(parts, block, store.get(h).to(parts.device))
-    return {n: hessians[shared.get(n, n)] for n in names}
+    values = {n: h.value() for n, h in hessians.items()}
+    return {n: values[shared.get(n, n)] for n in names}
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
         fmt = formats[name]
         assert fmt is not None
         weight = block.get_parameter(f"{name}.weight")
-        result = gptq_quantize(weight, hessians[name].value(), fmt,
+        result = gptq_quantize(weight, hessians[name], fmt,
                                damp=cfg.damp, block_size=cfg.block_size,
                                act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
         weight.copy_(result.weight)
@@ -238,7 +239,7 @@ class BlockQuantizer(nn.Module):
 
     @torch.no_grad()
     def fold_(self, block: nn.Module, dtypes: dict[str, torch.dtype],
-              hessians: Callable[[], dict[str, Hessian]] | None = None,
+              hessians: Callable[[], dict[str, torch.Tensor]] | None = None,
               gptq: GPTQConfig | None = None) -> dict[str, QuantizedLinear]:
         """Write the transformed, quantized tensors into `block`; return the linears' codes.
         With `hessians`, the rounding onto the learned grid is GPTQ's."""
@@ -252,7 +253,7 @@ class BlockQuantizer(nn.Module):
             clip = self.clip(n)
             fake, codes, qparams = clip.export(weight, dtypes[f"{n}.weight"])
             if h is not None and gptq is not None:
-                result = gptq_quantize(weight, h[n].value(), clip.fmt, damp=gptq.damp,
+                result = gptq_quantize(weight, h[n], clip.fmt, damp=gptq.damp,
                                        block_size=gptq.block_size, act_order=gptq.act_order,
                                        scale_dtype=dtypes[f"{n}.weight"], qparams=qparams)
                 fake, codes = result.weight, result.codes
@@ -262,16 +263,22 @@ class BlockQuantizer(nn.Module):
         return out
 
 
+def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Tensor] | None,
+               batch: list[torch.Tensor]) -> torch.Tensor:
+    """MSE of the block on batch[0] against the FP target batch[1] (+ batch[2], aug_loss)."""
+    out = run_block(parts, block, batch[0].float(), tensors).float()
+    loss = torch.nn.functional.mse_loss(out, batch[1].float())
+    if len(batch) > 2:
+        loss = loss + torch.nn.functional.mse_loss(out, batch[2].float())
+    return loss
+
+
 @torch.no_grad()
 def probe_loss(parts: ModelParts, block: nn.Module,
                tensors: Callable[[], dict[str, torch.Tensor]] | None,
                batch: list[torch.Tensor]) -> float:
     """The training loss on a few windows, without training (before and after)."""
-    out = run_block(parts, block, batch[0].float(), tensors() if tensors else None)
-    loss = torch.nn.functional.mse_loss(out.float(), batch[1].float())
-    if len(batch) > 2:
-        loss = loss + torch.nn.functional.mse_loss(out.float(), batch[2].float())
-    return loss.item()
+    return block_loss(parts, block, tensors() if tensors else None, batch).item()
 
 
 def train_block(parts: ModelParts, index: int, block: nn.Module,
@@ -300,12 +307,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         for epoch in range(cfg.epochs if optimizer is not None else 0):
             total, steps = 0.0, 0
             for batch in Batches(streams, store, cfg.batch_size, parts.device):
-                x, target = batch[0], batch[1]
                 with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    out = run_block(parts, block, x.float(), model.tensors())
-                    loss = torch.nn.functional.mse_loss(out.float(), target.float())
-                    if len(batch) > 2:
-                        loss = loss + torch.nn.functional.mse_loss(out.float(), batch[2].float())
+                    loss = block_loss(parts, block, model.tensors(), batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
@@ -334,7 +337,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                      epoch_losses[-1], time.perf_counter() - start)
     hessians = None
     if cfg.rounding is Rounding.GPTQ:
-        def hessians() -> dict[str, Hessian]:
+        def hessians() -> dict[str, torch.Tensor]:
             return collect_hessians(parts, block, names, q_in, store, quantization.abits)
     linears = model.fold_(block, dtypes, hessians, quantization.gptq)
     with activation_quant(block, names, quantization.abits):

@@ -138,7 +138,7 @@ def unit_statistics(parts: ModelParts, linear_stats: dict[str, dict[str, float]]
     units = []
     for i in range(parts.num_blocks):
         path = parts.block_path(i)
-        for group in parts.adapter.fused_groups:
+        for kind, group in enumerate(parts.adapter.fused_groups):
             members = [linear_stats[f"{path}.{n}"] for n in group]
             params = sum(int(m["params"]) for m in members)
             chunks = members[0]["chunks"]
@@ -146,7 +146,8 @@ def unit_statistics(parts: ModelParts, linear_stats: dict[str, dict[str, float]]
             var = sum(m["weight_sq_sum"] for m in members) / params - mean * mean
             units.append({
                 "name": f"{path}.{'+'.join(n.split('.')[-1] for n in group)}",
-                "linears": [f"{path}.{n}" for n in group], "block": i, "params": params,
+                "linears": [f"{path}.{n}" for n in group], "block": i, "kind": kind,
+                "params": params,
                 "grad_sq": sum(m["grad_sq_sum"] for m in members) / (params * chunks),
                 "weight_var": max(var, 0.0)})
     return units

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,8 +107,8 @@ def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_fil
     assert uniform - 0.1 <= alloc["achieved_bits"] <= uniform + 1e-9  # 16 units: coarse steps
     assert alloc["sensitivity"]["relative_to_forward"] > 1
     bits = {lin: u["bits"] for u in alloc["units"] for lin in u["linears"]}
-    markers = [json.loads(open(os.path.join(out, ".relayquant", "blocks", f)).read())
-               for f in sorted(os.listdir(os.path.join(out, ".relayquant", "blocks")))]
+    folder = Path(out) / ".relayquant" / "blocks"
+    markers = [json.loads(f.read_text()) for f in sorted(folder.iterdir())]
     for marker in markers:
         for linear, scheme in marker["schemes"].items():
             assert scheme[0] == bits[linear], linear

@@ -193,17 +193,6 @@ class EquivalentTransform(nn.Module):
                 t[f"{k}.bias"] = t[f"{k}.bias"] * s
         return t
 
-    def touched(self) -> list[str]:
-        """The tensor names `transform` may change."""
-        out = []
-        for norm, linears, use_shift in self.groups:
-            out += [f"{norm}.weight", f"{norm}.bias"]
-            out += [f"{n}.{p}" for n in linears for p in ("weight", "bias")]
-        for pair in ((self.adapter.value_out if self.value_out else ()),
-                     (self.adapter.query_key if self.query_key else ())):
-            out += [f"{n}.{p}" for n in pair for p in ("weight", "bias")]
-        return out
-
 
 def _key(module_path: str) -> str:
     return module_path.replace(".", "__")
