@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if os.path.exists(args.out):
         with open(args.out) as f:
             result = json.load(f)
+    earlier = os.path.join(RESULTS, "p1_reconstruct.json")
+    if result["fp"] is None and os.path.exists(earlier):
+        # The FP perplexity does not depend on the row: reuse the one p1_reconstruct measured
+        # with the same evaluator (saves one 292-window eval).
+        with open(earlier) as f:
+            result["fp"] = json.load(f).get("fp")
+        result["fp_source"] = "p1_reconstruct.json"
     with tempfile.TemporaryDirectory(prefix="relayquant-p1c-") as work:
         for name in args.rows:
             if any(r["row"] == name for r in result["rows"]) and not args.redo:
