@@ -46,6 +46,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                      "quantization.omniquant.rounding": "gptq"}),
     "omniquant_lwc_learned": ("p1-omniquant-{scheme}", {
         "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned"}),
+    # LWC + learned rounding on AutoRound's schedule: sign gradients, learning rates decayed
+    # linearly, 8 windows per step, 3 epochs (48 steps ~ AutoRound's 50 iterations of 8), the
+    # best step's parameters kept
+    "omniquant_lwc_signround": ("p1-omniquant-{scheme}", {
+        "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned",
+        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 8,
+        "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
 }
 
 

@@ -160,6 +160,7 @@ def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
         inputs.append(stream)
         for i in range(a, b):
             stream = ray.get(actor.forward_block.remote(model_path, i, stream))
+            _progress("sensitivity forward", i + 1, stages.plan.num_blocks, start)
     forward = time.perf_counter() - start
     last = stages.actors[-1]
     directions = (ray.get(last.pca.remote(model_path, stream, budget.pca_dims))
@@ -168,6 +169,9 @@ def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
                                                 directions, budget.seed))
     stats: dict[str, dict[str, float]] = {}
     for s in reversed(range(len(stages.actors))):
+        a, b = stages.plan.stages[s]
+        log.info("sensitivity: backward through stage %d (blocks %d-%d), %.1fs elapsed", s, a,
+                 b - 1, time.perf_counter() - start)
         grads, part = ray.get(stages.actors[s].backward.remote(
             model_path, stages.plan.stages[s], inputs[s], grads, s > 0))
         stats.update(part)

@@ -29,6 +29,12 @@ class Rounding(str, enum.Enum):
     LEARNED = "learned"
 
 
+class Optimizer(str, enum.Enum):
+    ADAMW = "adamw"  # the reference's (OmniQuant), constant learning rates
+    # AutoRound's: p -= lr * sign(grad), the learning rates decayed linearly to 0 over the run
+    SIGNSGD = "signsgd"
+
+
 class ExportFormat(str, enum.Enum):
     COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
     GPTQ = "gptq"  # OUTPUT/gptq/
@@ -102,6 +108,10 @@ class OmniQuantConfig:
     # in [-0.5, 0.5] trained with the other parameters on the block loss, as AutoRound does)
     rounding: Rounding = Rounding.NEAREST
     round_lr: float = 5e-3
+    optimizer: Optimizer = Optimizer.ADAMW
+    # keep the parameters of the step with the lowest training loss instead of the last ones
+    # (AutoRound's rule; the loss of a step is that of the parameters before its update)
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         where = "quantization.omniquant"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
+from pipeline.config import GPTQConfig, OmniQuantConfig, Optimizer, QuantizationConfig, Rounding
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.methods.gptq import Hessian, gptq_quantize
@@ -179,6 +179,31 @@ class Batches:
             yield [torch.cat(p).to(self.device) for p in pending]
 
 
+class SignSGD(torch.optim.Optimizer):
+    """p <- p - lr * sign(grad) (AutoRound's optimizer)."""
+
+    def __init__(self, params: Any, lr: float = 5e-3):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: OmniQuantConfig, steps: Callable[[], int]
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The configured optimizer over the parameter groups, and its learning-rate schedule
+    (signsgd: linear decay to 0 over the `steps()` optimizer steps of the run)."""
+    if cfg.optimizer is Optimizer.ADAMW:
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), None
+    optimizer = SignSGD(groups)
+    total = max(steps(), 1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)
+
+
 def use_amp(device: str, formats: dict[str, AffineFormat | None], abits: int) -> bool:
     """fp16 autocast with loss scaling on CUDA, except where 8-bit fake-quant overflows fp16
     gradients (the reference's rule: 8 <= bits < 16 trains in fp32)."""
@@ -296,7 +321,12 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     learnable = [p for g in groups for p in g["params"]]
     amp = use_amp(parts.device, formats, quantization.abits)
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
+    def total_steps() -> int:
+        windows = sum(int(store.get(h).shape[0]) for h in q_in)
+        return cfg.epochs * math.ceil(windows / cfg.batch_size)
+
+    optimizer, schedule = make_optimizer(groups, cfg, total_steps) if groups else (None, None)
+    best: tuple[float, list[torch.Tensor]] | None = None
     streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
     names = model.names
     epoch_losses: list[float] = []
@@ -316,6 +346,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
                         "let_lr, or train in fp32 (cluster.compute_dtype float32)")
                 assert optimizer is not None
+                if cfg.keep_best and (best is None or loss.item() < best[0]):
+                    best = (loss.item(), [p.detach().clone() for p in learnable])
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -329,12 +361,18 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                     scaler.update()
                 else:
                     optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 model.after_step()
                 total += loss.item()
                 steps += 1
             epoch_losses.append(total / max(steps, 1))
             log.info("block %d: epoch %d/%d, loss %.4e, %.1fs", index + 1, epoch + 1, cfg.epochs,
                      epoch_losses[-1], time.perf_counter() - start)
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(learnable, best[1], strict=True):
+                p.copy_(kept)
     hessians = None
     if cfg.rounding is Rounding.GPTQ:
         def hessians() -> dict[str, torch.Tensor]:
@@ -344,6 +382,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         loss_after = probe_loss(parts, block, None, probe)
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
+                               **({"best_train_loss": best[0]} if best is not None else {}),
                                "epochs": len(epoch_losses), "amp": amp,
                                "loss_before": loss_before, "loss_after": loss_after,
                                "loss_windows": int(probe[0].shape[0])}

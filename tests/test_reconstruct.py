@@ -301,3 +301,43 @@ def test_learned_rounding_lowers_the_block_error(tiny_model):
         errors[rounding] = block_pass.quantize_block(
             parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store).metrics["output_mse"]
     assert errors["learned"] < errors["nearest"]
+
+
+def test_signsgd_steps_by_the_sign_with_a_linear_decay():
+    from pipeline.config import OmniQuantConfig, Optimizer
+    from pipeline.reconstruct import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = OmniQuantConfig(optimizer=Optimizer.SIGNSGD)
+    optimizer, schedule = make_optimizer([{"params": [p], "lr": 0.1}], cfg, lambda: 4)
+    for _ in range(4):
+        p.grad = torch.tensor([2.0, -0.001, 0.0])
+        optimizer.step()
+        schedule.step()
+    # lr 0.1, 0.075, 0.05, 0.025: the gradient's size does not matter, only its sign
+    assert torch.allclose(p.detach(), torch.tensor([-0.25, 0.25, 0.0]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_keep_best_restores_the_lowest_loss_parameters(tiny_model):
+    """With a learning rate far too high the last step's parameters are bad; keep_best keeps
+    the best step's (here the untrained start), so the block is no worse than RTN."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    mse = {}
+    for keep in (False, True):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 2, "batch_size": 2, "rounding": "learned",
+                                    "lwc_lr": 5.0, "round_lr": 5.0, "keep_best": keep,
+                                    "optimizer": "signsgd", "lwc_init": 2.0})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        mse[keep] = r.metrics
+    assert "best_train_loss" in mse[True] and "best_train_loss" not in mse[False]
+    assert mse[True]["output_mse"] < mse[False]["output_mse"]
+    assert mse[True]["loss_after"] <= mse[True]["loss_before"] * 1.05
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.optimizer.*adamw.*signsgd"):
+        quantization(method="omniquant", omniquant={"optimizer": "sgd"})
