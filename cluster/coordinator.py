@@ -307,6 +307,12 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                          for m in markers]}
     if allocation is not None:
         report["allocation"] = allocation
+    if config.quantization.bias_correction:
+        corrected = sum(m["metrics"].get("bias_corrected", 0) for m in markers)
+        report["bias_correction"] = {"linears": corrected}
+        if not corrected:
+            log.warning("quantization.bias_correction: no quantized linear of this model has a "
+                        "bias in the checkpoint, so nothing was corrected")
     if config.quantization.abits < 16:
         report["activation_quantization"] = {
             "abits": config.quantization.abits, "kind": "per-token dynamic asymmetric fake-quant",

@@ -136,6 +136,34 @@ def quantize_linears_(block: torch.nn.Module, formats: dict[str, AffineFormat | 
     return out
 
 
+@torch.no_grad()
+def correct_biases_(parts: ModelParts, block: torch.nn.Module,
+                    original: dict[str, torch.Tensor], q_in: list[Any], store: ChunkStore,
+                    abits: int) -> int:
+    """b <- b - (W_q - W) E[x] for the linears in `original` (name -> weight before
+    quantization), E[x] over the quantized stream through the quantized block; returns how many
+    were corrected."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def visit(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + x.sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    names = list(original)
+    with input_hooks(block, names, visit), activation_quant(block, names, abits):
+        for h in q_in:
+            _run(parts, block, store, h)
+    for name, weight in original.items():
+        quantized = block.get_parameter(f"{name}.weight")
+        bias = block.get_parameter(f"{name}.bias")
+        mean = (sums[name] / counts[name]).to(weight.device)
+        shift = (quantized.double() - weight.double()) @ mean
+        bias.sub_(shift.to(bias.dtype))
+    return len(original)
+
+
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
                    quantization: QuantizationConfig, layouts: list[ExportFormat],
                    store: ChunkStore, grad_sync: GradSync | None = None) -> BlockResult:
@@ -158,6 +186,9 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             fp_out.append(store.put(_run(parts, block, store, h)))
             private = max(private, private_bytes())
     metrics: dict[str, Any] = {"index": index}
+    original = ({n: block.get_parameter(f"{n}.weight").detach().clone() for n in names
+                 if block.get_submodule(n).bias is not None}
+                if quantization.bias_correction else {})
     if method is Method.RTN:
         linears = quantize_linears_(block, formats, dtypes)
     elif method is Method.GPTQ:
@@ -172,6 +203,9 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
                                      quantization, store, dtypes, grad_sync)
         metrics.update(extra)
     private = max(private, private_bytes())
+    if quantization.bias_correction:
+        metrics["bias_corrected"] = correct_biases_(parts, block, original, q_in, store,
+                                                    quantization.abits)
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     with torch.no_grad(), activation_quant(block, names, quantization.abits):
         for hq, hf in zip(q_in, fp_out, strict=True):

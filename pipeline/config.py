@@ -170,6 +170,12 @@ class QuantizationConfig:
     # activation bits: 16 = weight-only; 4-8 = per-token dynamic fake-quant of every quantized
     # linear's input (accuracy path only: such models are not exported with their activations)
     abits: int = 16
+    # CVXQ's bias correction after quantizing a block: b <- b - (W_q - W) E[x], E[x] the mean
+    # input of the linear over the quantized stream through the quantized block. Only linears
+    # that have a bias in the checkpoint (OPT; Qwen2's q/k/v; ...) are corrected: adding a
+    # bias would change the architecture the export declares. Not with omniquant.let (the
+    # transform changes the linear's input basis).
+    bias_correction: bool = False
     gptq: GPTQConfig = dataclasses.field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = dataclasses.field(default_factory=OmniQuantConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
@@ -195,6 +201,10 @@ class QuantizationConfig:
                      f"{where}.group_size: {group!r}; use a positive integer or null")
             _require(isinstance(change.get("symmetric", False), bool),
                      f"{where}.symmetric: expected true or false")
+        _require(not (self.bias_correction and self.method is Method.OMNIQUANT
+                      and self.omniquant.let),
+                 "quantization.bias_correction: not available with quantization.omniquant.let "
+                 "true (the transform changes every linear's input basis); set one of them false")
         _require(2 <= self.bits <= 8,
                  f"quantization.bits: {self.bits} is not allowed; choose an integer from 2 to 8")
         _require(self.group_size is None or self.group_size >= 1,

@@ -29,7 +29,7 @@ def test_round_trip():
 
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
-                                          "abits, bits, budget, gptq, group_size, method, "
+                                          "abits, bias_correction, bits, budget, gptq, group_size, method, "
                                           "omniquant, overrides, symmetric"):
         build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
     with pytest.raises(ConfigError, match="^colour: unknown key"):

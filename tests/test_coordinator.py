@@ -184,3 +184,29 @@ def _plain(config):
     from pipeline.config import config_to_dict
 
     return config_to_dict(config)
+
+
+def test_bias_correction_end_to_end(tiny_model, corpus_files, tmp_path):
+    """OPT with bias correction on 2 workers: every quantized linear corrected, the export
+    loads in transformers with the corrected biases and scores what the report says."""
+    from pipeline.calibration import eval_windows_for
+
+    model = tiny_model("opt")
+    out = str(tmp_path / "out")
+    base = run_config(model, out, *corpus_files, workers=2, bits=3)
+    config = build_config(RunConfig, {**_plain(base), "quantization": {
+        **_plain(base)["quantization"], "bias_correction": True}})
+    report = quantize(config)
+    blocks = len(report["blocks"])
+    assert report["bias_correction"]["linears"] == 6 * blocks
+    windows = eval_windows_for(model, config.eval)
+    assert report["perplexity"]["quantized"] == pytest.approx(
+        transformers_perplexity(out, windows), rel=1e-4)
+    original, exported = {}, {}
+    for folder, tensors in ((model, original), (out, exported)):
+        for name in os.listdir(folder):
+            if name.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(folder, name)))
+    changed = [k for k in exported if k.endswith("fc2.bias") and k in original
+               and not torch.equal(exported[k], original[k])]
+    assert changed
