@@ -108,6 +108,9 @@ class OmniQuantConfig:
     # in [-0.5, 0.5] trained with the other parameters on the block loss, as AutoRound does)
     rounding: Rounding = Rounding.NEAREST
     round_lr: float = 5e-3
+    # where learned rounding starts: nearest (offsets 0, AutoRound's) or gptq (offsets that
+    # reproduce GPTQ's codes on the initial grid, Hessians from the quantized stream)
+    round_init: str = "nearest"
     optimizer: Optimizer = Optimizer.ADAMW
     # keep the parameters of the step with the lowest training loss instead of the last ones
     # (AutoRound's rule; the loss of a step is that of the parameters before its update)
@@ -123,6 +126,11 @@ class OmniQuantConfig:
         for name in ("lwc_lr", "let_lr", "round_lr"):
             value = getattr(self, name)
             _require(value > 0, f"{where}.{name}: {value}; must be > 0")
+        _require(self.round_init in ("nearest", "gptq"),
+                 f"{where}.round_init: {self.round_init!r} is not allowed; choose nearest or gptq")
+        _require(self.round_init == "nearest" or (self.rounding is Rounding.LEARNED
+                                                  and not self.let),
+                 f"{where}.round_init: gptq needs rounding: learned and let: false")
         _require(self.weight_decay >= 0,
                  f"{where}.weight_decay: {self.weight_decay}; must be >= 0")
         _require(0 <= self.alpha <= 1, f"{where}.alpha: {self.alpha}; must be in [0, 1]")

@@ -247,6 +247,24 @@ class BlockQuantizer(nn.Module):
             out.append({"params": offsets, "lr": cfg.round_lr})
         return out
 
+    @torch.no_grad()
+    def start_rounding_at_gptq_(self, hessians: dict[str, torch.Tensor], gptq: GPTQConfig,
+                                dtypes: dict[str, torch.dtype]) -> int:
+        """Learned offsets that reproduce GPTQ's codes on the initial (untrained) grid; returns
+        how many codes lie beyond the offsets' [-0.5, 0.5] reach."""
+        t = self.transformed()
+        unreached = 0
+        for n in self.names:
+            clip = self.clip(n)
+            weight = t[f"{n}.weight"].float()
+            scale, zero = clip.qparams(weight)
+            qparams = QuantParams(scale.to(dtypes[f"{n}.weight"]).float(), zero.float())
+            result = gptq_quantize(weight, hessians[n], clip.fmt, damp=gptq.damp,
+                                   block_size=gptq.block_size, act_order=gptq.act_order,
+                                   scale_dtype=dtypes[f"{n}.weight"], qparams=qparams)
+            unreached += clip.start_rounding_at_(weight, result.codes)
+        return unreached
+
     def after_step(self) -> None:
         for name in self.names:
             self.clip(name).clamp_offset_()
@@ -332,6 +350,11 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     epoch_losses: list[float] = []
     start = time.perf_counter()
     probe = next(iter(Batches(streams, store, 16, parts.device)))
+    unreached = None
+    if cfg.rounding is Rounding.LEARNED and cfg.round_init == "gptq":
+        unreached = model.start_rounding_at_gptq_(
+            collect_hessians(parts, block, names, q_in, store, quantization.abits),
+            quantization.gptq, dtypes)
     with activation_quant(block, names, quantization.abits):
         loss_before = probe_loss(parts, block, model.tensors, probe)
         for epoch in range(cfg.epochs if optimizer is not None else 0):
@@ -383,6 +406,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
                                **({"best_train_loss": best[0]} if best is not None else {}),
+                               **({"round_init_unreached": unreached}
+                                  if unreached is not None else {}),
                                "epochs": len(epoch_losses), "amp": amp,
                                "loss_before": loss_before, "loss_after": loss_after,
                                "loss_windows": int(probe[0].shape[0])}

@@ -386,3 +386,35 @@ def test_bias_correction_restores_the_mean_output(tiny_model, method):
 def test_bias_correction_is_refused_with_let():
     with pytest.raises(ConfigError, match=r"quantization.bias_correction.*omniquant.let"):
         quantization(method="omniquant", bias_correction=True, omniquant={"let": True})
+
+
+def test_learned_rounding_can_start_at_gptq_codes(tiny_model):
+    """round_init gptq, before any training, exports GPTQ's codes on the same grid (except the
+    few beyond the offsets' reach, which are counted)."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    out = {}
+    for name, omni in {"gptq": {"rounding": "gptq"},
+                       "learned": {"rounding": "learned", "round_init": "gptq"},
+                       "nearest": {"rounding": "learned"}}.items():
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 0, **omni})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        out[name] = (r.exports[ExportFormat.COMPRESSED_TENSORS], r.metrics)
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    def codes(export):
+        return torch.cat([unpack_from_int32(t, 3, torch.Size(export[n.replace(
+            "weight_packed", "weight_shape")].tolist())).flatten()
+            for n, t in sorted(export.items()) if n.endswith("weight_packed")])
+
+    reference = codes(out["gptq"][0])
+    assert (codes(out["nearest"][0]) != reference).sum() > 0
+    # exactly the codes the offsets cannot reach differ from GPTQ's
+    unreached = out["learned"][1]["round_init_unreached"]
+    assert (codes(out["learned"][0]) != reference).sum() == unreached
+    assert 0 <= unreached < 0.1 * reference.numel()
+    assert out["learned"][1]["output_mse"] < out["nearest"][1]["output_mse"]
+    with pytest.raises(ConfigError, match="round_init: gptq needs rounding: learned"):
+        quantization(method="omniquant", omniquant={"round_init": "gptq"})

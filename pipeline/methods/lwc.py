@@ -43,6 +43,21 @@ class ClippingFactors(nn.Module):
             y = y + self.offset.reshape(y.shape)
         return y
 
+    @torch.no_grad()
+    def start_rounding_at_(self, weight: torch.Tensor, codes: torch.Tensor) -> int:
+        """Set the learned offset so that the current grid rounds `weight` to `codes` (e.g.
+        GPTQ's), as far as [-0.5, 0.5] allows; returns how many codes it could not reach."""
+        assert self.offset is not None
+        scale, zero = self.qparams(weight)
+        out_features = weight.shape[0]
+        x = weight.reshape(out_features, scale.shape[1], -1)
+        q = codes.reshape(x.shape).to(x.dtype)
+        self.offset.copy_((q - zero.unsqueeze(-1) - x / scale.unsqueeze(-1))
+                          .clamp(-0.5, 0.5).reshape(self.offset.shape))
+        reached = (torch.round(self._grid(x, scale)) + zero.unsqueeze(-1)).clamp(
+            self.fmt.qmin, self.fmt.qmax)
+        return int((reached != q).sum())
+
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point), each [out, groups]; scale carries the gradient."""
         fmt = self.fmt
