@@ -339,6 +339,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     learnable = [p for g in groups for p in g["params"]]
     amp = use_amp(parts.device, formats, quantization.abits)
     scaler = torch.amp.GradScaler("cuda") if amp else None
+
     def total_steps() -> int:
         windows = sum(int(store.get(h).shape[0]) for h in q_in)
         return cfg.epochs * math.ceil(windows / cfg.batch_size)
