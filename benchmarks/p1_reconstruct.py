@@ -47,11 +47,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "omniquant_lwc_learned": ("p1-omniquant-{scheme}", {
         "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned"}),
     # LWC + learned rounding on AutoRound's schedule: sign gradients, learning rates decayed
-    # linearly, 8 windows per step, 3 epochs (48 steps ~ AutoRound's 50 iterations of 8), the
-    # best step's parameters kept
+    # linearly, the best step's parameters kept; 3 epochs of 2 windows per step (192 steps, as
+    # many window passes as AutoRound's 50 iterations of 8 and about its default step count:
+    # smaller batches won on P1's block 12, benchmarks/block_probe.py)
     "omniquant_lwc_signround": ("p1-omniquant-{scheme}", {
         "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned",
-        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 8,
+        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
         "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
 }
 
