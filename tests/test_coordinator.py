@@ -55,7 +55,9 @@ def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, 
     fmt = AffineFormat(3, 16, False)
     ref = reference_weights(model, fmt)
     shards = {}
-    for workers in (1, 2, 3):
+    # every architecture on 1 and 3 stages, Llama also on 2 (test time; OPT runs 2 stages below)
+    counts = (1, 2, 3) if arch == "llama" else (1, 3)
+    for workers in counts:
         out = str(tmp_path / f"w{workers}")
         report = quantize(run_config(model, out, *corpus_files, workers, bits=3,
                                      eval_enabled=False,
@@ -68,7 +70,7 @@ def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, 
         assert len(report["plan"]["stages"]) == workers
         assert sorted({b["worker"] for b in report["blocks"]}) == list(range(workers))
         shards[workers] = [b["sha256"] for b in report["blocks"]]
-    assert shards[1] == shards[2] == shards[3]  # packed shards byte-identical too
+    assert all(shards[w] == shards[1] for w in counts)  # packed shards byte-identical too
 
 
 @torch.no_grad()
