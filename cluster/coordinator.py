@@ -189,6 +189,12 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
     if storage.exists(path):
         log.info("allocation: reusing the one saved by an earlier attempt")
         return storage.read_json(path)
+    if config.quantization.budget.allocation_from is not None:
+        allocation = budget.load_allocation(parts, config.quantization)
+        log.info("allocation: reusing %s (achieved %.4f bits per weight, no sensitivity pass)",
+                 config.quantization.budget.allocation_from, allocation["achieved_bits"])
+        storage.write_json(path, allocation)
+        return allocation
     stages, group = start_stages(plan, config.cluster)
     try:
         stats, timing = sensitivity_pass(stages, model_path, calib, config.quantization.budget)
@@ -277,6 +283,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     formats = validate_schemes(parts, config.quantization, config.export.formats)
     if config.quantization.budget.average_bits is not None:
         budget.check_feasible(parts, config.quantization)
+        if config.quantization.budget.allocation_from is not None:
+            budget.load_allocation(parts, config.quantization)  # refuse a bad one before work
     plan = make_plan(parts, model_path, config.cluster.workers)
     calib = calibration.calibration_windows_for(model_path, config.calibration)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled

@@ -88,6 +88,41 @@ def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: Quantiza
     }
 
 
+def load_allocation(parts: ModelParts, quantization: QuantizationConfig) -> dict[str, Any]:
+    """The allocation saved by an earlier run (`budget.allocation_from`), checked against this
+    model and budget: the same units (every quantized linear, once) and the same target."""
+    b = quantization.budget
+    where = "quantization.budget.allocation_from"
+    assert b.allocation_from is not None
+    if not storage.exists(b.allocation_from):
+        raise ConfigError(f"{where}: {b.allocation_from!r} does not exist")
+    data = storage.read_json(b.allocation_from)
+    data = data.get("allocation", data) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise ConfigError(f"{where}: {b.allocation_from!r} holds no allocation (expected a "
+                          "report.json with an allocation, or an allocation.json)")
+    if abs(float(data.get("target_bits", -1)) - float(b.average_bits or 0)) > 1e-9:
+        raise ConfigError(f"{where}: the saved allocation was solved for "
+                          f"{data.get('target_bits')} bits, quantization.budget.average_bits "
+                          f"is {b.average_bits}")
+    bad = sorted({u.get("bits") for u in data["units"]} - set(b.choices), key=str)
+    if bad:
+        raise ConfigError(f"{where}: the saved allocation uses widths {bad} outside "
+                          f"quantization.budget.choices {b.choices}")
+    expected = sorted(linear for i in range(parts.num_blocks)
+                      for linear in (f"{parts.block_path(i)}.{n}" for n in parts.adapter.linears)
+                      if format_for(linear, quantization) is not None)
+    saved = sorted(n for u in data["units"] for n in u.get("linears", []))
+    if saved != expected:
+        missing = sorted(set(expected) - set(saved))[:3]
+        extra = sorted(set(saved) - set(expected))[:3]
+        raise ConfigError(f"{where}: the saved allocation does not cover this model's quantized "
+                          f"linears exactly (missing {missing}, unknown {extra})")
+    data = {k: v for k, v in data.items() if k != "plot"}
+    data["reused_from"] = b.allocation_from
+    return data
+
+
 def apply(quantization: QuantizationConfig, parts: ModelParts, allocation: dict[str, Any]
           ) -> QuantizationConfig:
     """The same config with every allocated linear's width set by an exact-name override."""

@@ -119,6 +119,36 @@ def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_fil
     again = quantize(config)
     assert again["allocation"]["units"] == alloc["units"]
     assert again["resumed_blocks"] == list(range(4))
+    # another run (another method) reuses the allocation from the first one's report
+    other = str(tmp_path / "other")
+    reuse = build_config(RunConfig, {**config_to_dict(config), "output": other, "quantization": {
+        **config_to_dict(config)["quantization"], "method": "gptq",
+        "budget": {**config_to_dict(config)["quantization"]["budget"],
+                   "allocation_from": os.path.join(out, "report.json")}}})
+    third = quantize(reuse)
+    assert third["allocation"]["units"] == alloc["units"]
+    assert third["allocation"]["reused_from"] == os.path.join(out, "report.json")
+    folder = Path(other) / ".relayquant" / "blocks"
+    for marker in (json.loads(f.read_text()) for f in sorted(folder.iterdir())):
+        for linear, scheme in marker["schemes"].items():
+            assert scheme[0] == bits[linear], linear
+    # a saved allocation for another budget or another model is refused before any work
+    from pipeline.config import ConfigError
+
+    for change, message in (({"average_bits": uniform + 0.5}, "was solved for"),
+                            ({"choices": [5, 6], "count_side_info": False},
+                             "outside quantization.budget.choices")):
+        bad = build_config(RunConfig, {**config_to_dict(reuse), "output": str(tmp_path / "bad"),
+                                       "quantization": {**config_to_dict(reuse)["quantization"],
+                                       "budget": {**config_to_dict(reuse)["quantization"]["budget"],
+                                                  **change}}})
+        with pytest.raises(ConfigError, match=f"allocation_from: .*{message}"):
+            quantize(bad)
+        assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+    opt = config_for(tiny_model("opt"), str(tmp_path / "bad"), *corpus_files, 1,
+                     budget={**config_to_dict(reuse)["quantization"]["budget"]})
+    with pytest.raises(ConfigError, match="does not cover this model's quantized linears"):
+        quantize(opt)
 
 
 def test_an_infeasible_budget_is_refused_before_any_work(tiny_model, corpus_files, tmp_path):
