@@ -50,8 +50,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run_row(name: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+def run_row(name: str, work: str, workers: int, fp: bool, sensitivity_from: str | None
+            ) -> dict[str, Any]:
     recipe, changes = ROWS[name]
+    if sensitivity_from and name.startswith("cvxq"):
+        changes = {**changes, "quantization.budget.sensitivity_from": sensitivity_from}
     config = load_recipe(recipe, {**changes, "output": os.path.join(work, name),
                                   "cluster.workers": workers, "eval.fp": fp})
     start = time.perf_counter()
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--sensitivity-from", default=None,
+                        help="CVXQ rows: reuse these sensitivity statistics (a report.json or "
+                             "allocation.json, e.g. results/p1_cvxq_sensitivity_pca.json) "
+                             "instead of running the sensitivity pass")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_cvxq.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.rows:
             if any(r["row"] == name for r in result["rows"]) and not args.redo:
                 continue
-            row = run_row(name, work, args.workers, fp=result["fp"] is None)
+            row = run_row(name, work, args.workers, fp=result["fp"] is None,
+                          sensitivity_from=args.sensitivity_from)
             if row["fp_perplexity"] is not None:
                 result["fp"] = row["fp_perplexity"]
             result["rows"] = [r for r in result["rows"] if r["row"] != name] + [row]

@@ -189,25 +189,29 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
     if storage.exists(path):
         log.info("allocation: reusing the one saved by an earlier attempt")
         return storage.read_json(path)
-    if config.quantization.budget.allocation_from is not None:
-        allocation = budget.load_allocation(parts, config.quantization)
-        log.info("allocation: reusing %s (achieved %.4f bits per weight, no sensitivity pass)",
-                 config.quantization.budget.allocation_from, allocation["achieved_bits"])
-        storage.write_json(path, allocation)
-        return allocation
-    stages, group = start_stages(plan, config.cluster)
-    try:
-        stats, timing = sensitivity_pass(stages, model_path, calib, config.quantization.budget)
-    finally:
-        runtime.release(stages.actors, group)
-    allocation = budget.solve(parts, unit_statistics(parts, stats), config.quantization)
-    allocation["sensitivity"] = timing
+    source = config.quantization.budget.sensitivity_from
+    if source is not None:
+        log.info("allocation: sensitivity statistics from %s (no sensitivity pass)", source)
+        allocation = budget.solve(parts, budget.load_statistics(parts, config.quantization),
+                                  config.quantization)
+        allocation["sensitivity"] = {"reused_from": source}
+    else:
+        stages, group = start_stages(plan, config.cluster)
+        try:
+            stats, timing = sensitivity_pass(stages, model_path, calib,
+                                             config.quantization.budget)
+        finally:
+            runtime.release(stages.actors, group)
+        allocation = budget.solve(parts, unit_statistics(parts, stats), config.quantization)
+        allocation["sensitivity"] = timing
+    timing = allocation["sensitivity"]
     log.info("allocation: log2 lambda %.3f, %d units, achieved %.4f bits per weight (target "
-             "%.4f%s); sensitivity pass %.1fs = %.2f x one calibration forward pass",
-             allocation["log_lambda"], len(allocation["units"]), allocation["achieved_bits"],
-             allocation["target_bits"],
+             "%.4f%s); %s", allocation["log_lambda"], len(allocation["units"]),
+             allocation["achieved_bits"], allocation["target_bits"],
              ", side information counted" if allocation["count_side_info"] else "",
-             timing["seconds"], timing["relative_to_forward"] or 0)
+             f"sensitivity pass {timing['seconds']:.1f}s = {timing['relative_to_forward']:.2f} x "
+             "one calibration forward pass" if "seconds" in timing else
+             f"statistics from {timing['reused_from']}")
     log.info("allocation: widths %s", " ".join(str(u["bits"]) for u in allocation["units"]))
     storage.write_json(path, allocation)
     return allocation
@@ -283,8 +287,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     formats = validate_schemes(parts, config.quantization, config.export.formats)
     if config.quantization.budget.average_bits is not None:
         budget.check_feasible(parts, config.quantization)
-        if config.quantization.budget.allocation_from is not None:
-            budget.load_allocation(parts, config.quantization)  # refuse a bad one before work
+        if config.quantization.budget.sensitivity_from is not None:
+            budget.load_statistics(parts, config.quantization)  # refuse a bad one before work
     plan = make_plan(parts, model_path, config.cluster.workers)
     calib = calibration.calibration_windows_for(model_path, config.calibration)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled

@@ -88,39 +88,33 @@ def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: Quantiza
     }
 
 
-def load_allocation(parts: ModelParts, quantization: QuantizationConfig) -> dict[str, Any]:
-    """The allocation saved by an earlier run (`budget.allocation_from`), checked against this
-    model and budget: the same units (every quantized linear, once) and the same target."""
-    b = quantization.budget
-    where = "quantization.budget.allocation_from"
-    assert b.allocation_from is not None
-    if not storage.exists(b.allocation_from):
-        raise ConfigError(f"{where}: {b.allocation_from!r} does not exist")
-    data = storage.read_json(b.allocation_from)
+def load_statistics(parts: ModelParts, quantization: QuantizationConfig
+                    ) -> list[dict[str, Any]]:
+    """The per-unit sensitivity statistics saved by an earlier run (`budget.sensitivity_from`:
+    its report.json or allocation.json), checked to cover exactly this model's quantized
+    linears."""
+    where = "quantization.budget.sensitivity_from"
+    path = quantization.budget.sensitivity_from
+    assert path is not None
+    if not storage.exists(path):
+        raise ConfigError(f"{where}: {path!r} does not exist")
+    data = storage.read_json(path)
     data = data.get("allocation", data) if isinstance(data, dict) else None
-    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
-        raise ConfigError(f"{where}: {b.allocation_from!r} holds no allocation (expected a "
-                          "report.json with an allocation, or an allocation.json)")
-    if abs(float(data.get("target_bits", -1)) - float(b.average_bits or 0)) > 1e-9:
-        raise ConfigError(f"{where}: the saved allocation was solved for "
-                          f"{data.get('target_bits')} bits, quantization.budget.average_bits "
-                          f"is {b.average_bits}")
-    bad = sorted({u.get("bits") for u in data["units"]} - set(b.choices), key=str)
-    if bad:
-        raise ConfigError(f"{where}: the saved allocation uses widths {bad} outside "
-                          f"quantization.budget.choices {b.choices}")
+    keys = ("name", "linears", "params", "grad_sq", "weight_var", "block", "kind")
+    if (not isinstance(data, dict) or not isinstance(data.get("units"), list)
+            or not all(isinstance(u, dict) and all(k in u for k in keys) for u in data["units"])):
+        raise ConfigError(f"{where}: {path!r} holds no unit statistics (expected the report.json "
+                          "or .relayquant/allocation.json of a run with a budget)")
     expected = sorted(linear for i in range(parts.num_blocks)
                       for linear in (f"{parts.block_path(i)}.{n}" for n in parts.adapter.linears)
                       if format_for(linear, quantization) is not None)
-    saved = sorted(n for u in data["units"] for n in u.get("linears", []))
+    saved = sorted(n for u in data["units"] for n in u["linears"])
     if saved != expected:
         missing = sorted(set(expected) - set(saved))[:3]
         extra = sorted(set(saved) - set(expected))[:3]
-        raise ConfigError(f"{where}: the saved allocation does not cover this model's quantized "
+        raise ConfigError(f"{where}: the saved statistics do not cover this model's quantized "
                           f"linears exactly (missing {missing}, unknown {extra})")
-    data = {k: v for k, v in data.items() if k != "plot"}
-    data["reused_from"] = b.allocation_from
-    return data
+    return [{k: u[k] for k in keys} for u in data["units"]]
 
 
 def apply(quantization: QuantizationConfig, parts: ModelParts, allocation: dict[str, Any]

@@ -153,15 +153,15 @@ class BudgetConfig:
     objective: Objective = Objective.PCA
     pca_dims: int = 1024  # principal directions of the final hidden states (capped at hidden)
     seed: int = 0  # random signs of the projected objective
-    # reuse the allocation of an earlier run of the same model and budget instead of running
-    # the sensitivity pass: its report.json or .relayquant/allocation.json (path or fsspec URL)
-    allocation_from: str | None = None
+    # reuse the per-unit sensitivity statistics of an earlier run of the same model (its
+    # report.json or .relayquant/allocation.json, path or fsspec URL) instead of running the
+    # sensitivity pass; the allocation is solved again for this budget
+    sensitivity_from: str | None = None
 
     def __post_init__(self) -> None:
         where = "quantization.budget"
-        _require(self.allocation_from is None or self.average_bits is not None,
-                 f"{where}.allocation_from: needs {where}.average_bits (the budget the reused "
-                 "allocation must have been solved for)")
+        _require(self.sensitivity_from is None or self.average_bits is not None,
+                 f"{where}.sensitivity_from: needs {where}.average_bits")
         _require(bool(self.choices) and all(isinstance(c, int) and 2 <= c <= 8
                                             for c in self.choices),
                  f"{where}.choices: {self.choices}; give bit widths from 2 to 8")
