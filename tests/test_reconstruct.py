@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from block_helpers import quantization, stream
 
 from pipeline import block_pass
-from pipeline.config import ConfigError, ExportFormat, QuantizationConfig, build_config
+from pipeline.config import ConfigError, ExportFormat
 from pipeline.formats import AffineFormat
-from pipeline.formats.compressed_tensors import decompress_linear
 from pipeline.methods.gptq import Hessian, HessianError, gptq_quantize
 from pipeline.methods.let import EquivalentTransform
 from pipeline.methods.lwc import ClippingFactors
@@ -19,7 +19,6 @@ from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import run_block
 from pipeline.plan import open_model
 from pipeline.reconstruct import TrainingError, fake_quant_tokens, input_hooks, input_stats
-from pipeline.streams import MemoryStore
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,17 +153,6 @@ def test_activation_fake_quant_per_token():
     assert rel(y, x) < 0.02 and rel(fake_quant_tokens(x, 4), x) > rel(y, x)
     for t in range(5):  # each token has its own grid: at most 2^8 levels
         assert torch.unique(y[0, t]).numel() <= 256
-
-
-def quantization(**changes) -> QuantizationConfig:
-    return build_config(QuantizationConfig, changes, "quantization")
-
-
-def stream(parts, n=4, seq=32, seed=0):
-    torch.manual_seed(seed)
-    store = MemoryStore()
-    ids = torch.randint(0, parts.hf_config.vocab_size, (n, seq))
-    return store, block_pass.embed_stream(parts, [ids[:2], ids[2:]], store)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -302,119 +290,3 @@ def test_learned_rounding_lowers_the_block_error(tiny_model):
         errors[rounding] = block_pass.quantize_block(
             parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store).metrics["output_mse"]
     assert errors["learned"] < errors["nearest"]
-
-
-def test_signsgd_steps_by_the_sign_with_a_linear_decay():
-    from pipeline.config import OmniQuantConfig, Optimizer
-    from pipeline.reconstruct import make_optimizer
-
-    p = torch.nn.Parameter(torch.zeros(3))
-    cfg = OmniQuantConfig(optimizer=Optimizer.SIGNSGD)
-    optimizer, schedule = make_optimizer([{"params": [p], "lr": 0.1}], cfg, lambda: 4)
-    for _ in range(4):
-        p.grad = torch.tensor([2.0, -0.001, 0.0])
-        optimizer.step()
-        schedule.step()
-    # lr 0.1, 0.075, 0.05, 0.025: the gradient's size does not matter, only its sign
-    assert torch.allclose(p.detach(), torch.tensor([-0.25, 0.25, 0.0]))
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
-
-
-def test_keep_best_restores_the_lowest_loss_parameters(tiny_model):
-    """With a learning rate far too high the last step's parameters are bad; keep_best keeps
-    the best step's (here the untrained start), so the block is no worse than RTN."""
-    parts = open_model(tiny_model("llama"), "float32")
-    store, fp = stream(parts, n=8)
-    mse = {}
-    for keep in (False, True):
-        q = quantization(bits=3, group_size=16, method="omniquant",
-                         omniquant={"epochs": 2, "batch_size": 2, "rounding": "learned",
-                                    "lwc_lr": 5.0, "round_lr": 5.0, "keep_best": keep,
-                                    "optimizer": "signsgd", "lwc_init": 2.0})
-        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
-                                      store)
-        mse[keep] = r.metrics
-    assert "best_train_loss" in mse[True] and "best_train_loss" not in mse[False]
-    assert mse[True]["output_mse"] < mse[False]["output_mse"]
-    assert mse[True]["loss_after"] <= mse[True]["loss_before"] * 1.05
-
-
-def test_unknown_optimizer_is_refused():
-    with pytest.raises(ConfigError, match=r"quantization.omniquant.optimizer.*adamw.*signsgd"):
-        quantization(method="omniquant", omniquant={"optimizer": "sgd"})
-
-
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_bias_correction_restores_the_mean_output(tiny_model, method):
-    """OPT (biases everywhere): after correction the first linear's mean output over the
-    quantized stream equals the FP linear's on the same inputs; the block's error drops; a
-    model without biases is left alone and says so."""
-    parts = open_model(tiny_model("opt"), "float32")
-    store, fp = stream(parts, n=8)
-    results = {}
-    for correct in (False, True):
-        q = quantization(bits=3, group_size=16, method=method, bias_correction=correct)
-        results[correct] = block_pass.quantize_block(
-            parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store)
-    assert results[True].metrics["bias_corrected"] == 6  # q, k, v, out, fc1, fc2
-    assert results[True].metrics["output_mse"] < results[False].metrics["output_mse"]
-    exported = results[True].exports[ExportFormat.COMPRESSED_TENSORS]
-    block = parts.load_block(0)
-    seen = []
-    with torch.no_grad(), input_hooks(block, ["self_attn.q_proj"],
-                                      lambda _n, x: seen.append(x.reshape(-1, x.shape[-1]))):
-        for h in fp:
-            run_block(parts, block, store.get(h))
-    x = torch.cat(seen).double()
-    q_proj = block.get_submodule("self_attn.q_proj")
-    target = (x @ q_proj.weight.double().T + q_proj.bias.double()).mean(0)
-    name = "model.decoder.layers.0.self_attn.q_proj"
-    w_q = decompress_linear({k.removeprefix(f"{name}."): v for k, v in exported.items()
-                             if k.startswith(f"{name}.weight")},
-                            AffineFormat(3, 16), torch.float64)
-    corrected = (x @ w_q.T + exported[f"{name}.bias"].double()).mean(0)
-    uncorrected = (x @ w_q.T + q_proj.bias.double()).mean(0)
-    assert (corrected - target).abs().max() < 1e-5
-    assert (uncorrected - target).abs().max() > 1e-3
-    llama = open_model(tiny_model("llama"), "float32")
-    store, fp = stream(llama)
-    r = block_pass.quantize_block(llama, 0, fp, fp, quantization(bits=3, bias_correction=True),
-                                  [ExportFormat.COMPRESSED_TENSORS], store)
-    assert r.metrics["bias_corrected"] == 0
-
-
-def test_bias_correction_is_refused_with_let():
-    with pytest.raises(ConfigError, match=r"quantization.bias_correction.*omniquant.let"):
-        quantization(method="omniquant", bias_correction=True, omniquant={"let": True})
-
-
-def test_learned_rounding_can_start_at_gptq_codes(tiny_model):
-    """round_init gptq, before any training, exports GPTQ's codes on the same grid (except the
-    few beyond the offsets' reach, which are counted)."""
-    parts = open_model(tiny_model("llama"), "float32")
-    store, fp = stream(parts, n=8)
-    out = {}
-    for name, omni in {"gptq": {"rounding": "gptq"},
-                       "learned": {"rounding": "learned", "round_init": "gptq"},
-                       "nearest": {"rounding": "learned"}}.items():
-        q = quantization(bits=3, group_size=16, method="omniquant",
-                         omniquant={"epochs": 0, **omni})
-        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
-                                      store)
-        out[name] = (r.exports[ExportFormat.COMPRESSED_TENSORS], r.metrics)
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    def codes(export):
-        return torch.cat([unpack_from_int32(t, 3, torch.Size(export[n.replace(
-            "weight_packed", "weight_shape")].tolist())).flatten()
-            for n, t in sorted(export.items()) if n.endswith("weight_packed")])
-
-    reference = codes(out["gptq"][0])
-    assert (codes(out["nearest"][0]) != reference).sum() > 0
-    # exactly the codes the offsets cannot reach differ from GPTQ's
-    unreached = out["learned"][1]["round_init_unreached"]
-    assert (codes(out["learned"][0]) != reference).sum() == unreached
-    assert 0 <= unreached < 0.1 * reference.numel()
-    assert out["learned"][1]["output_mse"] < out["nearest"][1]["output_mse"]
-    with pytest.raises(ConfigError, match="round_init: gptq needs rounding: learned"):
-        quantization(method="omniquant", omniquant={"round_init": "gptq"})

@@ -1,0 +1,83 @@
+"""OmniQuant training options: AutoRound's sign-gradient optimizer, keeping the best step,
+learned rounding started at GPTQ's codes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from block_helpers import quantization, stream
+
+from pipeline import block_pass
+from pipeline.config import ConfigError, ExportFormat
+from pipeline.plan import open_model
+
+
+def test_signsgd_steps_by_the_sign_with_a_linear_decay():
+    from pipeline.config import OmniQuantConfig, Optimizer
+    from pipeline.training import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = OmniQuantConfig(optimizer=Optimizer.SIGNSGD)
+    optimizer, schedule = make_optimizer([{"params": [p], "lr": 0.1}], cfg, lambda: 4)
+    for _ in range(4):
+        p.grad = torch.tensor([2.0, -0.001, 0.0])
+        optimizer.step()
+        schedule.step()
+    # lr 0.1, 0.075, 0.05, 0.025: the gradient's size does not matter, only its sign
+    assert torch.allclose(p.detach(), torch.tensor([-0.25, 0.25, 0.0]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_keep_best_restores_the_lowest_loss_parameters(tiny_model):
+    """With a learning rate far too high the last step's parameters are bad; keep_best keeps
+    the best step's (here the untrained start), so the block is no worse than RTN."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    mse = {}
+    for keep in (False, True):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 2, "batch_size": 2, "rounding": "learned",
+                                    "lwc_lr": 5.0, "round_lr": 5.0, "keep_best": keep,
+                                    "optimizer": "signsgd", "lwc_init": 2.0})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        mse[keep] = r.metrics
+    assert "best_train_loss" in mse[True] and "best_train_loss" not in mse[False]
+    assert mse[True]["output_mse"] < mse[False]["output_mse"]
+    assert mse[True]["loss_after"] <= mse[True]["loss_before"] * 1.05
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.optimizer.*adamw.*signsgd"):
+        quantization(method="omniquant", omniquant={"optimizer": "sgd"})
+
+
+def test_learned_rounding_can_start_at_gptq_codes(tiny_model):
+    """round_init gptq, before any training, exports GPTQ's codes on the same grid (except the
+    few beyond the offsets' reach, which are counted)."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    out = {}
+    for name, omni in {"gptq": {"rounding": "gptq"},
+                       "learned": {"rounding": "learned", "round_init": "gptq"},
+                       "nearest": {"rounding": "learned"}}.items():
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 0, **omni})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store)
+        out[name] = (r.exports[ExportFormat.COMPRESSED_TENSORS], r.metrics)
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    def codes(export):
+        return torch.cat([unpack_from_int32(t, 3, torch.Size(export[n.replace(
+            "weight_packed", "weight_shape")].tolist())).flatten()
+            for n, t in sorted(export.items()) if n.endswith("weight_packed")])
+
+    reference = codes(out["gptq"][0])
+    assert (codes(out["nearest"][0]) != reference).sum() > 0
+    # exactly the codes the offsets cannot reach differ from GPTQ's
+    unreached = out["learned"][1]["round_init_unreached"]
+    assert (codes(out["learned"][0]) != reference).sum() == unreached
+    assert 0 <= unreached < 0.1 * reference.numel()
+    assert out["learned"][1]["output_mse"] < out["nearest"][1]["output_mse"]
+    with pytest.raises(ConfigError, match="round_init: gptq needs rounding: learned"):
+        quantization(method="omniquant", omniquant={"round_init": "gptq"})
