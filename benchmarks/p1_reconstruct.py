@@ -54,6 +54,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned",
         "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
         "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
+    # the same with LET (let_lr 5e-3, the default): on block 12 it cut the held-out error by
+    # 30 % (W4), 22 % (W3 g64), 14 % (W2 g64) against the variant above
+    "omniquant_signround_let": ("p1-omniquant-{scheme}", {
+        "quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3,
+        "quantization.omniquant.rounding": "learned",
+        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
+        "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
 }
 
 
