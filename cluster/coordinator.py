@@ -23,9 +23,11 @@ from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
 from pipeline.config import (
     BudgetConfig,
     ClusterConfig,
+    Distortion,
     EvalConfig,
     ExportFormat,
     Objective,
+    QuantizationConfig,
     RunConfig,
 )
 from pipeline.export import format_config
@@ -181,6 +183,18 @@ def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
                    "relative_to_forward": seconds / forward if forward else None}
 
 
+def measure_errors(stages: Stages, model_path: str, quantization: QuantizationConfig
+                   ) -> dict[str, dict[str, float]]:
+    """Every stage's RTN errors of its blocks' linears at each allocation option."""
+    start = time.perf_counter()
+    parts = ray.get([actor.weight_errors.remote(model_path, blocks, quantization)
+                     for actor, blocks in zip(stages.actors, stages.plan.stages, strict=True)])
+    errors = {k: v for part in parts for k, v in part.items()}
+    log.info("allocation: RTN errors of %d linears at their options measured, %.1fs",
+             len(errors), time.perf_counter() - start)
+    return errors
+
+
 def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
                   calib: torch.Tensor) -> dict[str, Any]:
     """The run's allocation: read back when an earlier attempt saved it (same fingerprint),
@@ -190,19 +204,28 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
         log.info("allocation: reusing the one saved by an earlier attempt")
         return storage.read_json(path)
     source = config.quantization.budget.sensitivity_from
+    measured = config.quantization.budget.distortion is Distortion.MEASURED
     if source is not None:
         log.info("allocation: sensitivity statistics from %s (no sensitivity pass)", source)
+    if source is not None and not measured:
         allocation = budget.solve(parts, budget.load_statistics(parts, config.quantization),
                                   config.quantization)
         allocation["sensitivity"] = {"reused_from": source}
     else:
         stages, group = start_stages(plan, config.cluster)
         try:
-            stats, timing = sensitivity_pass(stages, model_path, calib,
-                                             config.quantization.budget)
+            if source is not None:
+                stats = budget.load_statistics(parts, config.quantization)
+                timing: dict[str, Any] = {"reused_from": source}
+            else:
+                linear_stats, timing = sensitivity_pass(stages, model_path, calib,
+                                                        config.quantization.budget)
+                stats = unit_statistics(parts, linear_stats)
+            errors = (measure_errors(stages, model_path, config.quantization) if measured
+                      else None)
         finally:
             runtime.release(stages.actors, group)
-        allocation = budget.solve(parts, unit_statistics(parts, stats), config.quantization)
+        allocation = budget.solve(parts, stats, config.quantization, errors)
         allocation["sensitivity"] = timing
     timing = allocation["sensitivity"]
     log.info("allocation: log2 lambda %.3f, %d units, achieved %.4f bits per weight (target "
@@ -212,7 +235,10 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
              f"sensitivity pass {timing['seconds']:.1f}s = {timing['relative_to_forward']:.2f} x "
              "one calibration forward pass" if "seconds" in timing else
              f"statistics from {timing['reused_from']}")
-    log.info("allocation: widths %s", " ".join(str(u["bits"]) for u in allocation["units"]))
+    log.info("allocation: widths %s", " ".join(
+        str(u["bits"]) + ("" if "group_size" not in u else
+                          f"g{u['group_size']}" if u["group_size"] else "pc")
+        for u in allocation["units"]))
     storage.write_json(path, allocation)
     return allocation
 

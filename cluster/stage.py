@@ -8,7 +8,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import block_pass, checkpoint, sensitivity
+from pipeline import block_pass, budget, checkpoint, sensitivity
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.export import FOLDERS
 from pipeline.model_parts import DTYPES, ModelParts
@@ -89,6 +89,10 @@ class StageActor:
                  ) -> tuple[list[Any], dict[str, dict[str, float]]]:
         return sensitivity.stage_backward(self._parts(path), blocks, x_stream, g_stream,
                                           self.store, need_input_grad)
+
+    def weight_errors(self, path: str, blocks: tuple[int, int],
+                      quantization: QuantizationConfig) -> dict[str, dict[str, float]]:
+        return budget.weight_errors(self._parts(path), blocks, quantization)
 
     def peak_rss_bytes(self) -> int:
         return block_pass.peak_rss_bytes()

@@ -159,3 +159,84 @@ def allocate(units: Sequence[Unit], choices: Sequence[int], average_bits: float,
     return Allocation(bits=bits, log2_lambda=log2_lambda, target_bits=average_bits,
                       achieved_bits=rate_bits + side / total, weight_bits=weight_bits,
                       distortion=modelled_distortion(units, bits))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionAllocation:
+    choice: list[int]  # each unit's option (column of `cost` / `distortion`)
+    log2_lambda: float
+    target_bits: float
+    achieved_bits: float  # average cost per weight of the chosen options
+    distortion: float  # sum over units of P * distortion[n, choice]
+
+
+def allocate_options(params: Sequence[int], cost: torch.Tensor, distortion: torch.Tensor,
+                     average_bits: float, iterations: int = 200) -> OptionAllocation:
+    """The multiple-choice form: unit n takes one option o (a width and a group size, say) that
+    costs `cost[n, o]` bits per weight (side information included) for `distortion[n, o]` per
+    weight (G^2 times the measured error, or any estimate). For a multiplier lambda each unit
+    takes argmin_o distortion + lambda * cost; the total cost is monotone in lambda, so log2
+    lambda is bisected to the smallest lambda that fits the budget, then the moves with the
+    highest distortion drop per extra bit are made while they fit (greedy fill). The result is
+    within one unit's distortion range of the optimum (the Lagrangian relaxation leaves at most
+    one unit fractional). Ties go to the lower option index: deterministic."""
+    p = torch.tensor([float(x) for x in params], dtype=torch.float64)
+    c = cost.to(torch.float64)
+    d = distortion.to(torch.float64)
+    if p.numel() == 0:
+        raise AllocationError("allocation: no decision units")
+    if c.shape != d.shape or c.shape[0] != p.numel():
+        raise ValueError(f"allocate_options: cost {tuple(c.shape)}, distortion "
+                         f"{tuple(d.shape)} and {p.numel()} units disagree")
+    total = float(p.sum())
+    budget = average_bits * total
+    rows = torch.arange(p.numel())
+    cheapest = float((p * c.min(dim=1).values).sum())
+    if budget < cheapest - 1e-9 * total:
+        raise AllocationError(
+            f"quantization.budget.average_bits: {average_bits} is below what the cheapest "
+            f"options cost (at least {cheapest / total:.4f} bits per weight)")
+
+    def pick(log2_lambda: float) -> torch.Tensor:
+        # lexicographic tie-break: the lower Lagrangian, then the lower index
+        return torch.argmin(d + 2.0**log2_lambda * c, dim=1)
+
+    def used(idx: torch.Tensor) -> float:
+        return float((p * c[rows, idx]).sum())
+
+    def fits_at(log2_lambda: float) -> bool:
+        return used(pick(log2_lambda)) <= budget + 1e-9 * total
+
+    # bracket log2 lambda (the distortion scale is arbitrary), then bisect
+    lo, hi, step = -1.0, 1.0, 1.0
+    while not fits_at(hi) and hi < 1000:
+        lo, hi, step = hi, min(hi + step, 1000.0), step * 2
+    step = 1.0
+    while fits_at(lo) and lo > -1000:
+        hi, lo, step = lo, max(lo - step, -1000.0), step * 2
+    if fits_at(lo):  # even the least distortion fits
+        idx, log2_lambda = pick(lo), lo
+    else:
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if fits_at(mid):
+                hi = mid
+            else:
+                lo = mid
+        idx, log2_lambda = pick(hi), hi
+    spent = used(idx)
+    for _ in range(p.numel() * c.shape[1]):
+        extra = p[:, None] * (c - c[rows, idx][:, None])
+        gain = p[:, None] * (d[rows, idx][:, None] - d)
+        fits = (extra > 0) & (gain > 0) & (spent + extra <= budget + 1e-9 * total)
+        if not bool(fits.any()):
+            break
+        ratio = torch.where(fits, gain / extra.clamp(min=1e-300),
+                            torch.full_like(gain, -1.0))
+        flat = int(torch.argmax(ratio))
+        n, o = divmod(flat, c.shape[1])
+        spent += float(extra[n, o])
+        idx[n] = o
+    return OptionAllocation(
+        choice=[int(i) for i in idx], log2_lambda=log2_lambda, target_bits=average_bits,
+        achieved_bits=used(idx) / total, distortion=float((p * d[rows, idx]).sum()))

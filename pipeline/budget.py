@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from pipeline import storage
-from pipeline.allocation import Allocation, Unit, allocate
-from pipeline.config import ConfigError, QuantizationConfig
+from pipeline.allocation import Allocation, Unit, allocate, allocate_options
+from pipeline.config import ConfigError, Distortion, QuantizationConfig
+from pipeline.formats import AffineFormat
+from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts
 from pipeline.plot import bars_png
 from pipeline.schemes import format_for
@@ -16,41 +20,106 @@ from pipeline.schemes import format_for
 ALLOCATION_FILE = "allocation.json"  # under OUT/.relayquant/, so a resumed run reuses it
 
 
-def side_information(parts: ModelParts, linear: str, quantization: QuantizationConfig
-                     ) -> tuple[float, float]:
+def _stored_dtype(parts: ModelParts, linear: str) -> torch.dtype:
+    index, relative = linear.removeprefix(parts.adapter.blocks + ".").split(".", 1)
+    return parts.stored_dtypes(parts.block_path(int(index)))[f"{relative}.weight"]
+
+
+def side_information(parts: ModelParts, linear: str, quantization: QuantizationConfig,
+                     group_size: int | None | str = "recipe") -> tuple[float, float]:
     """(bits per weight independent of the width, bits per weight per weight bit): one scale in
-    the stored weight dtype per group, plus a zero point of the chosen width when asymmetric."""
+    the stored weight dtype per group, plus a zero point of the chosen width when asymmetric.
+    The group size is the linear's format's unless given (None = per-channel)."""
     fmt = format_for(linear, quantization)
     assert fmt is not None
     in_features = int(parts.meta.get_submodule(linear).get_parameter("weight").shape[1])
-    group = fmt.group_size or in_features
-    index, relative = linear.removeprefix(parts.adapter.blocks + ".").split(".", 1)
-    dtype = parts.stored_dtypes(parts.block_path(int(index)))[f"{relative}.weight"]
-    scale_bits = dtype.itemsize * 8  # scales are stored in the weight's dtype
+    group = (fmt.group_size if group_size == "recipe" else group_size) or in_features
+    assert isinstance(group, int)
+    scale_bits = _stored_dtype(parts, linear).itemsize * 8  # scales: the weight's dtype
     return scale_bits / group, (0.0 if fmt.symmetric else 1.0 / group)
 
 
+def unit_options(linear: str, quantization: QuantizationConfig) -> list[tuple[int, int | None]]:
+    """The (width, group size) options of the unit that holds `linear`: every choice of width
+    with every allowed group size (the linear's own when the budget names none)."""
+    fmt = format_for(linear, quantization)
+    assert fmt is not None
+    b = quantization.budget
+    groups = b.group_sizes or [fmt.group_size]
+    return [(bits, group) for bits in sorted(set(b.choices)) for group in groups]
+
+
+def option_key(bits: int, group: int | None) -> str:
+    return f"w{bits}" + (f"g{group}" if group else "pc")
+
+
+def weight_errors(parts: ModelParts, blocks: tuple[int, int], quantization: QuantizationConfig
+                  ) -> dict[str, dict[str, float]]:
+    """Per quantized linear of blocks [a, b): the summed squared error of its weight under RTN
+    at each of its unit's options (scales rounded to the stored weight dtype), keyed by
+    `option_key`. Runs on the stage that holds the blocks; only these numbers leave it."""
+    out: dict[str, dict[str, float]] = {}
+    for i in range(*blocks):
+        block = parts.load_block(i)
+        for name in parts.adapter.linears:
+            linear = f"{parts.block_path(i)}.{name}"
+            fmt = format_for(linear, quantization)
+            if fmt is None:
+                continue
+            w = block.get_submodule(name).get_parameter("weight").detach().float()
+            dtype = _stored_dtype(parts, linear)
+            scale_dtype = dtype if dtype.is_floating_point else torch.float32
+            out[linear] = {
+                option_key(bits, group): float(
+                    (rtn_quantize(w, AffineFormat(bits, group, fmt.symmetric), scale_dtype)[0]
+                     - w).double().pow(2).sum())
+                for bits, group in unit_options(linear, quantization)}
+    return out
+
+
+def option_cost(parts: ModelParts, linear: str, quantization: QuantizationConfig,
+                bits: int, group: int | None | str = "recipe") -> float:
+    """Bits per weight of `linear` at this width (and group size), side information included
+    when the budget counts it."""
+    if not quantization.budget.count_side_info:
+        return float(bits)
+    return bits + _side_bits(parts, linear, quantization, bits, group)
+
+
+def _side_bits(parts: ModelParts, linear: str, quantization: QuantizationConfig, bits: int,
+               group: int | None | str = "recipe") -> float:
+    side, per_bit = side_information(parts, linear, quantization, group)
+    return side + per_bit * bits
+
+
 def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
-    """Refuse a budget below what the smallest width (plus side information, when counted)
-    costs, before any work: the units' sizes and side information are known from the config."""
+    """Refuse a budget below what the cheapest option (plus side information, when counted)
+    costs, and group sizes that do not divide a quantized linear's in_features, before any work:
+    the units' sizes and side information are known from the config."""
     b = quantization.budget
     assert b.average_bits is not None
-    lowest = min(b.choices)
     total = cost = 0.0
     for i in range(parts.num_blocks):
         for name in parts.adapter.linears:
             linear = f"{parts.block_path(i)}.{name}"
             if format_for(linear, quantization) is None:
                 continue
-            params = parts.meta.get_submodule(linear).get_parameter("weight").numel()
-            side, per_bit = side_information(parts, linear, quantization)
-            total += params
-            cost += params * (lowest + ((side + per_bit * lowest) if b.count_side_info else 0))
+            weight = parts.meta.get_submodule(linear).get_parameter("weight")
+            bad = [g for g in b.group_sizes if g and weight.shape[1] % g]
+            if bad:
+                raise ConfigError(
+                    f"quantization.budget.group_sizes: {bad[0]} does not divide in_features "
+                    f"{weight.shape[1]} of {linear}; use group sizes that divide every "
+                    "quantized linear's in_features, or null for per-channel")
+            total += weight.numel()
+            cost += weight.numel() * min(option_cost(parts, linear, quantization, bits, group)
+                                         for bits, group in unit_options(linear, quantization))
     if total and b.average_bits < cost / total - 1e-12:
         raise ConfigError(
             f"quantization.budget.average_bits: {b.average_bits} is below what the smallest "
-            f"choice ({lowest} bits{' plus scales and zero points' if b.count_side_info else ''})"
-            f" costs: at least {cost / total:.4f} bits per weight")
+            f"choice ({min(b.choices)} bits"
+            f"{' plus scales and zero points' if b.count_side_info else ''}) costs: at least "
+            f"{cost / total:.4f} bits per weight")
 
 
 def build_units(parts: ModelParts, stats: list[dict[str, Any]],
@@ -67,24 +136,63 @@ def build_units(parts: ModelParts, stats: list[dict[str, Any]],
     return out
 
 
-def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: QuantizationConfig
-          ) -> dict[str, Any]:
+def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: QuantizationConfig,
+          errors: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """The allocation for the report and `apply`. With `distortion: measured`, `errors` (from
+    `weight_errors`) gives each unit's RTN error at each of its options."""
     budget = quantization.budget
     assert budget.average_bits is not None
     units = build_units(parts, stats, quantization)
+    head = {"target_bits": budget.average_bits, "log_base": 2, "choices": sorted(budget.choices),
+            "count_side_info": budget.count_side_info, "objective": budget.objective.value,
+            "distortion": budget.distortion.value}
+    if budget.distortion is Distortion.MEASURED:
+        assert errors is not None
+        return {**head, **_solve_measured(parts, units, quantization, errors)}
     result: Allocation = allocate([u for u, _ in units], budget.choices, budget.average_bits,
                                   budget.count_side_info)
     return {
-        "target_bits": budget.average_bits, "achieved_bits": result.achieved_bits,
+        **head, "achieved_bits": result.achieved_bits,
         "weight_bits": result.weight_bits, "log_lambda": result.log2_lambda,
-        "log_base": 2, "choices": sorted(budget.choices),
-        "count_side_info": budget.count_side_info, "objective": budget.objective.value,
         "modelled_distortion": result.distortion,
         "units": [{"name": u.name, "bits": b, "params": u.params, "linears": s["linears"],
                    "block": s["block"], "kind": s["kind"],
                    "grad_sq": u.grad_sq, "weight_var": u.weight_var,
                    "side_bits": u.side_bits + u.side_per_bit * b}
                   for (u, s), b in zip(units, result.bits, strict=True)],
+    }
+
+
+def _solve_measured(parts: ModelParts, units: list[tuple[Unit, dict[str, Any]]],
+                    quantization: QuantizationConfig, errors: dict[str, dict[str, float]]
+                    ) -> dict[str, Any]:
+    """Each unit picks one (width, group size) option; its distortion there is G^2 times the
+    measured mean squared RTN error of its weights, its cost the width plus side information."""
+    options = [unit_options(s["linears"][0], quantization) for _, s in units]
+    cost = torch.tensor([[option_cost(parts, s["linears"][0], quantization, bits, group)
+                          for bits, group in opts] for (_, s), opts in zip(units, options)],
+                        dtype=torch.float64)
+    mse = torch.tensor([[sum(errors[n][option_key(bits, group)] for n in s["linears"]) / u.params
+                         for bits, group in opts] for (u, s), opts in zip(units, options)],
+                       dtype=torch.float64)
+    grad = torch.tensor([u.grad_sq for u, _ in units], dtype=torch.float64)
+    assert quantization.budget.average_bits is not None
+    result = allocate_options([u.params for u, _ in units], cost, grad[:, None] * mse,
+                              quantization.budget.average_bits)
+    total = sum(u.params for u, _ in units)
+    chosen = [opts[j] for opts, j in zip(options, result.choice, strict=True)]
+    return {
+        "group_sizes": list(quantization.budget.group_sizes),
+        "achieved_bits": result.achieved_bits,
+        "weight_bits": sum(u.params * b for (u, _), (b, _) in zip(units, chosen)) / total,
+        "log_lambda": result.log2_lambda, "modelled_distortion": result.distortion,
+        "units": [{"name": u.name, "bits": b, "group_size": g, "params": u.params,
+                   "linears": s["linears"], "block": s["block"], "kind": s["kind"],
+                   "grad_sq": u.grad_sq, "weight_var": u.weight_var,
+                   "side_bits": _side_bits(parts, s["linears"][0], quantization, b, g),
+                   "mse": {option_key(*o): float(mse[n, k]) for k, o in enumerate(opts)}}
+                  for n, ((u, s), (b, g), j, opts) in enumerate(
+                      zip(units, chosen, result.choice, options, strict=True))],
     }
 
 
@@ -125,7 +233,8 @@ def apply(quantization: QuantizationConfig, parts: ModelParts, allocation: dict[
         for linear in unit["linears"]:
             fmt = format_for(linear, quantization)
             assert fmt is not None
-            overrides[linear] = {"bits": unit["bits"], "group_size": fmt.group_size,
+            overrides[linear] = {"bits": unit["bits"],
+                                 "group_size": unit.get("group_size", fmt.group_size),
                                  "symmetric": fmt.symmetric}
     return dataclasses.replace(quantization, overrides=overrides)
 

@@ -141,6 +141,12 @@ class Objective(str, enum.Enum):
     LM_LOSS = "lm_loss"  # the next-token loss
 
 
+class Distortion(str, enum.Enum):
+    MODEL = "model"  # CVXQ's high-resolution model: G^2 S^2 2^(-2b) per weight
+    # G^2 times the unit's measured RTN error per weight at each option (width, group size)
+    MEASURED = "measured"
+
+
 @dataclasses.dataclass(frozen=True)
 class BudgetConfig:
     """CVXQ: one average-bit budget over the whole model, allocated per decision unit (the
@@ -157,9 +163,21 @@ class BudgetConfig:
     # report.json or .relayquant/allocation.json, path or fsspec URL) instead of running the
     # sensitivity pass; the allocation is solved again for this budget
     sensitivity_from: str | None = None
+    distortion: Distortion = Distortion.MODEL
+    # group sizes the allocator may give a unit along with its width (null = per-channel), the
+    # side information of each counted in its cost; empty = the recipe's group size everywhere.
+    # Needs distortion: measured (the high-resolution model has no group-size term)
+    group_sizes: list[int | None] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         where = "quantization.budget"
+        _require(all(g is None or (isinstance(g, int) and g >= 1) for g in self.group_sizes)
+                 and len(set(self.group_sizes)) == len(self.group_sizes),
+                 f"{where}.group_sizes: {self.group_sizes}; give distinct positive integers "
+                 "(each dividing every quantized linear's in_features) or null for per-channel")
+        _require(not self.group_sizes or self.distortion is Distortion.MEASURED,
+                 f"{where}.group_sizes: needs {where}.distortion: measured (the model "
+                 "distortion G^2 S^2 2^(-2b) does not depend on the group size)")
         _require(self.sensitivity_from is None or self.average_bits is not None,
                  f"{where}.sensitivity_from: needs {where}.average_bits")
         _require(bool(self.choices) and all(isinstance(c, int) and 2 <= c <= 8

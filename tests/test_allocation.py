@@ -7,8 +7,9 @@ import random
 import time
 
 import pytest
+import torch
 
-from pipeline.allocation import AllocationError, Unit, allocate
+from pipeline.allocation import AllocationError, Unit, allocate, allocate_options
 
 
 def random_units(n: int, seed: int, equal_params: bool = False) -> list[Unit]:
@@ -122,3 +123,88 @@ def test_zero_points_that_grow_with_the_width_are_counted():
     assert got.achieved_bits <= uniform + 1e-12 and got.achieved_bits > uniform - 0.02
     assert got.weight_bits == pytest.approx((got.achieved_bits - 0.25) * 64 / 65)
     assert got.distortion < allocate(units, [3], 3.0).distortion
+
+
+# --- the multiple-choice form: (width, group size) options with measured distortions ---
+
+def random_options(n: int, k: int, seed: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Options whose cost and distortion trade off like widths x group sizes: more bits or
+    smaller groups cost more and distort less (with noise, so some options are dominated)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [int(x) for x in torch.randint(1, 5, (n,), generator=gen) * 1000]
+    cost = 2 + 6 * torch.rand(n, k, generator=gen, dtype=torch.float64)
+    sens = 10 ** (-4 * torch.rand(n, 1, generator=gen, dtype=torch.float64))
+    noise = torch.exp(0.3 * torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return params, cost, sens * 2.0 ** (-2 * cost) * noise
+
+
+def brute_force_options(params, cost, distortion, average_bits):
+    n, k = cost.shape
+    total = sum(params)
+    best = None
+    for pick in itertools.product(range(k), repeat=n):
+        if sum(p * float(cost[i, j]) for i, (p, j) in enumerate(zip(params, pick))) \
+                <= average_bits * total + 1e-9:
+            d = sum(p * float(distortion[i, j]) for i, (p, j) in enumerate(zip(params, pick)))
+            if best is None or d < best:
+                best = d
+    return best
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_options_feasible_and_within_one_unit_of_brute_force(seed):
+    params, cost, distortion = random_options(5, 4, seed)
+    target = float((torch.tensor(params, dtype=torch.float64) * cost.mean(dim=1)).sum()) / sum(params)
+    got = allocate_options(params, cost, distortion, target)
+    assert got.achieved_bits <= target + 1e-12
+    optimum = brute_force_options(params, cost, distortion, target)
+    assert got.distortion >= optimum * (1 - 1e-12)
+    # the Lagrangian leaves at most one unit off the relaxation's optimum
+    spread = max(p * float(distortion[i].max() - distortion[i].min())
+                 for i, p in enumerate(params))
+    assert got.distortion <= optimum + spread
+    rows = torch.arange(len(params))
+    assert got.distortion == pytest.approx(float(
+        (torch.tensor(params, dtype=torch.float64) * distortion[rows, torch.tensor(got.choice)]).sum()))
+
+
+def test_options_match_brute_force_on_most_instances():
+    exact = 0
+    for seed in range(20):
+        params, cost, distortion = random_options(5, 3, 100 + seed)
+        target = float(cost.mean()) + 0.3
+        got = allocate_options(params, cost, distortion, target)
+        exact += got.distortion <= brute_force_options(params, cost, distortion, target) * (1 + 1e-9)
+    assert exact >= 15
+
+
+def test_options_monotone_in_the_budget_and_deterministic():
+    params, cost, distortion = random_options(300, 6, 7)
+    last = None
+    for target in (3.0, 3.5, 4.0, 5.0, 7.0):
+        got = allocate_options(params, cost, distortion, target)
+        assert got.achieved_bits <= target + 1e-12
+        assert got == allocate_options(params, cost, distortion, target)
+        if last is not None:
+            assert got.distortion <= last.distortion
+        last = got
+    # a generous budget takes every unit's least-distortion option
+    top = allocate_options(params, cost, distortion, 100.0)
+    assert top.choice == [int(i) for i in torch.argmin(distortion, dim=1)]
+
+
+def test_options_use_the_budget_and_are_fast_for_1e5_units():
+    params, cost, distortion = random_options(100_000, 6, 3)
+    start = time.perf_counter()
+    got = allocate_options(params, cost, distortion, 4.0)
+    elapsed = time.perf_counter() - start
+    assert 4.0 - 0.02 < got.achieved_bits <= 4.0 + 1e-12
+    assert elapsed < 30  # about a second here
+
+
+def test_options_refuse_a_budget_below_the_cheapest_options():
+    params, cost, distortion = random_options(10, 3, 1)
+    floor = float((torch.tensor(params, dtype=torch.float64) * cost.min(dim=1).values).sum()) / sum(params)
+    with pytest.raises(AllocationError, match="quantization.budget.average_bits"):
+        allocate_options(params, cost, distortion, floor - 0.01)
+    assert allocate_options(params, cost, distortion, floor).achieved_bits == pytest.approx(floor)

@@ -14,7 +14,7 @@ from cluster import runtime
 from cluster.coordinator import quantize, sensitivity_pass, start_stages
 from pipeline import budget
 from pipeline.calibration import calibration_windows_for
-from pipeline.config import BudgetConfig, RunConfig, build_config, config_to_dict
+from pipeline.config import BudgetConfig, Distortion, RunConfig, build_config, config_to_dict
 from pipeline.plan import make_plan, open_model
 from pipeline.sensitivity import pca_directions, projection_signs, unit_statistics
 from pipeline.streams import split_windows
@@ -149,6 +149,54 @@ def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_fil
     assert not os.path.exists(tmp_path / "bad" / "manifest.json")
 
 
+def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_files, tmp_path):
+    """distortion: measured with group_sizes: each unit gets a (width, group size) option at the
+    total cost of uniform 3-bit g16 (side information counted); the stages' measured RTN errors
+    equal a direct computation on the checkpoint; the blocks are quantized at the chosen formats;
+    a run that reuses the statistics measures again and solves the same."""
+    from safetensors.torch import load_file
+
+    from pipeline.formats import AffineFormat
+    from pipeline.methods.rtn import rtn_quantize
+
+    model = tiny_model("llama")
+    out = str(tmp_path / "out")
+    uniform = 3 + (32 + 3) / 16
+    spec = {"average_bits": uniform, "choices": [3, 4], "count_side_info": True,
+            "distortion": "measured", "group_sizes": [16, 32, None]}
+    config = config_for(model, out, *corpus_files, 2, budget=spec)
+    config = build_config(RunConfig, {**config_to_dict(config), "eval": {"enabled": False}})
+    alloc = quantize(config)["allocation"]
+    assert uniform - 0.2 <= alloc["achieved_bits"] <= uniform + 1e-9
+    chosen = {(u["bits"], u["group_size"]) for u in alloc["units"]}
+    assert len(chosen) > 1 and chosen <= {(b, g) for b in (3, 4) for g in (16, 32, None)}
+    weights = {}
+    for f in Path(model).glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    for unit in alloc["units"][:4]:
+        for key, mse in unit["mse"].items():
+            bits = int(key[1])
+            group = None if key.endswith("pc") else int(key.split("g")[1])
+            direct = sum(float((rtn_quantize(w, AffineFormat(bits, group))[0] - w).double()
+                               .pow(2).sum()) for w in (weights[n + ".weight"].float()
+                                                        for n in unit["linears"]))
+            assert mse == pytest.approx(direct / unit["params"], rel=1e-9), (unit["name"], key)
+    # the allocation's distortion is at most what uniform 3-bit g16 (same cost) would give
+    uniform_d = sum(u["params"] * u["grad_sq"] * u["mse"]["w3g16"] for u in alloc["units"])
+    assert alloc["modelled_distortion"] <= uniform_d
+    fmt = {lin: [u["bits"], u["group_size"], False] for u in alloc["units"] for lin in u["linears"]}
+    for marker in (json.loads(f.read_text())
+                   for f in sorted((Path(out) / ".relayquant" / "blocks").iterdir())):
+        for linear, scheme in marker["schemes"].items():
+            assert scheme == fmt[linear], linear
+    reused = config_for(model, str(tmp_path / "again"), *corpus_files, 1, budget={
+        **spec, "sensitivity_from": os.path.join(out, "report.json")})
+    reused = build_config(RunConfig, {**config_to_dict(reused), "eval": {"enabled": False}})
+    again = quantize(reused)["allocation"]
+    assert [(u["bits"], u["group_size"]) for u in again["units"]] == \
+        [(u["bits"], u["group_size"]) for u in alloc["units"]]
+
+
 def test_an_infeasible_budget_is_refused_before_any_work(tiny_model, corpus_files, tmp_path):
     from pipeline.config import ConfigError
 
@@ -160,6 +208,14 @@ def test_an_infeasible_budget_is_refused_before_any_work(tiny_model, corpus_file
                                           r"points\) costs: at least 4.1250"):
         quantize(config)
     assert not os.path.exists(tmp_path / "o" / "manifest.json")
+    # a group size that does not divide a quantized linear's in_features (64 and 128)
+    config = config_for(tiny_model("llama"), str(tmp_path / "g"), *corpus_files, 1,
+                        budget={"average_bits": 4.0, "choices": [3, 4],
+                                "distortion": "measured", "group_sizes": [16, 48]})
+    with pytest.raises(ConfigError, match="quantization.budget.group_sizes: 48 does not divide "
+                                          "in_features 64"):
+        quantize(config)
+    assert not os.path.exists(tmp_path / "g" / "manifest.json")
 
 
 def test_budget_settings_are_validated():
@@ -169,3 +225,10 @@ def test_budget_settings_are_validated():
         BudgetConfig(average_bits=3.0, choices=[1, 3])
     with pytest.raises(ConfigError, match="quantization.budget.average_bits: 1.5"):
         BudgetConfig(average_bits=1.5, choices=[2, 3])
+    with pytest.raises(ConfigError, match="quantization.budget.group_sizes: needs "
+                                          "quantization.budget.distortion: measured"):
+        BudgetConfig(average_bits=3.0, group_sizes=[32, 64])
+    with pytest.raises(ConfigError, match="quantization.budget.group_sizes"):
+        BudgetConfig(average_bits=3.0, distortion=Distortion.MEASURED, group_sizes=[0])
+    with pytest.raises(ConfigError, match="quantization.budget.distortion"):
+        build_config(BudgetConfig, {"distortion": "exact"}, "quantization.budget")
