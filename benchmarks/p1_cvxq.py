@@ -2,7 +2,9 @@
 (weights + scales + zero points): uniform W3 g64 asymmetric vs CVXQ at 3.546875 bits per weight
 (3 + 32/64 for the fp32 scales + 3/64 for the zero points), and a uniform 2/3-bit mix (even
 blocks 2-bit, odd blocks 3-bit) vs CVXQ at 3.0390625 (2.5 bits on average), each with RTN and
-with the reconstructor (OmniQuant LWC + GPTQ rounding, the P1 CPU settings).
+with the reconstructor (OmniQuant LWC + GPTQ rounding, the P1 CPU settings). The `*-groups-*`
+rows let each unit also choose its group size (widths {3, 4}, measured distortion), RTN and the
+best reconstructor (LWC + LET + learned rounding, sign gradients).
 
     python benchmarks/p1_cvxq.py [--rows cvxq-rtn-3bit uniform-rtn-3bit ...] [--workers 1]
 
@@ -31,6 +33,14 @@ RECONSTRUCTOR = {"quantization.method": "omniquant", "quantization.omniquant.let
                  "quantization.omniquant.rounding": "gptq",
                  "quantization.omniquant.epochs": 1, "quantization.omniquant.lwc_lr": 0.05,
                  "quantization.omniquant.lwc_init": 8.0, "quantization.gptq.act_order": True}
+# the best P1 reconstructor (benchmarks/p1_reconstruct.py variant omniquant_signround_let)
+SIGNROUND_LET = {"quantization.method": "omniquant", "quantization.omniquant.let": True,
+                 "quantization.omniquant.let_lr": 5e-3,
+                 "quantization.omniquant.rounding": "learned",
+                 "quantization.omniquant.optimizer": "signsgd",
+                 "quantization.omniquant.batch_size": 2, "quantization.omniquant.epochs": 3,
+                 "quantization.omniquant.keep_best": True, "quantization.omniquant.lwc_lr": 0.05,
+                 "quantization.omniquant.lwc_init": 8.0}
 EVEN_BLOCKS_2BIT = {r"re:model\.layers\.\d*[02468]\..*": {"bits": 2}}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-rtn-3bit": ("p1-rtn-w4", {"quantization.bits": 3, "quantization.group_size": 64}),
@@ -47,6 +57,12 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.bits": 3, "quantization.group_size": 64,
         "quantization.overrides": EVEN_BLOCKS_2BIT, **RECONSTRUCTOR}),
     "cvxq-reconstructor-2.5bit": ("p1-cvxq-rtn-2.5bit", RECONSTRUCTOR),
+    # widths {3, 4} x group sizes {32, 64, 96, 192, per-channel}, measured distortion
+    "cvxq-groups-rtn-3bit": ("p1-cvxq-groups-rtn-3bit", {}),
+    "uniform-signround-let-3bit": ("p1-rtn-w4", {"quantization.bits": 3,
+                                                 "quantization.group_size": 64,
+                                                 **SIGNROUND_LET}),
+    "cvxq-groups-signround-let-3bit": ("p1-cvxq-groups-rtn-3bit", SIGNROUND_LET),
 }
 
 
@@ -73,6 +89,8 @@ def run_row(name: str, work: str, workers: int, fp: bool, sensitivity_from: str 
         row["allocation"] = {k: a[k] for k in ("target_bits", "achieved_bits", "weight_bits",
                                               "log_lambda", "sensitivity")}
         row["allocation"]["widths"] = [u["bits"] for u in a["units"]]
+        if "group_sizes" in a:
+            row["allocation"]["group_sizes"] = [u["group_size"] for u in a["units"]]
     return row
 
 
