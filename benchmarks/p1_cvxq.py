@@ -63,6 +63,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  "quantization.group_size": 64,
                                                  **SIGNROUND_LET}),
     "cvxq-groups-signround-let-3bit": ("p1-cvxq-groups-rtn-3bit", SIGNROUND_LET),
+    "cvxq-groups-rtn-2.5bit": ("p1-cvxq-groups-rtn-2.5bit", {}),
+    "uniform-mix-signround-let-2.5bit": ("p1-rtn-w4", {
+        "quantization.bits": 3, "quantization.group_size": 64,
+        "quantization.overrides": EVEN_BLOCKS_2BIT, **SIGNROUND_LET}),
+    "cvxq-groups-signround-let-2.5bit": ("p1-cvxq-groups-rtn-2.5bit", SIGNROUND_LET),
 }
 
 
