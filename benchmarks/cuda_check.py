@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from tiny_models import build_model
 
 from pipeline import block_pass
-from pipeline.config import ExportFormat, QuantizationConfig, build_config
+from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline.config_tree import build_config
 from pipeline.plan import open_model
 from pipeline.streams import MemoryStore
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, apply_overrides, build_config
+from pipeline.config import ConfigError, RunConfig
+from pipeline.config_tree import apply_overrides, build_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -10,7 +10,8 @@ import torch
 
 import pipeline
 from pipeline import checkpoint, storage
-from pipeline.config import ConfigError, ExportFormat, RunConfig, config_to_dict
+from pipeline.config import ConfigError, ExportFormat, RunConfig
+from pipeline.config_tree import config_to_dict
 from pipeline.export import FOLDERS, format_config, kernel_flags
 from pipeline.formats import AffineFormat
 from pipeline.model_parts import ModelParts

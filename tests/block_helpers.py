@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from pipeline import block_pass
-from pipeline.config import QuantizationConfig, build_config
+from pipeline.config import QuantizationConfig
+from pipeline.config_tree import build_config
 from pipeline.streams import MemoryStore
 
 

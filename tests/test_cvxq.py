@@ -14,7 +14,8 @@ from cluster import runtime
 from cluster.coordinator import quantize, sensitivity_pass, start_stages
 from pipeline import budget
 from pipeline.calibration import calibration_windows_for
-from pipeline.config import BudgetConfig, Distortion, RunConfig, build_config, config_to_dict
+from pipeline.config import BudgetConfig, Distortion, RunConfig
+from pipeline.config_tree import build_config, config_to_dict
 from pipeline.plan import make_plan, open_model
 from pipeline.sensitivity import pca_directions, projection_signs, unit_statistics
 from pipeline.streams import split_windows

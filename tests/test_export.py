@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cluster.coordinator import evaluate, quantize
-from pipeline.config import ClusterConfig, ConfigError, EvalConfig, RunConfig, build_config
+from pipeline.config import ClusterConfig, ConfigError, EvalConfig, RunConfig
+from pipeline.config_tree import build_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
@@ -97,7 +98,7 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
 
 
 def _plain(cfg):
-    from pipeline.config import config_to_dict
+    from pipeline.config_tree import config_to_dict
 
     return config_to_dict(cfg)
 

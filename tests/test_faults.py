@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from cluster.coordinator import quantize
-from pipeline.config import RunConfig, build_config
+from pipeline.config import RunConfig
+from pipeline.config_tree import build_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
