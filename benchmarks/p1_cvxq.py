@@ -44,30 +44,30 @@ SIGNROUND_LET = {"quantization.method": "omniquant", "quantization.omniquant.let
 EVEN_BLOCKS_2BIT = {r"re:model\.layers\.\d*[02468]\..*": {"bits": 2}}
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-rtn-3bit": ("p1-rtn-w4", {"quantization.bits": 3, "quantization.group_size": 64}),
-    "cvxq-rtn-3bit": ("p1-cvxq-rtn-3bit", {}),
+    "cvxq-rtn-3bit": ("p1-cvxq-widths-rtn-3bit", {}),
     "uniform-reconstructor-3bit": ("p1-rtn-w4", {"quantization.bits": 3,
                                                  "quantization.group_size": 64,
                                                  **RECONSTRUCTOR}),
-    "cvxq-reconstructor-3bit": ("p1-cvxq-rtn-3bit", RECONSTRUCTOR),
+    "cvxq-reconstructor-3bit": ("p1-cvxq-widths-rtn-3bit", RECONSTRUCTOR),
     "uniform-mix-rtn-2.5bit": ("p1-rtn-w4", {"quantization.bits": 3,
                                              "quantization.group_size": 64,
                                              "quantization.overrides": EVEN_BLOCKS_2BIT}),
-    "cvxq-rtn-2.5bit": ("p1-cvxq-rtn-2.5bit", {}),
+    "cvxq-rtn-2.5bit": ("p1-cvxq-widths-rtn-2.5bit", {}),
     "uniform-mix-reconstructor-2.5bit": ("p1-rtn-w4", {
         "quantization.bits": 3, "quantization.group_size": 64,
         "quantization.overrides": EVEN_BLOCKS_2BIT, **RECONSTRUCTOR}),
-    "cvxq-reconstructor-2.5bit": ("p1-cvxq-rtn-2.5bit", RECONSTRUCTOR),
+    "cvxq-reconstructor-2.5bit": ("p1-cvxq-widths-rtn-2.5bit", RECONSTRUCTOR),
     # widths {3, 4} x group sizes {32, 64, 96, 192, per-channel}, measured distortion
-    "cvxq-groups-rtn-3bit": ("p1-cvxq-groups-rtn-3bit", {}),
+    "cvxq-groups-rtn-3bit": ("p1-cvxq-rtn-3bit", {}),
     "uniform-signround-let-3bit": ("p1-rtn-w4", {"quantization.bits": 3,
                                                  "quantization.group_size": 64,
                                                  **SIGNROUND_LET}),
-    "cvxq-groups-signround-let-3bit": ("p1-cvxq-groups-rtn-3bit", SIGNROUND_LET),
-    "cvxq-groups-rtn-2.5bit": ("p1-cvxq-groups-rtn-2.5bit", {}),
+    "cvxq-groups-signround-let-3bit": ("p1-cvxq-rtn-3bit", SIGNROUND_LET),
+    "cvxq-groups-rtn-2.5bit": ("p1-cvxq-rtn-2.5bit", {}),
     "uniform-mix-signround-let-2.5bit": ("p1-rtn-w4", {
         "quantization.bits": 3, "quantization.group_size": 64,
         "quantization.overrides": EVEN_BLOCKS_2BIT, **SIGNROUND_LET}),
-    "cvxq-groups-signround-let-2.5bit": ("p1-cvxq-groups-rtn-2.5bit", SIGNROUND_LET),
+    "cvxq-groups-signround-let-2.5bit": ("p1-cvxq-rtn-2.5bit", SIGNROUND_LET),
 }
 
 
