@@ -165,7 +165,6 @@ def allocate(units: Sequence[Unit], choices: Sequence[int], average_bits: float,
 class OptionAllocation:
     choice: list[int]  # each unit's option (column of `cost` / `distortion`)
     log2_lambda: float
-    target_bits: float
     achieved_bits: float  # average cost per weight of the chosen options
     distortion: float  # sum over units of P * distortion[n, choice]
 
@@ -238,5 +237,4 @@ def allocate_options(params: Sequence[int], cost: torch.Tensor, distortion: torc
         spent += float(extra[n, o])
         idx[n] = o
     return OptionAllocation(
-        choice=[int(i) for i in idx], log2_lambda=log2_lambda, target_bits=average_bits,
-        achieved_bits=used(idx) / total, distortion=float((p * d[rows, idx]).sum()))
+        choice=[int(i) for i in idx], log2_lambda=log2_lambda, achieved_bits=used(idx) / total, distortion=float((p * d[rows, idx]).sum()))

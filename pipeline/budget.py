@@ -190,9 +190,9 @@ def _solve_measured(parts: ModelParts, units: list[tuple[Unit, dict[str, Any]]],
                    "linears": s["linears"], "block": s["block"], "kind": s["kind"],
                    "grad_sq": u.grad_sq, "weight_var": u.weight_var,
                    "side_bits": _side_bits(parts, s["linears"][0], quantization, b, g),
-                   "mse": {option_key(*o): float(mse[n, k]) for k, o in enumerate(opts)}}
-                  for n, ((u, s), (b, g), j, opts) in enumerate(
-                      zip(units, chosen, result.choice, options, strict=True))],
+                   "mse": {option_key(*o): float(e) for o, e in zip(opts, unit_mse)}}
+                  for (u, s), (b, g), opts, unit_mse in zip(units, chosen, options, mse,
+                                                            strict=True)],
     }
 
 
