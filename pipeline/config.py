@@ -32,6 +32,12 @@ class Optimizer(str, enum.Enum):
     SIGNSGD = "signsgd"
 
 
+class ClipParam(str, enum.Enum):
+    SIGMOID = "sigmoid"  # the reference's (OmniQuant): factor = sigmoid(logit)
+    # AutoRound's: the factor itself is the parameter, clamped to [0, 1] after every step
+    DIRECT = "direct"
+
+
 class ExportFormat(str, enum.Enum):
     COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
     GPTQ = "gptq"  # OUTPUT/gptq/
@@ -100,6 +106,10 @@ class OmniQuantConfig:
     aug_loss: bool = False  # also fit the FP block applied to the quantized stream
     # clipping factor init (sigmoid(4.0) = 0.982, the reference's)
     lwc_init: float = 4.0
+    # how a clipping factor is parametrized: sigmoid (the reference's logit) or direct (the
+    # factor itself, started at sigmoid(lwc_init) and kept in [0, 1], as AutoRound's min/max
+    # scales; with sign gradients a sigmoid factor started near 1 barely moves)
+    clip_param: ClipParam = ClipParam.SIGMOID
     # rounding onto the learned grid: nearest (the reference), gptq (GPTQ's error feedback on
     # the folded weights, Hessians from the quantized stream), or learned (a per-weight offset
     # in [-0.5, 0.5] trained with the other parameters on the block loss, as AutoRound does)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
+from pipeline.config import ClipParam, GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.methods.gptq import Hessian, gptq_quantize
@@ -191,9 +191,11 @@ class BlockQuantizer(nn.Module):
         self.base = {n: p.detach() for n, p in block.named_parameters()}
         init = cfg.lwc_init if cfg.lwc else math.inf
         learned = cfg.rounding is Rounding.LEARNED
+        direct = cfg.clip_param is ClipParam.DIRECT
         self.clips = nn.ModuleDict({
             n.replace(".", "__"): ClippingFactors(self.base[f"{n}.weight"].shape, f, init,
-                                                  self.base[f"{n}.weight"].device, learned)
+                                                  self.base[f"{n}.weight"].device, learned,
+                                                  direct)
             for n, f in formats.items() if f is not None})
         for clip in self.clips.values():
             clip.up.requires_grad_(cfg.lwc)
@@ -236,7 +238,7 @@ class BlockQuantizer(nn.Module):
 
     def after_step(self) -> None:
         for name in self.names:
-            self.clip(name).clamp_offset_()
+            self.clip(name).clamp_()
 
     def transformed(self) -> dict[str, torch.Tensor]:
         """The block's tensors after LET (not quantized)."""

@@ -1,7 +1,9 @@
 """Learnable weight clipping (OmniQuant LWC): the min-max range of every row (or row-group) is
 shrunk by learnable factors through a sigmoid, x_max <- sigmoid(up) * max, x_min <- sigmoid(low)
 * min. Rounding uses a straight-through estimator; the zero point gets no gradient (as in the
-reference), so the factors learn through the scale only. Factors at +inf are plain RTN.
+reference), so the factors learn through the scale only. Factors at +inf are plain RTN. With
+`direct`, the factors themselves are the parameters (AutoRound's min/max scales), started at
+sigmoid(init) and clamped to [0, 1] after every step.
 """
 from __future__ import annotations
 
@@ -20,21 +22,35 @@ class ClippingFactors(nn.Module):
     """One pair of logits per row (per-channel) or per row-group, shape [out, groups]."""
 
     def __init__(self, weight_shape: torch.Size, fmt: AffineFormat, init: float,
-                 device: torch.device | str = "cpu", learn_rounding: bool = False):
+                 device: torch.device | str = "cpu", learn_rounding: bool = False,
+                 direct: bool = False):
         super().__init__()
         out_features, in_features = weight_shape
         shape = (out_features, fmt.groups(in_features))
         self.fmt = fmt
-        self.up = nn.Parameter(torch.full(shape, float(init), device=device))
-        self.low = nn.Parameter(torch.full(shape, float(init), device=device))
+        self.direct = direct
+        start = torch.sigmoid(torch.tensor(float(init))).item() if direct else float(init)
+        self.up = nn.Parameter(torch.full(shape, start, device=device))
+        self.low = nn.Parameter(torch.full(shape, start, device=device))
         # learned rounding: w/scale + offset is rounded, offset in [-0.5, 0.5] (AutoRound's V)
         self.offset = (nn.Parameter(torch.zeros(weight_shape, device=device))
                        if learn_rounding else None)
 
-    def clamp_offset_(self) -> None:
-        if self.offset is not None:
-            with torch.no_grad():
+    def clamp_(self) -> None:
+        """Back into range after an optimizer step: the rounding offset to [-0.5, 0.5], direct
+        factors to [0, 1]."""
+        with torch.no_grad():
+            if self.offset is not None:
                 self.offset.clamp_(-0.5, 0.5)
+            if self.direct:
+                self.up.clamp_(0, 1)
+                self.low.clamp_(0, 1)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(factor on the max, factor on the min), each [out, groups], in [0, 1]."""
+        if self.direct:
+            return self.up, self.low
+        return torch.sigmoid(self.up), torch.sigmoid(self.low)
 
     def _grid(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x / scale (+ the learned rounding offset), grouped like x."""
@@ -64,8 +80,9 @@ class ClippingFactors(nn.Module):
         out_features, in_features = weight.shape
         g = fmt.groups(in_features)
         x = weight.reshape(out_features, g, in_features // g)
-        hi = x.amax(-1).clamp(min=0) * torch.sigmoid(self.up)
-        lo = x.amin(-1).clamp(max=0) * torch.sigmoid(self.low)
+        up, low = self.factors()
+        hi = x.amax(-1).clamp(min=0) * up
+        lo = x.amin(-1).clamp(max=0) * low
         if fmt.symmetric:
             scale = (torch.maximum(hi, -lo) / fmt.qmax).clamp(min=_MIN_SCALE)
             return scale, torch.zeros_like(scale).detach()
