@@ -4,6 +4,12 @@ all 292 SOTU test windows, quantization wall time and the stages' peak memory, b
 numbers of ../shared/research/p1_baselines.md.
 
     python benchmarks/p1_reconstruct.py [--rows w4:gptq w3g64:omniquant_lwc ...] [--workers 1]
+    python benchmarks/p1_reconstruct.py --table   # the issue's whole table in one run
+
+`--table` runs, at every scheme, RTN, GPTQ, OmniQuant LWC, OmniQuant LWC+LET (the recipes'
+CPU settings, nearest rounding) and the best recipe (`omniquant_signround_let_direct`), FP
+measured afresh in the first row, every row redone, and records the whole run's wall time as
+`table_run`.
 
 Each row is the bundled recipe `p1-<method>-<scheme>` (RTN: `p1-rtn-w4` at the scheme), run
 through the whole pipeline (local Ray, stage actors, export, streamed evaluation). Rows are
@@ -73,6 +79,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]
+
+
 def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
     bits, group = SCHEMES[scheme]
     recipe, changes = VARIANTS[variant]
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", nargs="+", default=every, choices=every)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--table", action="store_true",
+                        help="every scheme x " + ", ".join(TABLE) + "; implies --redo")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_reconstruct.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
@@ -123,7 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if os.path.exists(args.out):
         with open(args.out) as f:
             result = json.load(f)
+    if args.table:
+        args.rows, args.redo, result["fp"] = [f"{s}:{v}" for s in SCHEMES for v in TABLE], True, None
     done = {(r["scheme"], r["method"]) for r in result["rows"]}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relayquant-p1r-") as work:
         for row in args.rows:
             scheme, variant = row.split(":")
@@ -135,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["rows"] = [r for r in result["rows"]
                               if (r["scheme"], r["method"]) != (out["scheme"], variant)] + [out]
             write_result(args.out, result)
+    if args.table:
+        result["table_run"] = {"rows": args.rows, "workers": args.workers,
+                               "seconds": time.perf_counter() - started}
+        write_result(args.out, result)
     print(table(result))
     return result
 
