@@ -19,7 +19,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ClippingFactors(nn.Module):
-    """One pair of logits per row (per-channel) or per row-group, shape [out, groups]."""
+    """One pair of clipping parameters (logits, or with `direct` the factors) per row
+    (per-channel) or per row-group, shape [out, groups]."""
 
     def __init__(self, weight_shape: torch.Size, fmt: AffineFormat, init: float,
                  device: torch.device | str = "cpu", learn_rounding: bool = False,
