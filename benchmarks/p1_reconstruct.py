@@ -43,6 +43,10 @@ PEERS = {
     "w2_g64_asym": {"rtn": 416642.473, "llm-compressor gptq": 1565.885,
                     "autoround (50 iters)": 94.587},
 }
+SIGNROUND = {"quantization.omniquant.rounding": "learned",
+             "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
+             "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}
+LET = {"quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("p1-rtn-w4", {}),
     "gptq": ("p1-gptq-{scheme}", {}),
@@ -57,25 +61,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # many window passes as AutoRound's 50 iterations of 8 and about its default step count:
     # smaller batches won on P1's block 12, benchmarks/block_probe.py)
     "omniquant_lwc_signround": ("p1-omniquant-{scheme}", {
-        "quantization.omniquant.let": False, "quantization.omniquant.rounding": "learned",
-        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
-        "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
+        **SIGNROUND, "quantization.omniquant.let": False}),
     # the same with LET (let_lr 5e-3, the default): on block 12 it cut the held-out error by
     # 30 % (W4), 22 % (W3 g64), 14 % (W2 g64) against the variant above
-    "omniquant_signround_let": ("p1-omniquant-{scheme}", {
-        "quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3,
-        "quantization.omniquant.rounding": "learned",
-        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
-        "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
+    "omniquant_signround_let": ("p1-omniquant-{scheme}", {**SIGNROUND, **LET}),
     # the same with the clipping factors as the parameters (AutoRound's min/max scales, lr
     # 5e-3): with sign gradients a sigmoid factor started at 8.0 barely moves; on block 12 the
-    # held-out error fell 25 % (W4), 17 % (W3 g64), 31 % (W2 g64) against the variant above
+    # held-out error fell 25 % (W4), 17 % (W3 g64), 31 % (W2 g64) against the variant above.
+    # Its quantization settings are those of the recipes p1-signround-*.
     "omniquant_signround_let_direct": ("p1-omniquant-{scheme}", {
-        "quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3,
-        "quantization.omniquant.rounding": "learned", "quantization.omniquant.clip_param":
-        "direct", "quantization.omniquant.lwc_lr": 5e-3,
-        "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
-        "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}),
+        **SIGNROUND, **LET, "quantization.omniquant.clip_param": "direct",
+        "quantization.omniquant.lwc_lr": 5e-3}),
 }
 
 
@@ -135,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.out) as f:
             result = json.load(f)
     if args.table:
-        args.rows, args.redo, result["fp"] = [f"{s}:{v}" for s in SCHEMES for v in TABLE], True, None
+        args.rows = [f"{s}:{v}" for s in SCHEMES for v in TABLE]
+        args.redo, result["fp"] = True, None
     done = {(r["scheme"], r["method"]) for r in result["rows"]}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relayquant-p1r-") as work:

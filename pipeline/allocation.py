@@ -237,4 +237,5 @@ def allocate_options(params: Sequence[int], cost: torch.Tensor, distortion: torc
         spent += float(extra[n, o])
         idx[n] = o
     return OptionAllocation(
-        choice=[int(i) for i in idx], log2_lambda=log2_lambda, achieved_bits=used(idx) / total, distortion=float((p * d[rows, idx]).sum()))
+        choice=[int(i) for i in idx], log2_lambda=log2_lambda, achieved_bits=used(idx) / total,
+        distortion=float((p * d[rows, idx]).sum()))
