@@ -26,13 +26,16 @@ from pipeline.config import (
     Distortion,
     EvalConfig,
     ExportFormat,
+    Method,
     Objective,
     QuantizationConfig,
     RunConfig,
+    Schedule,
 )
 from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
+from pipeline.parallel.shares import split_windows_among
 from pipeline.plan import Plan, make_plan, open_model
 from pipeline.reconstruct import TrainingError
 from pipeline.schemes import validate_schemes
@@ -47,6 +50,7 @@ class Stages:
     plan: Plan
     actors: list[Any]
     chunk_size: int
+    data_parallel: bool = False
 
     def owner(self, index: int) -> Any:
         for actor, (start, end) in zip(self.actors, self.plan.stages, strict=True):
@@ -71,23 +75,73 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
     log.info("placed %d blocks on %d stage(s): %s (%s per stage, device %s)", plan.num_blocks,
              len(actors), ", ".join(f"[{a}, {b})" for a, b in plan.stages),
              f"{resources.cpus_per_worker} CPU", device)
-    return Stages(plan, actors, cluster.chunk_size), group
+    stages = Stages(plan, actors, cluster.chunk_size,
+                    cluster.resolved_schedule is Schedule.DATA_PARALLEL)
+    if stages.data_parallel:
+        try:
+            address = (ray.get(actors[0].rendezvous_address.remote()) if len(actors) > 1
+                       else None)
+            gather([a.join.remote(address, r, len(actors)) for r, a in enumerate(actors)])
+        except BaseException:
+            runtime.release(actors, group)
+            raise
+        log.info("data_parallel: %d workers joined one process group (%s)", len(actors),
+                 "nccl" if device == "cuda" else "gloo")
+    return stages, group
+
+
+def gather(refs: list[Any]) -> list[Any]:
+    """Every result, but fail as soon as any one task fails (a dead data-parallel worker
+    leaves the others waiting in a collective: never wait for them)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
 
 
 def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
                       label: str, abits: int = 16) -> dict[str, Any]:
-    """Perplexity with the windows streamed through every stage's blocks, forward only (with
-    abits < 16, the quantized linears' inputs fake-quantized per token)."""
+    """Perplexity, forward only (with abits < 16, the quantized linears' inputs fake-quantized
+    per token). Data-parallel: each worker takes a contiguous share of the windows through
+    every block; sequential: the chunks are pipelined through the stages (stage k works on
+    chunk c while stage k+1 works on chunk c-1)."""
     start = time.perf_counter()
-    ids_chunks = split_windows(windows, stages.chunk_size)
-    stream = ray.get(stages.actors[0].embed.remote(model_path, ids_chunks))
-    for i in range(stages.plan.num_blocks):
-        stream = ray.get(stages.owner(i).forward_block.remote(model_path, i, stream, abits))
-        _progress(f"eval {label}", i + 1, stages.plan.num_blocks, start)
-    log.info("eval %s: scoring %d windows on the last stage", label, windows.shape[0])
-    nll, count = ray.get(stages.actors[-1].score.remote(model_path, stream, ids_chunks))
+    if stages.data_parallel:
+        shares = torch.tensor_split(windows, len(stages.actors))
+        parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits)
+                        for a, share in zip(stages.actors, shares, strict=True)])
+    else:
+        parts = pipelined_scores(stages, model_path, windows, abits, label, start)
+    nll = sum(p[0] for p in parts)
+    count = sum(p[1] for p in parts)
+    seconds = time.perf_counter() - start
+    log.info("eval %s: %d windows in %.1fs", label, windows.shape[0], seconds)
     return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
-            "tokens": count, "seconds": time.perf_counter() - start}
+            "tokens": count, "seconds": seconds}
+
+
+def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abits: int,
+                     label: str, start: float) -> list[tuple[float, int]]:
+    """Each chunk through every stage and scored on the last; all chunks submitted at once, so
+    Ray runs stage k's chunk c beside stage k+1's chunk c-1 (an actor runs its tasks in
+    submission order). Each stage keeps its blocks loaded for the pass."""
+    ids_chunks = split_windows(windows, stages.chunk_size)
+    refs = []
+    try:
+        for ids in ids_chunks:
+            h = stages.actors[0].embed_chunk.remote(model_path, ids)
+            for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
+                h = actor.forward_chunk.remote(model_path, a, b, h, abits)
+            refs.append(stages.actors[-1].score_chunk.remote(model_path, h, ids))
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            _progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
+        return ray.get(refs)
+    finally:
+        gather([a.release_blocks.remote() for a in stages.actors])
 
 
 def resume_point(stages: Stages, config: RunConfig, done: dict[int, Any]
@@ -138,16 +192,80 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
         if config.checkpoint.save_streams and i + 1 < stages.plan.num_blocks:
             ray.get(owner.save_streams.remote(config.output, i + 1, fp, q))
         markers.append(marker)
-        m = marker["metrics"]
-        trained = (f", loss {m['loss_before']:.3e} -> {m['loss_after']:.3e}"
-                   if "loss_before" in m else "")
-        remaining = stages.plan.num_blocks - i - 1
-        log.info("block %d/%d on stage %d: %.2fs%s, output rel. error %.3e, peak RSS %.0f MB "
-                 "(private %.0f MB), ~%.0fs left", i + 1, stages.plan.num_blocks, m["worker"],
-                 m["seconds"], trained, m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
-                 m["peak_private_bytes"] / 2**20, m["seconds"] * remaining)
+        _log_block(marker, i, stages.plan.num_blocks, time.perf_counter() - start, i + 1 - first
+                   - sum(1 for j in range(first, i) if j in done))
     log.info("quantized %d blocks in %.1fs", stages.plan.num_blocks, time.perf_counter() - start)
     return markers
+
+
+def training_batch(quantization: QuantizationConfig, workers: int) -> int:
+    """The global batch the windows are shared by: the training batch for learned methods (so
+    each batch is spread over the workers), else one window per worker in turn."""
+    if quantization.method is Method.OMNIQUANT:
+        return quantization.omniquant.batch_size
+    return workers
+
+
+def quantize_blocks_data_parallel(stages: Stages, config: RunConfig, model_path: str,
+                                  windows: torch.Tensor, done: dict[int, dict[str, Any]],
+                                  saved_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every worker keeps its share of the windows (both streams) for the whole run and all
+    work on each block together; worker 0 writes the block's checkpoint."""
+    start = time.perf_counter()
+    workers = len(stages.actors)
+    batch = training_batch(config.quantization, workers)
+    shares = split_windows_among(windows.shape[0], workers, batch)
+    idle = [w for w, share in enumerate(shares) if not share.indices]
+    if idle:
+        log.warning("data_parallel: the global batch of %d windows is smaller than the %d "
+                    "workers; workers %s hold no window and only join the collectives", batch,
+                    workers, idle)
+    if config.checkpoint.save_streams:
+        log.warning("checkpoint.save_streams: the data_parallel schedule keeps each worker's "
+                    "streams to itself and saves no boundary; a resumed run carries the "
+                    "streams through the finished blocks")
+    held = gather([a.dp_start.remote(model_path, windows[list(share.indices)], share,
+                                     stages.chunk_size)
+                   for a, share in zip(stages.actors, shares, strict=True)])
+    log.info("data_parallel: %d windows shared among %d workers (%s), global batch %d",
+             windows.shape[0], workers, "/".join(map(str, held)), batch)
+    markers = []
+    for i in range(stages.plan.num_blocks):
+        if i in done:
+            gather([a.dp_carry_block.remote(model_path, i, config.output,
+                                             done[i]["files"][""]["file"], saved_config,
+                                             config.quantization.abits)
+                    for a in stages.actors])
+            markers.append(done[i])
+            log.info("block %d/%d: done in an earlier run, streams carried through it", i + 1,
+                     stages.plan.num_blocks)
+            continue
+        results = gather([a.dp_quantize_block.remote(model_path, i, config.quantization,
+                                                     config.export.formats, config.output)
+                          for a in stages.actors])
+        marker = results[0]["marker"]
+        markers.append(marker)
+        _log_block(marker, i, stages.plan.num_blocks, time.perf_counter() - start,
+                   len(markers) - len(done))
+    gather([a.dp_release_streams.remote() for a in stages.actors])
+    log.info("quantized %d blocks in %.1fs on %d data-parallel workers",
+             stages.plan.num_blocks, time.perf_counter() - start, workers)
+    return markers
+
+
+def _log_block(marker: dict[str, Any], i: int, total: int, elapsed: float, worked: int) -> None:
+    m = marker["metrics"]
+    trained = (f", loss {m['loss_before']:.3e} -> {m['loss_after']:.3e}"
+               if "loss_before" in m else "")
+    busy = ("; workers " + ", ".join(f"{w['worker']}: {w['compute_seconds']:.1f}s compute + "
+                                     f"{w['collective_seconds']:.1f}s collective"
+                                     for w in m["workers"]) if "workers" in m else
+            f" on stage {m['worker']}")
+    eta = elapsed / max(worked, 1) * (total - i - 1)
+    log.info("block %d/%d: %.2fs%s, output rel. error %.3e, peak RSS %.0f MB "
+             "(private %.0f MB), ~%.0fs left%s", i + 1, total, m["seconds"], trained,
+             m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
+             m["peak_private_bytes"] / 2**20, eta, busy)
 
 
 def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
@@ -243,10 +361,10 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
     return allocation
 
 
-def _progress(phase: str, done: int, total: int, start: float) -> None:
+def _progress(phase: str, done: int, total: int, start: float, unit: str = "blocks") -> None:
     if done == total or done % max(1, total // 10) == 0:
         elapsed = time.perf_counter() - start
-        log.info("%s: %d/%d blocks, %.1fs elapsed, ~%.1fs left", phase, done, total, elapsed,
+        log.info("%s: %d/%d %s, %.1fs elapsed, ~%.1fs left", phase, done, total, unit, elapsed,
                  elapsed / done * (total - done))
 
 
@@ -280,7 +398,8 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
                 log.info("resuming: %d of %d blocks already done", len(done), plan.num_blocks)
             history.setdefault("resumed_blocks", sorted(done))
             history.setdefault("redone_blocks", redo)
-            markers = quantize_blocks(stages, config, model_path, calib, done, saved_config)
+            run = (quantize_blocks_data_parallel if stages.data_parallel else quantize_blocks)
+            markers = run(stages, config, model_path, calib, done, saved_config)
             return stages, group, markers, history
         except STAGE_FAILURES as e:
             runtime.release(stages.actors, group)

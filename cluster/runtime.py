@@ -12,7 +12,7 @@ from typing import Any
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from pipeline.config import ClusterConfig, ConfigError, Device
+from pipeline.config import ClusterConfig, ConfigError, Device, Schedule
 
 log = logging.getLogger(__name__)
 RESERVE_TIMEOUT_S = 120
@@ -61,10 +61,10 @@ def plan_resources(cluster: ClusterConfig) -> Resources:
     per_worker = math.floor(per_worker * 100) / 100  # the bundles must fit in the total
     if cluster.threads is not None:
         threads = cluster.threads
-    elif use_gpu:
-        threads = max(1, int(per_worker))
+    elif use_gpu or cluster.resolved_schedule is Schedule.DATA_PARALLEL:
+        threads = max(1, int(per_worker))  # every worker computes at once: its own cores
     else:
-        threads = 0  # the stage takes every core it can see
+        threads = 0  # one stage computes at a time: it takes every core it can see
     return Resources(per_worker, 1 if use_gpu else 0, threads)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -12,6 +13,9 @@ from pipeline import block_pass, budget, checkpoint, sensitivity
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.export import FOLDERS
 from pipeline.model_parts import DTYPES, ModelParts
+from pipeline.parallel.collective import Collective, Solo, TorchCollective
+from pipeline.parallel.shares import WindowShare
+from pipeline.parallel.worker import DataParallelWorker
 from pipeline.plan import open_model
 
 
@@ -35,6 +39,8 @@ class StageActor:
         self.compute_dtype, self.device = compute_dtype, device
         self.store = RayStore()
         self.models: dict[str, ModelParts] = {}
+        self.worker: DataParallelWorker | None = None
+        self.resident: dict[str, block_pass.ResidentBlocks] = {}
 
     def _parts(self, path: str) -> ModelParts:
         if path not in self.models:
@@ -52,6 +58,26 @@ class StageActor:
                             stream: list[Any], abits: int = 16) -> list[Any]:
         return block_pass.forward_saved_block(output, index, file, config, stream, self.store,
                                               DTYPES[self.compute_dtype], self.device, abits)
+
+    # --- pipelined forward-only passes: one chunk at a time, the stage's blocks kept loaded ----
+
+    def _resident(self, path: str) -> block_pass.ResidentBlocks:
+        if path not in self.resident:
+            self.resident[path] = block_pass.ResidentBlocks(self._parts(path))
+        return self.resident[path]
+
+    def embed_chunk(self, path: str, ids: torch.Tensor) -> torch.Tensor:
+        return self._resident(path).embed(ids)
+
+    def forward_chunk(self, path: str, start: int, end: int, h: torch.Tensor,
+                      abits: int = 16) -> torch.Tensor:
+        return self._resident(path).forward(start, end, h, abits)
+
+    def score_chunk(self, path: str, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        return self._resident(path).score(h, ids)
+
+    def release_blocks(self) -> None:
+        self.resident.clear()
 
     def save_streams(self, output: str, boundary: int, fp: list[Any], q: list[Any]) -> None:
         block_pass.save_boundary(output, boundary, fp, q, self.store)
@@ -96,3 +122,41 @@ class StageActor:
 
     def peak_rss_bytes(self) -> int:
         return block_pass.peak_rss_bytes()
+
+    # --- the data-parallel schedule: this actor is one worker of all blocks ----------------------
+
+    def rendezvous_address(self) -> str:
+        """A free TCP port on this actor's node, for the workers' process group."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def join(self, address: str | None, rank: int, world: int) -> None:
+        group: Collective = Solo() if world == 1 else TorchCollective(
+            str(address), rank, world, "nccl" if self.device.startswith("cuda") else "gloo")
+        self.worker = DataParallelWorker(group, self.compute_dtype, self.device)
+        self.worker.models = self.models
+
+    def _dp(self) -> DataParallelWorker:
+        assert self.worker is not None, "join() first"
+        return self.worker
+
+    def dp_start(self, path: str, windows: torch.Tensor, share: WindowShare,
+                 chunk_size: int) -> int:
+        return self._dp().start(path, windows, share, chunk_size)
+
+    def dp_quantize_block(self, path: str, index: int, quantization: QuantizationConfig,
+                          layouts: list[ExportFormat], output: str) -> dict[str, Any]:
+        return self._dp().quantize_block(path, index, quantization, layouts, output)
+
+    def dp_carry_block(self, path: str, index: int, output: str, file: str,
+                       config: dict[str, Any], abits: int) -> None:
+        self._dp().carry_block(path, index, output, file, config, abits)
+
+    def dp_release_streams(self) -> None:
+        self._dp().release_streams()
+
+    def dp_perplexity(self, path: str, windows: torch.Tensor, chunk_size: int,
+                      abits: int = 16) -> tuple[float, int]:
+        return self._dp().perplexity(path, windows, chunk_size, abits)

@@ -20,8 +20,9 @@ from pipeline.formats import AffineFormat, QuantParams
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
+from pipeline.parallel.collective import Collective, Solo, sum_scalars
+from pipeline.parallel.shares import WindowShare
 from pipeline.reconstruct import (
-    GradSync,
     activation_quant,
     gptq_block,
     input_hooks,
@@ -82,6 +83,46 @@ def forward_saved_block(output: str, index: int, file: str, config: dict[str, An
     return forward_block(parts, index, stream, store, abits)
 
 
+class ResidentBlocks:
+    """A stage's blocks (and the head) kept loaded through a forward-only pass over many
+    chunks, so a pipelined pass reads each block once, not once per chunk."""
+
+    def __init__(self, parts: ModelParts):
+        self.parts = parts
+        self.blocks: dict[int, torch.nn.Module] = {}
+        self.head: list[torch.nn.Module] | None = None
+        self.embedding: list[torch.nn.Module | None] | None = None
+
+    def block(self, index: int) -> torch.nn.Module:
+        if index not in self.blocks:
+            self.blocks[index] = self.parts.load_block(index)
+        return self.blocks[index]
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embedding is None:
+            self.embedding = self.parts.load_embedding()
+        return embed(self.parts, self.embedding, ids).cpu()
+
+    @torch.no_grad()
+    def forward(self, start: int, end: int, h: torch.Tensor, abits: int = 16) -> torch.Tensor:
+        h = h.to(self.parts.device)
+        for i in range(start, end):
+            block = self.block(i)
+            path = self.parts.block_path(i)
+            quantized = [n for n in self.parts.adapter.linears
+                         if f"{path}.{n}" in self.parts.packed]
+            with activation_quant(block, quantized, abits):
+                h = run_block(self.parts, block, h)
+        return h.cpu()
+
+    @torch.no_grad()
+    def score(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        if self.head is None:
+            self.head = self.parts.load_head()
+        return token_nll(self.head, h.to(self.parts.device), ids)
+
+
 def save_boundary(output: str, boundary: int, fp: list[Any], q: list[Any],
                   store: ChunkStore) -> None:
     write_boundary(output, boundary, [store.get(h) for h in fp], [store.get(h) for h in q])
@@ -139,37 +180,56 @@ def quantize_linears_(block: torch.nn.Module, formats: dict[str, AffineFormat | 
 @torch.no_grad()
 def correct_biases_(parts: ModelParts, block: torch.nn.Module,
                     original: dict[str, torch.Tensor], q_in: list[Any], store: ChunkStore,
-                    abits: int) -> int:
+                    abits: int, group: Collective | None = None) -> int:
     """b <- b - (W_q - W) E[x] for the linears in `original` (name -> weight before
-    quantization), E[x] over the quantized stream through the quantized block; returns how many
-    were corrected."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    quantization), E[x] over the quantized stream through the quantized block (over every
+    worker's windows); returns how many were corrected."""
+    names = list(original)
+    sums = {n: torch.zeros(original[n].shape[1], dtype=torch.float64, device=parts.device)
+            for n in names}
+    counts = torch.zeros(len(names), dtype=torch.float64)
 
     def visit(name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        sums[name] = sums.get(name, 0) + x.sum(0)
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        sums[name] += x.sum(0)
+        counts[names.index(name)] += x.shape[0]
 
-    names = list(original)
     with input_hooks(block, names, visit), activation_quant(block, names, abits):
         for h in q_in:
             _run(parts, block, store, h)
-    for name, weight in original.items():
+    if group is not None and group.world > 1:
+        group.sum_([*sums.values(), counts.to(parts.device)])
+    for i, (name, weight) in enumerate(original.items()):
         quantized = block.get_parameter(f"{name}.weight")
         bias = block.get_parameter(f"{name}.bias")
-        mean = (sums[name] / counts[name]).to(weight.device)
+        mean = (sums[name] / counts[i].item()).to(weight.device)
         shift = (quantized.double() - weight.double()) @ mean
         bias.sub_(shift.to(bias.dtype))
     return len(original)
 
 
+def reduce_stats_(stats: dict[str, Any], block: torch.nn.Module, names: list[str],
+                  group: Collective, device: str) -> None:
+    """Every worker's per-channel input statistics combined (max / min), in `names` order."""
+    from pipeline.methods.let import ActStats
+
+    for n in names:
+        if n not in stats:
+            stats[n] = ActStats.empty(block.get_submodule(n).in_features, device)
+    group.max_([t for n in names for t in (stats[n].absmax, stats[n].maximum)])
+    group.min_([stats[n].minimum for n in names])
+
+
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
                    quantization: QuantizationConfig, layouts: list[ExportFormat],
-                   store: ChunkStore, grad_sync: GradSync | None = None) -> BlockResult:
+                   store: ChunkStore, group: Collective | None = None,
+                   share: WindowShare | None = None) -> BlockResult:
     """Run the FP stream through the block (the targets), quantize its linears with the
     configured method, run the quantized stream through the quantized block, and measure the
-    block's output error against the FP target."""
+    block's output error against the FP target. With several data-parallel workers (`group`),
+    the streams are this worker's share of the windows and every statistic is combined over
+    the workers, so all of them end with the same block."""
+    group = group or Solo()
     start = time.perf_counter()
     block = parts.load_block(index)
     loaded = time.perf_counter()
@@ -185,6 +245,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         for h in fp_in:
             fp_out.append(store.put(_run(parts, block, store, h)))
             private = max(private, private_bytes())
+    if collect and group.world > 1:
+        reduce_stats_(stats, block, names, group, parts.device)
     metrics: dict[str, Any] = {"index": index}
     original = ({n: block.get_parameter(f"{n}.weight").detach().clone() for n in names
                  if block.get_submodule(n).bias is not None}
@@ -192,7 +254,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     if method is Method.RTN:
         linears = quantize_linears_(block, formats, dtypes)
     elif method is Method.GPTQ:
-        linears, extra = gptq_block(parts, block, formats, q_in, store, quantization, dtypes)
+        linears, extra = gptq_block(parts, block, formats, q_in, store, quantization, dtypes,
+                                    group)
         metrics.update(extra)
     else:
         aug = None
@@ -200,12 +263,12 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             with torch.no_grad():
                 aug = [store.put(_run(parts, block, store, h)) for h in q_in]
         linears, extra = train_block(parts, index, block, formats, q_in, fp_out, aug, stats,
-                                     quantization, store, dtypes, grad_sync)
+                                     quantization, store, dtypes, group, share)
         metrics.update(extra)
     private = max(private, private_bytes())
     if quantization.bias_correction:
         metrics["bias_corrected"] = correct_biases_(parts, block, original, q_in, store,
-                                                    quantization.abits)
+                                                    quantization.abits, group)
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     with torch.no_grad(), activation_quant(block, names, quantization.abits):
         for hq, hf in zip(q_in, fp_out, strict=True):
@@ -216,6 +279,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             numel += target.numel()
             private = max(private, private_bytes())
             q_out.append(store.put(y))
+    err, ref, numel = sum_scalars(group, [err, ref, float(numel)])
     state = block.state_dict()
     exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
     schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]

@@ -50,6 +50,15 @@ class Device(str, enum.Enum):
     CUDA = "cuda"
 
 
+class Schedule(str, enum.Enum):
+    # the streams travel stage to stage, one block range per worker (the reference; for models
+    # whose block cannot fit one worker); forward-only passes are pipelined chunk by chunk
+    SEQUENTIAL = "sequential"
+    # every worker keeps its share of the calibration windows for the whole run and all workers
+    # work on every block together (gradients averaged each step, Hessians summed)
+    DATA_PARALLEL = "data_parallel"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -296,6 +305,14 @@ class ClusterConfig:
     threads: int | None = None
     # how often a run restarts its stages after one dies before it gives up
     max_retries: int = 2
+    # null: data_parallel when workers > 1, else sequential
+    schedule: Schedule | None = None
+
+    @property
+    def resolved_schedule(self) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        return Schedule.DATA_PARALLEL if self.workers > 1 else Schedule.SEQUENTIAL
 
     def __post_init__(self) -> None:
         _require(self.max_retries >= 0, f"cluster.max_retries: {self.max_retries}; must be >= 0")

@@ -7,9 +7,9 @@ streams, the full-precision one (targets) and the quantized one (what the quanti
   and the FP block's output on the FP stream (plus, with `aug_loss`, the FP block's output on
   the quantized stream), then folded into plain weights and integer parameters.
 
-The training step takes a `grad_sync` callable, run after backward and before the optimizer
-step on the list of learnable tensors, where a data-parallel schedule averages gradients across
-workers. Activation quantization (abits < 16) is a forward pre-hook on every quantized linear.
+Every method takes a `Collective`: with several data-parallel workers the training step sums
+their weighted gradients (and losses) after backward and before the optimizer step, and the
+Hessians and statistics are summed over them. Activation quantization (abits < 16) is a forward pre-hook on every quantized linear.
 """
 from __future__ import annotations
 
@@ -31,13 +31,12 @@ from pipeline.methods.gptq import Hessian, gptq_quantize
 from pipeline.methods.let import ActStats, EquivalentTransform
 from pipeline.methods.lwc import ClippingFactors, round_ste
 from pipeline.model_parts import ModelParts, run_block
+from pipeline.parallel.collective import Collective, Solo, sum_scalars
+from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
 from pipeline.training import make_optimizer, use_amp
 
 log = logging.getLogger(__name__)
-
-GradSync = Callable[[list[torch.Tensor]], None]
-
 
 class TrainingError(RuntimeError):
     """Training of one block diverged (NaN/inf loss)."""
@@ -101,49 +100,87 @@ def quantized_names(formats: dict[str, AffineFormat | None]) -> list[str]:
 
 @torch.no_grad()
 def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in: list[Any],
-                     store: ChunkStore, abits: int) -> dict[str, torch.Tensor]:
+                     store: ChunkStore, abits: int, group: Collective | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Each named linear's Hessian from the quantized stream through `block` as it is now. The
-    consumers of one norm read the same input and share one Hessian (one tensor)."""
+    consumers of one norm read the same input and share one Hessian (one tensor). With several
+    data-parallel workers, every worker's sums are added (float64 on CPU, so the total does not
+    depend on how the windows were shared)."""
     shared: dict[str, str] = {}
     for _norm, consumers in parts.adapter.norm_to_linears:
-        group = [n for n in consumers if n in names]
-        shared.update({n: group[0] for n in group[1:]})
-    hessians: dict[str, Hessian] = {}
+        members = [n for n in consumers if n in names]
+        shared.update({n: members[0] for n in members[1:]})
+    watched = [n for n in names if n not in shared]
+    hessians = {n: Hessian(block.get_submodule(n).in_features, parts.device) for n in watched}
 
     def visit(name: str, x: torch.Tensor) -> None:
-        hessians.setdefault(name, Hessian(x.shape[-1], x.device)).add(x)
+        hessians[name].add(x)
 
-    watched = [n for n in names if n not in shared]
     with activation_quant(block, names, abits), input_hooks(block, watched, visit):
         for h in q_in:
             run_block(parts, block, store.get(h).to(parts.device))
+    if group is not None and group.world > 1:
+        counts = torch.tensor([float(h.count) for h in hessians.values()], dtype=torch.float64)
+        group.sum_([h.matrix for h in hessians.values()] + [counts])
+        for h, c in zip(hessians.values(), counts.tolist(), strict=True):
+            h.count = int(c)
     values = {n: h.value() for n, h in hessians.items()}
     return {n: values[shared.get(n, n)] for n in names}
+
+
+def assign_by_cost(names: list[str], costs: list[float], workers: int) -> list[int]:
+    """Each name's worker: the most expensive first, each to the least loaded worker (ties to
+    the lowest index), so every worker derives the same assignment."""
+    load = [0.0] * workers
+    owner = [0] * len(names)
+    for i in sorted(range(len(names)), key=lambda i: (-costs[i], i)):
+        w = min(range(workers), key=lambda w: (load[w], w))
+        owner[i] = w
+        load[w] += costs[i]
+    return owner
 
 
 @torch.no_grad()
 def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFormat | None],
                q_in: list[Any], store: ChunkStore, quantization: QuantizationConfig,
-               dtypes: dict[str, torch.dtype]) -> tuple[dict[str, QuantizedLinear], dict]:
+               dtypes: dict[str, torch.dtype], group: Collective | None = None
+               ) -> tuple[dict[str, QuantizedLinear], dict]:
     """Quantize the block's linears in place with GPTQ; Hessians from the quantized stream
-    through the still-FP block (linears that read the same input share one Hessian)."""
+    through the still-FP block (linears that read the same input share one Hessian). With
+    several workers, the Hessians are summed over all of them, each linear is solved by one
+    worker (spread by cost: rows x columns^2) and its result broadcast to the others."""
+    group = group or Solo()
     names = quantized_names(formats)
     start = time.perf_counter()
-    hessians = collect_hessians(parts, block, names, q_in, store, quantization.abits)
+    hessians = collect_hessians(parts, block, names, q_in, store, quantization.abits, group)
     collected = time.perf_counter() - start
+    shapes = [block.get_parameter(f"{n}.weight").shape for n in names]
+    owners = assign_by_cost(names, [float(r) * c * c for r, c in shapes], group.world)
     out, damps = {}, {}
     cfg = quantization.gptq
-    for name in names:
+    for name, owner in zip(names, owners, strict=True):
         fmt = formats[name]
         assert fmt is not None
         weight = block.get_parameter(f"{name}.weight")
-        result = gptq_quantize(weight, hessians[name], fmt,
-                               damp=cfg.damp, block_size=cfg.block_size,
-                               act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
-        weight.copy_(result.weight)
-        damps[name] = result.damp
-        out[name] = QuantizedLinear(result.codes.cpu(), QuantParams(
-            result.qparams.scale.cpu(), result.qparams.zero_point.cpu()), fmt)
+        if owner == group.rank:
+            result = gptq_quantize(weight, hessians[name], fmt,
+                                   damp=cfg.damp, block_size=cfg.block_size,
+                                   act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
+            fake, codes = result.weight, result.codes
+            scale, zero = result.qparams.scale, result.qparams.zero_point
+            damp = torch.tensor([result.damp], dtype=torch.float64, device=weight.device)
+        else:
+            rows, columns = weight.shape
+            groups = fmt.groups(columns)
+            fake, codes = torch.empty_like(weight), torch.empty(
+                rows, columns, dtype=torch.int32, device=weight.device)
+            scale, zero = (torch.empty(rows, groups, device=weight.device) for _ in range(2))
+            damp = torch.empty(1, dtype=torch.float64, device=weight.device)
+        if group.world > 1:
+            group.broadcast_([fake, codes, scale, zero, damp], owner)
+        weight.copy_(fake)
+        damps[name] = float(damp.item())
+        out[name] = QuantizedLinear(codes.cpu(), QuantParams(scale.cpu(), zero.cpu()), fmt)
     raised = {n: d for n, d in damps.items() if d != cfg.damp}
     if raised:
         log.info("GPTQ: damping raised for %s", raised)
@@ -156,28 +193,40 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
 
 @dataclasses.dataclass
 class Batches:
-    """Minibatches of `size` windows over streams stored as chunks, in order; each chunk is read
-    once per pass (the current one is cached)."""
+    """Minibatches over streams stored as chunks, in order: `sizes[k]` windows for step k (0:
+    an empty step, a data-parallel worker with no window in that global batch). Each chunk is
+    read once per pass (the current one is cached)."""
 
     streams: list[list[Any]]
     store: ChunkStore
-    size: int
+    sizes: list[int]
     device: str
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        sizes = iter(self.sizes)
+        want = next(sizes, None)
+        while want == 0:
+            yield []
+            want = next(sizes, None)
         pending: list[list[torch.Tensor]] = [[] for _ in self.streams]
         count = 0
         for handles in zip(*self.streams, strict=True):
+            if want is None:
+                return
             chunks = [self.store.get(h) for h in handles]
             for i in range(chunks[0].shape[0]):
                 for part, c in zip(pending, chunks, strict=True):
                     part.append(c[i : i + 1])
                 count += 1
-                if count == self.size:
+                if count == want:
                     yield [torch.cat(p).to(self.device) for p in pending]
                     pending, count = [[] for _ in self.streams], 0
-        if count:
-            yield [torch.cat(p).to(self.device) for p in pending]
+                    want = next(sizes, None)
+                    while want == 0:
+                        yield []
+                        want = next(sizes, None)
+                    if want is None:
+                        return
 
 
 class BlockQuantizer(nn.Module):
@@ -290,19 +339,48 @@ def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Ten
 @torch.no_grad()
 def probe_loss(parts: ModelParts, block: nn.Module,
                tensors: Callable[[], dict[str, torch.Tensor]] | None,
-               batch: list[torch.Tensor]) -> float:
-    """The training loss on a few windows, without training (before and after)."""
-    return block_loss(parts, block, tensors() if tensors else None, batch).item()
+               batch: list[torch.Tensor], weight: float, group: Collective) -> float:
+    """The training loss on the first few windows, without training (before and after); each
+    worker's part weighted by its share of those windows, summed over the workers."""
+    local = (block_loss(parts, block, tensors() if tensors else None, batch).item() * weight
+             if batch else 0.0)
+    return sum_scalars(group, [local])[0]
+
+
+@dataclasses.dataclass
+class StepSync:
+    """After backward, before the optimizer step: every worker's weighted gradients and loss
+    summed (the gradient of the global batch's loss); a no-op for one worker."""
+
+    group: Collective
+    learnable: list[torch.Tensor]
+
+    def __call__(self, loss: torch.Tensor | None) -> float:
+        local = loss.detach().float().reshape(1) if loss is not None else torch.zeros(1)
+        if self.group.world == 1:
+            return local.item()
+        for p in self.learnable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buffer = [p.grad for p in self.learnable] + [local.to(self.learnable[0].device)]
+        self.group.sum_(buffer)  # type: ignore[arg-type]
+        return buffer[-1].item()
 
 
 def train_block(parts: ModelParts, index: int, block: nn.Module,
                 formats: dict[str, AffineFormat | None], q_in: list[Any], targets: list[Any],
                 aug_targets: list[Any] | None, stats: dict[str, ActStats],
                 quantization: QuantizationConfig, store: ChunkStore,
-                dtypes: dict[str, torch.dtype], grad_sync: GradSync | None = None
+                dtypes: dict[str, torch.dtype], group: Collective | None = None,
+                share: WindowShare | None = None
                 ) -> tuple[dict[str, QuantizedLinear], dict[str, Any]]:
-    """OmniQuant on one block; leaves `block` holding its folded, quantized weights."""
+    """OmniQuant on one block; leaves `block` holding its folded, quantized weights. With
+    several data-parallel workers (`group`), each holds the windows of `share` and every step
+    sums their gradients, weighted by their share of the global batch, before the update."""
     cfg = quantization.omniquant
+    group = group or Solo()
+    if share is None:
+        share = WindowShare.whole(sum(int(store.get(h).shape[0]) for h in q_in))
     compute_dtype = next(block.parameters()).dtype
     block.float().requires_grad_(False)
     model = BlockQuantizer(parts, block, formats, stats, cfg, quantization.abits)
@@ -310,48 +388,52 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     learnable = [p for g in groups for p in g["params"]]
     amp = use_amp(parts.device, formats, quantization.abits)
     scaler = torch.amp.GradScaler("cuda") if amp else None
-
-    def total_steps() -> int:
-        windows = sum(int(store.get(h).shape[0]) for h in q_in)
-        return cfg.epochs * math.ceil(windows / cfg.batch_size)
-
-    optimizer, schedule = make_optimizer(groups, cfg, total_steps) if groups else (None, None)
+    optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
+        cfg.batch_size)) if groups else (None, None))
+    sync = StepSync(group, learnable)
     best: tuple[float, list[torch.Tensor]] | None = None
     streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
     names = model.names
     epoch_losses: list[float] = []
     start = time.perf_counter()
-    probe = next(iter(Batches(streams, store, 16, parts.device)))
+    probe_total = min(16, share.total)
+    probe = next(iter(Batches(streams, store, [share.count_below(probe_total)], parts.device)))
+    probe_weight = len(probe[0]) / probe_total if probe else 0.0
+    sizes, totals = share.batch_sizes(cfg.batch_size), share.batch_totals(cfg.batch_size)
     unreached = None
     if cfg.rounding is Rounding.LEARNED and cfg.round_init == "gptq":
         unreached = model.start_rounding_at_gptq_(
-            collect_hessians(parts, block, names, q_in, store, quantization.abits),
+            collect_hessians(parts, block, names, q_in, store, quantization.abits, group),
             quantization.gptq, dtypes)
     with activation_quant(block, names, quantization.abits):
-        loss_before = probe_loss(parts, block, model.tensors, probe)
+        loss_before = probe_loss(parts, block, model.tensors, probe, probe_weight, group)
         for epoch in range(cfg.epochs if optimizer is not None else 0):
             total, steps = 0.0, 0
-            for batch in Batches(streams, store, cfg.batch_size, parts.device):
-                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    loss = block_loss(parts, block, model.tensors(), batch)
-                if not torch.isfinite(loss):
+            assert optimizer is not None
+            batches = Batches(streams, store, sizes, parts.device)
+            for batch, size, whole in zip(batches, sizes, totals, strict=True):
+                optimizer.zero_grad(set_to_none=True)
+                loss = None
+                if size:
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                        loss = block_loss(parts, block, model.tensors(), batch)
+                    if size != whole:
+                        loss = loss * (size / whole)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                value = sync(loss)  # the global batch's loss, every worker's gradients summed
+                if not math.isfinite(value):
                     raise TrainingError(
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
-                        f"the reconstruction loss became {loss.item()} at epoch "
+                        f"the reconstruction loss became {value} at epoch "
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
                         "let_lr, or train in fp32 (cluster.compute_dtype float32)")
-                assert optimizer is not None
-                if cfg.keep_best and (best is None or loss.item() < best[0]):
-                    best = (loss.item(), [p.detach().clone() for p in learnable])
-                optimizer.zero_grad(set_to_none=True)
+                if cfg.keep_best and (best is None or value < best[0]):
+                    best = (value, [p.detach().clone() for p in learnable])
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if grad_sync is not None:
-                    grad_sync([p.grad for p in learnable if p.grad is not None])
-                if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
@@ -359,7 +441,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 if schedule is not None:
                     schedule.step()
                 model.after_step()
-                total += loss.item()
+                total += value
                 steps += 1
             epoch_losses.append(total / max(steps, 1))
             log.info("block %d: epoch %d/%d, loss %.4e, %.1fs", index + 1, epoch + 1, cfg.epochs,
@@ -371,10 +453,10 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     hessians = None
     if cfg.rounding is Rounding.GPTQ:
         def hessians() -> dict[str, torch.Tensor]:
-            return collect_hessians(parts, block, names, q_in, store, quantization.abits)
+            return collect_hessians(parts, block, names, q_in, store, quantization.abits, group)
     linears = model.fold_(block, dtypes, hessians, quantization.gptq)
     with activation_quant(block, names, quantization.abits):
-        loss_after = probe_loss(parts, block, None, probe)
+        loss_after = probe_loss(parts, block, None, probe, probe_weight, group)
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
                                **({"best_train_loss": best[0]} if best is not None else {}),
@@ -382,7 +464,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses), "amp": amp,
                                "loss_before": loss_before, "loss_after": loss_after,
-                               "loss_windows": int(probe[0].shape[0])}
+                               "loss_windows": probe_total}
     if epoch_losses:
         metrics["loss_first_epoch"] = epoch_losses[0]
         metrics["loss_last_epoch"] = epoch_losses[-1]

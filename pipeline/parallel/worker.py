@@ -1,0 +1,103 @@
+"""One data-parallel worker over a whole run, without Ray: it keeps its share of the
+calibration windows (both streams) for the whole run and works on every block together with
+the other workers through a `Collective`. A Ray actor wraps it (cluster/stage.py).
+
+Streams never leave the worker; only the block's weights (read lazily from storage by every
+worker), the gradients and statistics (through the collective) and the block's checkpoint
+(written once, by worker 0) are shared.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline import block_pass, checkpoint
+from pipeline.config import ExportFormat, QuantizationConfig
+from pipeline.export import FOLDERS
+from pipeline.model_parts import DTYPES, ModelParts
+from pipeline.parallel.collective import Collective
+from pipeline.parallel.shares import WindowShare
+from pipeline.plan import open_model
+from pipeline.streams import MemoryStore, split_windows
+
+
+class DataParallelWorker:
+    def __init__(self, group: Collective, compute_dtype: str, device: str):
+        self.group = group
+        self.compute_dtype, self.device = compute_dtype, device
+        self.store = MemoryStore()
+        self.models: dict[str, ModelParts] = {}
+        self.share: WindowShare | None = None
+        self.fp: list[Any] = []
+        self.q: list[Any] = []
+
+    def parts(self, path: str) -> ModelParts:
+        if path not in self.models:
+            self.models[path] = open_model(path, self.compute_dtype, self.device)
+        return self.models[path]
+
+    def start(self, path: str, windows: torch.Tensor, share: WindowShare,
+              chunk_size: int) -> int:
+        """Embed this worker's windows (rows of `windows` are its share, in order): both
+        streams start equal. Returns how many windows it holds."""
+        self.share = share
+        chunks = split_windows(windows, chunk_size) if windows.shape[0] else []
+        self.fp = block_pass.embed_stream(self.parts(path), chunks, self.store)
+        self.q = list(self.fp)
+        return int(windows.shape[0])
+
+    def quantize_block(self, path: str, index: int, quantization: QuantizationConfig,
+                       layouts: list[ExportFormat], output: str) -> dict[str, Any]:
+        """Quantize block `index` with every other worker; worker 0 writes its checkpoint.
+        Returns the marker (worker 0; None elsewhere) and this worker's timing."""
+        start = time.perf_counter()
+        waited = self.group.wait_seconds
+        result = block_pass.quantize_block(self.parts(path), index, self.fp, self.q,
+                                           quantization, layouts, self.store, self.group,
+                                           self.share)
+        self.fp, self.q = result.fp_out, result.q_out
+        timing = self._timing(start, waited)
+        marker = None
+        if self.group.rank == 0:
+            exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
+            metrics = {**result.metrics, "worker": 0, "schedule": "data_parallel",
+                       "workers": timing}
+            marker = checkpoint.write_block(output, index, exports, result.schemes, metrics)
+        return {"marker": marker, "timing": timing[self.group.rank]}
+
+    def _timing(self, start: float, waited: float) -> list[dict[str, float]]:
+        """Every worker's seconds on this block and its part spent in collectives, gathered
+        through one more sum (each worker fills its own row)."""
+        rows = torch.zeros(self.group.world, 2, dtype=torch.float64)
+        collective = self.group.wait_seconds - waited
+        rows[self.group.rank] = torch.tensor([time.perf_counter() - start, collective])
+        self.group.sum_([rows])
+        return [{"worker": w, "seconds": r[0], "collective_seconds": r[1],
+                 "compute_seconds": r[0] - r[1]} for w, r in enumerate(rows.tolist())]
+
+    def carry_block(self, path: str, index: int, output: str, file: str,
+                    saved_config: dict[str, Any], abits: int) -> None:
+        """A block finished in an earlier run: the FP stream through the original block, the
+        quantized stream through the saved shard."""
+        self.fp = block_pass.forward_block(self.parts(path), index, self.fp, self.store)
+        self.q = block_pass.forward_saved_block(output, index, file, saved_config, self.q,
+                                                self.store, DTYPES[self.compute_dtype],
+                                                self.device, abits)
+
+    def release_streams(self) -> None:
+        self.fp, self.q = [], []
+
+    def perplexity(self, path: str, windows: torch.Tensor, chunk_size: int,
+                   abits: int = 16) -> tuple[float, int]:
+        """Summed NLL and token count of this worker's evaluation windows through every
+        block (the coordinator adds the workers' sums in worker order)."""
+        if not windows.shape[0]:
+            return 0.0, 0
+        parts = self.parts(path)
+        ids_chunks = split_windows(windows, chunk_size)
+        stream = block_pass.embed_stream(parts, ids_chunks, self.store)
+        for i in range(parts.num_blocks):
+            stream = block_pass.forward_block(parts, i, stream, self.store, abits)
+        return block_pass.score_stream(parts, stream, ids_chunks, self.store)
