@@ -348,23 +348,41 @@ def probe_loss(parts: ModelParts, block: nn.Module,
 
 
 @dataclasses.dataclass
-class StepSync:
-    """After backward, before the optimizer step: every worker's weighted gradients and loss
-    summed (the gradient of the global batch's loss); a no-op for one worker."""
+class StepGradients:
+    """One optimizer step's gradient of the global batch's loss, built window by window: each
+    window's loss (its MSE over the batch size) is differentiated on its own and the gradients
+    are summed in float64, then summed over the data-parallel workers. Every window's gradient
+    is the same whichever worker computes it, and float64 sums do not depend on their order at
+    float32 precision, so one worker and N workers take the same steps (not just close ones)."""
 
     group: Collective
     learnable: list[torch.Tensor]
 
-    def __call__(self, loss: torch.Tensor | None) -> float:
-        local = loss.detach().float().reshape(1) if loss is not None else torch.zeros(1)
-        if self.group.world == 1:
-            return local.item()
-        for p in self.learnable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        buffer = [p.grad for p in self.learnable] + [local.to(self.learnable[0].device)]
-        self.group.sum_(buffer)  # type: ignore[arg-type]
-        return buffer[-1].item()
+    def start(self) -> None:
+        self.sums = [torch.zeros_like(p, dtype=torch.float64) for p in self.learnable]
+        self.seen = torch.zeros(len(self.learnable), dtype=torch.float64)
+        self.loss = torch.zeros(1, dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, scaled: torch.Tensor, last: bool) -> None:
+        """`loss` of one window; `scaled` is what is differentiated (loss-scaled under AMP)."""
+        grads = torch.autograd.grad(scaled, self.learnable, retain_graph=not last,
+                                    allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.sums[i] += g.double()
+                self.seen[i] = 1.0
+        self.loss += loss.detach().double().cpu()
+
+    def finish(self) -> float:
+        """Sum over the workers; set the parameters' gradients; return the batch's loss."""
+        if self.group.world > 1:
+            device = self.sums[0].device if self.sums else torch.device("cpu")
+            extra = torch.cat([self.seen, self.loss]).to(device)
+            self.group.sum_([*self.sums, extra])
+            self.seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
+        for p, total, seen in zip(self.learnable, self.sums, self.seen.tolist(), strict=True):
+            p.grad = total.to(p.dtype) if seen else None
+        return float(self.loss.item())
 
 
 def train_block(parts: ModelParts, index: int, block: nn.Module,
@@ -390,8 +408,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     scaler = torch.amp.GradScaler("cuda") if amp else None
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
         cfg.batch_size)) if groups else (None, None))
-    sync = StepSync(group, learnable)
+    step = StepGradients(group, learnable)
     best: tuple[float, list[torch.Tensor]] | None = None
+    best_step = -1
     streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
     names = model.names
     epoch_losses: list[float] = []
@@ -413,17 +432,17 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             batches = Batches(streams, store, sizes, parts.device)
             for batch, size, whole in zip(batches, sizes, totals, strict=True):
                 optimizer.zero_grad(set_to_none=True)
-                loss = None
+                step.start()
                 if size:
                     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                        loss = block_loss(parts, block, model.tensors(), batch)
-                    if size != whole:
-                        loss = loss * (size / whole)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                value = sync(loss)  # the global batch's loss, every worker's gradients summed
+                        tensors = model.tensors()
+                    for w in range(size):
+                        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                            loss = block_loss(parts, block, tensors,
+                                              [t[w:w + 1] for t in batch]) / whole
+                        step.add(loss, scaler.scale(loss) if scaler is not None else loss,
+                                 w == size - 1)
+                value = step.finish()  # the global batch's loss; gradients set
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
@@ -432,6 +451,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         "let_lr, or train in fp32 (cluster.compute_dtype float32)")
                 if cfg.keep_best and (best is None or value < best[0]):
                     best = (value, [p.detach().clone() for p in learnable])
+                    best_step = epoch * len(sizes) + steps
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                     scaler.step(optimizer)
@@ -459,7 +479,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         loss_after = probe_loss(parts, block, None, probe, probe_weight, group)
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
-                               **({"best_train_loss": best[0]} if best is not None else {}),
+                               **({"best_train_loss": best[0], "best_step": best_step}
+                                  if best is not None else {}),
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses), "amp": amp,

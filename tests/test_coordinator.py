@@ -18,13 +18,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("loc
 
 
 def run_config(model, output, train, test, workers, bits=4, group_size=16, symmetric=False,
-               eval_enabled=True, formats=("compressed-tensors",)):
+               eval_enabled=True, formats=("compressed-tensors",), schedule=None):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": output, "export": {"formats": list(formats)},
         "calibration": {"corpus": train, "num_samples": 12, "seq_len": 32, "seed": 0},
         "quantization": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
         "eval": {"corpus": test, "seq_len": 32, "max_windows": 20, "enabled": eval_enabled},
-        "cluster": {"workers": workers, "chunk_size": 5}})
+        "cluster": {"workers": workers, "chunk_size": 5, "schedule": schedule}})
 
 
 def reference_weights(model_path, fmt, scale_dtype=torch.float32):
@@ -56,20 +56,25 @@ def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, 
     fmt = AffineFormat(3, 16, False)
     ref = reference_weights(model, fmt)
     shards = {}
-    # every architecture on 1 and 3 stages, Llama also on 2 (test time; OPT runs 2 stages below)
+    # every architecture on 1 worker and 3 sequential stages, Llama also on 2 data-parallel
+    # workers (test time; OPT runs 2 workers below)
     counts = (1, 2, 3) if arch == "llama" else (1, 3)
     for workers in counts:
         out = str(tmp_path / f"w{workers}")
+        schedule = "data_parallel" if workers == 2 else "sequential"
         report = quantize(run_config(model, out, *corpus_files, workers, bits=3,
-                                     eval_enabled=False,
+                                     eval_enabled=False, schedule=schedule,
                                      formats=("compressed-tensors", "fake_quant")))
         got = output_weights(os.path.join(out, "fake_quant"))
         tied = {"lm_head.weight"} if "lm_head.weight" not in got else set()
         assert set(got) == set(ref) - tied
         for name, tensor in got.items():
             assert torch.equal(tensor, ref[name]), (workers, name)
-        assert len(report["plan"]["stages"]) == workers
-        assert sorted({b["worker"] for b in report["blocks"]}) == list(range(workers))
+        if schedule == "sequential":
+            assert len(report["plan"]["stages"]) == workers
+            assert sorted({b["worker"] for b in report["blocks"]}) == list(range(workers))
+        else:
+            assert all(len(b["workers"]) == workers for b in report["blocks"])
         shards[workers] = [b["sha256"] for b in report["blocks"]]
     assert all(shards[w] == shards[1] for w in counts)  # packed shards byte-identical too
 
@@ -146,8 +151,9 @@ def test_fsspec_urls_and_bf16_weights(tiny_root, corpus_files, tmp_path):
 @pytest.mark.parametrize("method", ["gptq", "omniquant"])
 def test_reconstruction_is_the_same_on_one_and_two_workers(tiny_model, corpus_files, tmp_path,
                                                           method):
-    """The learned methods give the same weights on 1 and 2 workers (CPU, fixed seeds), and the
-    same as the pipeline functions run in this process without Ray."""
+    """The learned methods give the same weights on 1 and 2 sequential stages (CPU, fixed
+    seeds), and the same as the pipeline functions run in this process without Ray (the
+    data-parallel schedule: tests/test_data_parallel.py)."""
     from pipeline import block_pass
     from pipeline.calibration import calibration_windows_for
     from pipeline.config import ExportFormat
@@ -158,7 +164,7 @@ def test_reconstruction_is_the_same_on_one_and_two_workers(tiny_model, corpus_fi
     weights = {}
     for workers in (1, 2):
         config = run_config(model, str(tmp_path / f"w{workers}"), *corpus_files, workers, bits=3,
-                            eval_enabled=False)
+                            eval_enabled=False, schedule="sequential")
         changes = {"method": method, "omniquant": {"epochs": 2, "let": True}}
         config = build_config(RunConfig, {**_plain(config), "quantization": {
             **_plain(config)["quantization"], **changes}})

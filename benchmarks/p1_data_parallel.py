@@ -1,0 +1,118 @@
+"""Protocol P1: does a second worker buy speed? Each part runs its configurations one after
+the other in this one invocation, every worker on one thread:
+
+- `learned`: the best W3 g64 recipe (`p1-signround-w3g64`) quantized with 1 worker x 1
+  thread, 2 data-parallel workers x 1 thread, and 1 worker x 2 threads (process parallelism
+  against intra-op threading); then each output's perplexity on all 292 test windows.
+- `gptq`: the same three for `p1-gptq-w4`.
+- `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread, pipelined over 2
+  sequential stages x 1 thread, and 2 data-parallel workers x 1 thread.
+
+    python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
+
+`--epochs` shortens the learned recipe (the time per block is linear in the epochs; the
+result records the value used). Needs `relayquant assets prepare`. Writes
+benchmarks/results/p1_data_parallel.json (rows merged part by part as they finish).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+from cluster.coordinator import evaluate, quantize
+from jobs.recipes import load_recipe
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import RESULTS, write_result
+
+RECIPES = {"learned": "p1-signround-w3g64", "gptq": "p1-gptq-w4"}
+# (label, workers, threads, schedule)
+SETUPS = [("1 worker x 1 thread", 1, 1, "sequential"),
+          ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
+          ("1 worker x 2 threads", 1, 2, "sequential")]
+EVAL_SETUPS = [("1 stage x 1 thread", 1, 1, "sequential"),
+               ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
+               ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel")]
+
+
+def cluster(workers: int, threads: int, schedule: str) -> dict:
+    return {"cluster.workers": workers, "cluster.threads": threads,
+            "cluster.schedule": schedule}
+
+
+def quantize_part(part: str, work: str, epochs: int | None) -> dict:
+    rows = []
+    for label, workers, threads, schedule in SETUPS:
+        out = os.path.join(work, f"{part}-{workers}w{threads}t")
+        changes = {"output": out, "eval.enabled": False, **cluster(workers, threads, schedule)}
+        if epochs is not None and part == "learned":
+            changes["quantization.omniquant.epochs"] = epochs
+        config = load_recipe(RECIPES[part], changes)
+        start = time.perf_counter()
+        report = quantize(config)
+        seconds = time.perf_counter() - start
+        rows.append({"setup": label, "workers": workers, "threads": threads,
+                     "schedule": schedule, "output": out, "quantize_wall_seconds": seconds,
+                     "block_seconds": sum(b["seconds"] for b in report["blocks"]),
+                     "workers_per_block": [b.get("workers") for b in report["blocks"]],
+                     "sha256": [b["sha256"][""] for b in report["blocks"]]})
+        logging.info("%s %s: %.1fs", part, label, seconds)
+    config = load_recipe(RECIPES[part], cluster(2, 1, "data_parallel"))
+    for row in rows:
+        ppl = evaluate(row["output"], config.eval, config.cluster)
+        row["perplexity"], row["eval_windows"] = ppl["perplexity"], ppl["windows"]
+    base = rows[0]
+    for row in rows:
+        row["time_vs_1_worker_1_thread"] = row["quantize_wall_seconds"] / \
+            base["quantize_wall_seconds"]
+        row["perplexity_vs_1_worker"] = row["perplexity"] / base["perplexity"] - 1
+    return {"recipe": RECIPES[part], "epochs": epochs, "rows": rows,
+            "dp_vs_1_worker_2_threads": rows[1]["quantize_wall_seconds"] /
+            rows[2]["quantize_wall_seconds"],
+            "shards_identical_1w_vs_2w": rows[0]["sha256"] == rows[1]["sha256"]}
+
+
+def eval_part() -> dict:
+    rows = []
+    base = load_recipe("p1-rtn-w4")
+    model = base.model.path
+    for label, workers, threads, schedule in EVAL_SETUPS:
+        config = load_recipe("p1-rtn-w4", cluster(workers, threads, schedule))
+        start = time.perf_counter()
+        ppl = evaluate(model, config.eval, config.cluster)
+        rows.append({"setup": label, "workers": workers, "threads": threads,
+                     "schedule": schedule, "perplexity": ppl["perplexity"],
+                     "windows": ppl["windows"], "seconds": time.perf_counter() - start})
+        logging.info("eval %s: %.1fs", label, rows[-1]["seconds"])
+    for row in rows:
+        row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
+    return {"model": "smollm2-135m (FP)", "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["learned", "gptq", "eval"],
+                        choices=["learned", "gptq", "eval"])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "p1_data_parallel.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
+    result = json.load(open(args.out)) if os.path.exists(args.out) else {
+        "benchmark": "p1_data_parallel"}
+    result["machine"] = {"cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="relayquant-dp-") as work:
+        for part in args.parts:
+            result[part] = (eval_part() if part == "eval"
+                            else quantize_part(part, work, args.epochs))
+            result[part]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
