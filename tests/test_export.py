@@ -79,7 +79,9 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
     out = str(tmp_path / "mixed")
     overrides = {"re:.*\\.mlp\\..*": {"bits": 8, "group_size": None},
                  "re:model\\.layers\\.0\\.self_attn\\..*": None,
-                 "model.layers.3.self_attn.o_proj": {"bits": 3, "symmetric": True}}
+                 # 2 bits: 3/5/6/7-bit packing is dense since compressed-tensors 0.18, which the
+                 # pinned 0.17.1 loader cannot read (tests/test_ct_golden.py loads those)
+                 "model.layers.3.self_attn.o_proj": {"bits": 2, "symmetric": True}}
     cfg = config(tiny_model("llama"), out, *corpus_files, overrides=overrides)
     cfg = build_config(RunConfig, {**json.loads(json.dumps(_plain(cfg))),
                                    "export": {"formats": ["compressed-tensors", "fake_quant"]}})
@@ -87,8 +89,8 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
     qconfig = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     groups = {(g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]):
               g["targets"] for g in qconfig["config_groups"].values()}
-    assert set(groups) == {(3, 16, True), (4, 16, False), (8, None, False)}
-    assert groups[(3, 16, True)] == ["model.layers.3.self_attn.o_proj"]
+    assert set(groups) == {(2, 16, True), (4, 16, False), (8, None, False)}
+    assert groups[(2, 16, True)] == ["model.layers.3.self_attn.o_proj"]
     assert len(groups[(8, None, False)]) == 4 * 3
     assert "model.layers.0.self_attn.q_proj" in qconfig["ignore"]
     assert close(transformers_logits(out, tmp_path),

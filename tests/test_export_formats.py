@@ -24,7 +24,7 @@ def stream_pack(values: list[int], bits: int) -> list[int]:
 
 
 def word_pack(values: list[int], bits: int) -> list[int]:
-    """Reference for compressed-tensors 0.17: 32 // bits values per int32 word, value j at
+    """The layout compressed-tensors 0.17 wrote: 32 // bits values per int32 word, value j at
     bit j*bits, the last word zero-padded (identical to the stream for 2, 4 and 8 bits)."""
     per_word = 32 // bits
     words = []
@@ -58,13 +58,34 @@ def test_ct_8bit_asymmetric_known_word():
     assert packed["weight_zero_point"].tolist() == [[128]]  # signed 0, stored + 128
 
 
-def test_ct_3bit_ten_values_per_word():
+def test_ct_3bit_straddles_words():
     codes = torch.tensor([[-4, -3, -2, -1, 0, 1, 2, 3, 3, 3, -4]], dtype=torch.int32)
     packed = ct.compress_linear(codes, params(1, 1), AffineFormat(3, symmetric=True),
                                 torch.float32)
-    # stored 0..7,7,7 in the first word (bits 0..29), 0 alone in the second
+    # stored 0..7,7,7,0 as one 33-bit stream: 0 at bits 0..29, then 7, 7 and a 0 whose
+    # lowest 2 bits end the first word; compressed-tensors >= 0.18 packs this way
     first = sum(v << (3 * j) for j, v in enumerate([0, 1, 2, 3, 4, 5, 6, 7, 7, 7]))
     assert packed["weight_packed"].tolist() == [[first, 0]]
+    codes[0, 10] = 3  # stored 7: bits 30, 31 in word 0, bit 32 in word 1
+    packed = ct.compress_linear(codes, params(1, 1), AffineFormat(3, symmetric=True),
+                                torch.float32)
+    assert packed["weight_packed"].tolist() == [[as_int32(first | 3 << 30), 1]]
+
+
+def test_ct_reads_the_pre_018_per_word_layout():
+    """Checkpoints written with compressed-tensors 0.17 (10 3-bit values per word) still
+    load: the packed width tells the layouts apart."""
+    fmt = AffineFormat(3, 32, symmetric=True)
+    codes = torch.randint(-4, 4, (4, 64), generator=torch.Generator().manual_seed(3),
+                          dtype=torch.int32)
+    words = [word_pack([int(v) + 4 for v in row], 3) for row in codes]
+    legacy = {"weight_packed": torch.tensor(words, dtype=torch.int32),
+              "weight_scale": torch.ones(4, 2), "weight_shape": torch.tensor([4, 64])}
+    assert legacy["weight_packed"].shape == (4, 7)  # dense would be 6 words
+    assert torch.equal(ct.decompress_linear(legacy, fmt, torch.float32), codes.float())
+    legacy["weight_packed"] = legacy["weight_packed"][:, :5]
+    with pytest.raises(ValueError, match="weight_packed: 5 int32 words along dim 1 fit neither"):
+        ct.decompress_linear(legacy, fmt, torch.float32)
 
 
 def test_ct_2bit_symmetric_known_word():
@@ -74,9 +95,9 @@ def test_ct_2bit_symmetric_known_word():
     assert packed["weight_packed"].tolist() == [[7140]]  # 0,1,2,3,3,2,1,0 at 2 bits each
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_ct_matches_word_packing_and_round_trips(bits, symmetric):
+def test_ct_matches_bit_stream_and_round_trips(bits, symmetric):
     fmt = AffineFormat(bits, 32, symmetric)
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(fmt.qmin, fmt.qmax + 1, (8, 64), generator=g, dtype=torch.int32)
@@ -86,10 +107,10 @@ def test_ct_matches_word_packing_and_round_trips(bits, symmetric):
     offset = 0 if symmetric else 2 ** (bits - 1)
     for row in range(8):
         stored = [int(v) - offset + 2 ** (bits - 1) for v in codes[row]]
-        assert packed["weight_packed"][row].tolist() == word_pack(stored, bits)
+        assert packed["weight_packed"][row].tolist() == stream_pack(stored, bits)
     if not symmetric:  # zero points packed along the output dimension
         for col in range(2):
-            assert packed["weight_zero_point"][:, col].tolist() == word_pack(
+            assert packed["weight_zero_point"][:, col].tolist() == stream_pack(
                 [int(z) for z in zero[:, col]], bits)
     w = ct.decompress_linear(packed, fmt, torch.float32)
     expected = (codes.float().reshape(8, 2, 32) - qp.zero_point.unsqueeze(-1)).reshape(8, 64)

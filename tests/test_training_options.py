@@ -65,11 +65,11 @@ def test_learned_rounding_can_start_at_gptq_codes(tiny_model):
         r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
                                       store)
         out[name] = (r.exports[ExportFormat.COMPRESSED_TENSORS], r.metrics)
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from pipeline.formats.packing import unpack_dense
 
     def codes(export):
-        return torch.cat([unpack_from_int32(t, 3, torch.Size(export[n.replace(
-            "weight_packed", "weight_shape")].tolist())).flatten()
+        return torch.cat([unpack_dense(t, 3, int(export[n.replace(
+            "weight_packed", "weight_shape")][1]), dim=1).flatten()
             for n, t in sorted(export.items()) if n.endswith("weight_packed")])
 
     reference = codes(out["gptq"][0])

@@ -1,9 +1,16 @@
 """compressed-tensors `pack-quantized`: the layout vLLM and transformers load natively.
 
-Per quantized linear P: `P.weight_packed` (int32, signed codes + 2^(b-1) densely packed along
-the input), `P.weight_scale` ([out, groups], model dtype), `P.weight_shape` ([out, in]) and,
-when asymmetric, `P.weight_zero_point` (signed, packed along the output). The packing and the
-config data model come from the `compressed-tensors` package.
+Per quantized linear P: `P.weight_packed` (int32 [out, ceil(in*b/32)], the signed codes + 2^(b-1)
+densely packed along the input), `P.weight_scale` ([out, groups], model dtype), `P.weight_shape`
+(int64 [out, in]) and, when asymmetric, `P.weight_zero_point` (int32
+[ceil(out*b/32), groups], signed + 2^(b-1), densely packed along the output). This is what
+compressed-tensors `LAYOUT_VERSION` writes for the same codes and parameters, byte for byte
+(tests/fixtures/ct_golden.json holds its bytes); the code here is relayquant's own, so writing
+needs no compressed-tensors at all.
+
+Releases before 0.18 packed 3-, 5-, 6- and 7-bit values 32 // b per word instead (2, 4 and 8 bits
+are identical in both); checkpoints in that layout are still read, told apart by the packed
+width (see `_unpack`).
 
 Our asymmetric codes live on [0, 2^b - 1] with zero points on the same grid; compressed-tensors
 uses the signed grid, so both are shifted by 2^(b-1): (q - z) and hence the weight is unchanged.
@@ -16,8 +23,16 @@ from typing import Any
 import torch
 
 from pipeline.formats.affine import AffineFormat, QuantParams
+from pipeline.formats.packing import (
+    dense_words,
+    pack_dense,
+    per_word_words,
+    unpack_dense,
+    unpack_per_word,
+)
 
 FORMAT = "pack-quantized"
+LAYOUT_VERSION = "0.20.1"  # the compressed-tensors release whose bytes and config we write
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
@@ -28,68 +43,73 @@ def _offset(fmt: AffineFormat) -> int:
 def compress_linear(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors (relative names) for one linear from its integer codes and parameters."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    signed = (codes - _offset(fmt)).to(torch.int8)
+    half = 2 ** (fmt.bits - 1)
+    stored = codes - _offset(fmt) + half  # the signed code, shifted onto [0, 2^b - 1]
     out = {
-        "weight_packed": pack_to_int32(signed, fmt.bits),
+        "weight_packed": pack_dense(stored, fmt.bits, dim=1),
         "weight_scale": qparams.scale.to(dtype),
         "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
     }
     if not fmt.symmetric:
-        zero = (qparams.zero_point - _offset(fmt)).to(torch.int8)
-        out["weight_zero_point"] = pack_to_int32(zero, fmt.bits, packed_dim=0).contiguous()
+        zero = qparams.zero_point.round().to(torch.int64) - _offset(fmt) + half
+        out["weight_zero_point"] = pack_dense(zero, fmt.bits, dim=0)
     return out
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int, dim: int, name: str) -> torch.Tensor:
+    """Unsigned values from either layout. Dense and per-word widths differ for 3/5/6/7 bits
+    whenever n >= 32, so the width says which one wrote them (equal widths: dense)."""
+    width = packed.shape[dim]
+    if width == dense_words(n, bits):
+        return unpack_dense(packed, bits, n, dim)
+    if width == per_word_words(n, bits):
+        return unpack_per_word(packed, bits, n, dim)
+    raise ValueError(f"{name}: {width} int32 words along dim {dim} fit neither the dense "
+                     f"({dense_words(n, bits)}) nor the pre-0.18 ({per_word_words(n, bits)}) "
+                     f"compressed-tensors layout of {n} {bits}-bit values")
 
 
 def decompress_linear(tensors: dict[str, torch.Tensor], fmt: AffineFormat,
                       dtype: torch.dtype) -> torch.Tensor:
     """The dequantized [out, in] weight from `compress_linear`'s tensors."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    shape = torch.Size(tensors["weight_shape"].tolist())
+    out_features, in_features = tensors["weight_shape"].tolist()
     scale = tensors["weight_scale"].float()
-    codes = unpack_from_int32(tensors["weight_packed"], fmt.bits, shape).to(torch.int32)
+    half = 2 ** (fmt.bits - 1)
+    codes = _unpack(tensors["weight_packed"], fmt.bits, in_features, 1, "weight_packed") - half
     zero = torch.zeros_like(scale)
     if not fmt.symmetric:
-        zshape = torch.Size([shape[0], scale.shape[1]])
-        zero = unpack_from_int32(tensors["weight_zero_point"], fmt.bits, zshape,
-                                 packed_dim=0).float()
+        zero = (_unpack(tensors["weight_zero_point"], fmt.bits, out_features, 0,
+                        "weight_zero_point") - half).float()
     groups = scale.shape[1]
-    x = codes.float().reshape(shape[0], groups, shape[1] // groups)
-    return ((x - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(shape).to(dtype)
+    x = codes.float().reshape(out_features, groups, in_features // groups)
+    w = (x - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    return w.reshape(out_features, in_features).to(dtype)
 
 
 def _weights_args(fmt: AffineFormat) -> dict[str, Any]:
-    return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric,
-            "strategy": "channel" if fmt.group_size is None else "group",
-            "group_size": fmt.group_size, "dynamic": False, "observer": "minmax"}
+    """One config group's `weights`, the fields compressed-tensors LAYOUT_VERSION dumps."""
+    return {"dynamic": False, "group_size": fmt.group_size, "num_bits": fmt.bits,
+            "observer": "minmax", "strategy": "channel" if fmt.group_size is None else "group",
+            "symmetric": fmt.symmetric, "type": "int"}
 
 
 def quantization_config(formats: dict[str, AffineFormat], ignore: list[str]) -> dict[str, Any]:
     """config.json `quantization_config`: one group per distinct format, targets naming
-    exactly its modules, `ignore` for the linears kept in full precision."""
-    import compressed_tensors
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-    )
-
+    exactly its modules, `ignore` for the linears kept in full precision. The keys are those
+    compressed-tensors LAYOUT_VERSION writes (`ModelCompressor.update_config`)."""
     by_format: dict[AffineFormat, list[str]] = {}
     for name, fmt in sorted(formats.items()):
         by_format.setdefault(fmt, []).append(name)
     ordered = sorted(by_format.items(), key=lambda kv: (kv[0].bits, kv[0].group_size or 0,
                                                         kv[0].symmetric))
-    groups = {f"group_{i}": QuantizationScheme(targets=names, format=FORMAT,
-                                               weights=QuantizationArgs(**_weights_args(fmt)))
+    groups = {f"group_{i}": {"format": FORMAT, "input_activations": None,
+                             "output_activations": None, "targets": names,
+                             "weights": _weights_args(fmt)}
               for i, (fmt, names) in enumerate(ordered)}
-    config = QuantizationConfig(config_groups=groups, format=FORMAT, ignore=sorted(ignore),
-                                quantization_status=QuantizationStatus.COMPRESSED)
-    data = config.model_dump(mode="json")
-    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-            "sparsity_config": {}, "transform_config": {}, **data}
+    return {"config_groups": groups, "format": FORMAT, "global_compression_ratio": None,
+            "ignore": sorted(ignore), "kv_cache_scheme": None, "moe_sparsity_config": None,
+            "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "transform_config": {}, "version": LAYOUT_VERSION}
 
 
 def module_formats(qconfig: dict[str, Any], modules: list[str]) -> dict[str, AffineFormat]:

@@ -13,47 +13,9 @@ from typing import Any
 import torch
 
 from pipeline.formats.affine import AffineFormat, QuantParams
+from pipeline.formats.packing import pack_dense, unpack_dense
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def _pack_unsigned(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Dense little-endian packing of unsigned b-bit values along `dim` (0 or 1): every 32
-    values become one 32*b-bit stream in b int32 words, value i at bit i*b (3-bit values
-    straddle words, as AutoGPTQ packs them)."""
-    v = values.to(torch.int64)
-    v = v if dim == 0 else v.t()
-    n, m = v.shape
-    pad = -n % 32
-    v = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(-1, 32, m)
-    words = torch.zeros(v.shape[0], bits, m, dtype=torch.int64)
-    for i in range(32):
-        word, shift = divmod(i * bits, 32)
-        words[:, word] |= (v[:, i] << shift) & 0xFFFFFFFF
-        if shift + bits > 32:
-            words[:, word + 1] |= v[:, i] >> (32 - shift)
-    out = words.reshape(-1, m)[: -(-n * bits // 32)]  # ceil(n*b/32) words, no padding words
-    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-    return (out if dim == 0 else out.t()).contiguous()
-
-
-def _unpack_unsigned(packed: torch.Tensor, bits: int, shape: list[int], dim: int) -> torch.Tensor:
-    """Inverse of `_pack_unsigned`; `shape` is the unpacked shape."""
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = w if dim == 0 else w.t()
-    m = w.shape[1]
-    w = torch.nn.functional.pad(w, (0, 0, 0, -w.shape[0] % bits)).reshape(-1, bits, m)
-    mask = 2**bits - 1
-    values = torch.zeros(w.shape[0], 32, m, dtype=torch.int64)
-    for i in range(32):
-        word, shift = divmod(i * bits, 32)
-        v = w[:, word] >> shift
-        if shift + bits > 32:
-            v = v | (w[:, word + 1] << (32 - shift))
-        values[:, i] = v & mask
-    n = shape[0] if dim == 0 else shape[1]
-    out = values.reshape(-1, m)[:n].to(torch.int32)
-    return out if dim == 0 else out.t().contiguous()
 
 
 def unsigned_codes(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat
@@ -75,8 +37,8 @@ def compress_linear(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat
     group_size = in_features // groups
     mask = 2**fmt.bits - 1
     return {
-        "qweight": _pack_unsigned(q.t(), fmt.bits, dim=0),
-        "qzeros": _pack_unsigned(((zero - 1) & mask).t(), fmt.bits, dim=1),
+        "qweight": pack_dense(q.t(), fmt.bits, dim=0),
+        "qzeros": pack_dense(((zero - 1) & mask).t(), fmt.bits, dim=1),
         "scales": qparams.scale.t().contiguous().to(torch.float16),
         "g_idx": (torch.arange(in_features, dtype=torch.int32) // group_size),
     }
@@ -87,11 +49,11 @@ def decompress_linear(tensors: dict[str, torch.Tensor], bits: int,
     """w[o, i] = scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1)), as the v1
     kernels compute it (no wrap-around of the +1)."""
     scales = tensors["scales"].float()
-    groups, out_features = scales.shape
+    out_features = scales.shape[1]
     g_idx = tensors["g_idx"].long()
     in_features = g_idx.numel()
-    q = _unpack_unsigned(tensors["qweight"], bits, [in_features, out_features], dim=0)
-    zeros = _unpack_unsigned(tensors["qzeros"], bits, [groups, out_features], dim=1) + 1
+    q = unpack_dense(tensors["qweight"], bits, in_features, dim=0)
+    zeros = unpack_dense(tensors["qzeros"], bits, out_features, dim=1) + 1
     w = scales[g_idx] * (q.float() - zeros[g_idx].float())
     return w.t().contiguous().to(dtype)
 

@@ -1,0 +1,78 @@
+"""Packing unsigned b-bit integers into int32 words, along one dimension of a 2-D tensor.
+
+`pack_dense`: one little-endian bit stream, value i at bit i*b, so every 32 values fill exactly b
+words and 3-, 5-, 6- and 7-bit values straddle word boundaries; n values take ceil(n*b/32)
+words, the unused high bits of the last word are zero. Both GPTQ v1 (AutoGPTQ) and
+compressed-tensors >= 0.18 (vLLM reads this) store this layout.
+
+`unpack_per_word`: the layout compressed-tensors 0.17 and older wrote, 32 // b values per word,
+value j of a word at bit j*b, ceil(n / (32 // b)) words. It differs from the dense one only for
+3, 5, 6 and 7 bits; relayquant only reads it (checkpoints written before the dense layout).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _rows(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The tensor as int64 with the packed dimension first."""
+    v = values.to(torch.int64)
+    return v if dim == 0 else v.t()
+
+
+def _unsigned_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) as int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_dense(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values [n, m] (dim 0) or [m, n] (dim 1) -> int32 words, the packed
+    dimension shrunk to ceil(n * bits / 32)."""
+    v = _rows(values, dim)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
+        raise ValueError(f"pack_dense: values must lie in [0, {2**bits - 1}] for {bits} bits")
+    n, m = v.shape
+    v = torch.nn.functional.pad(v, (0, 0, 0, -n % 32)).reshape(-1, 32, m)
+    words = torch.zeros(v.shape[0], bits, m, dtype=torch.int64)
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        words[:, word] |= (v[:, i] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            words[:, word + 1] |= v[:, i] >> (32 - shift)
+    out = _unsigned_int32(words.reshape(-1, m)[: -(-n * bits // 32)])
+    return (out if dim == 0 else out.t()).contiguous()
+
+
+def unpack_dense(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
+    """Inverse of `pack_dense`: int32 values, `n` of them along `dim`."""
+    w = _rows(packed, dim) & 0xFFFFFFFF
+    m = w.shape[1]
+    w = torch.nn.functional.pad(w, (0, 0, 0, -w.shape[0] % bits)).reshape(-1, bits, m)
+    mask = 2**bits - 1
+    values = torch.zeros(w.shape[0], 32, m, dtype=torch.int64)
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        v = w[:, word] >> shift
+        if shift + bits > 32:
+            v = v | (w[:, word + 1] << (32 - shift))
+        values[:, i] = v & mask
+    out = values.reshape(-1, m)[:n].to(torch.int32)
+    return out if dim == 0 else out.t().contiguous()
+
+
+def unpack_per_word(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
+    """Values from the pre-0.18 compressed-tensors layout (32 // bits per word)."""
+    w = _rows(packed, dim) & 0xFFFFFFFF
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    values = (w.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
+    out = values.reshape(-1, w.shape[1])[:n].to(torch.int32)
+    return out if dim == 0 else out.t().contiguous()
+
+
+def dense_words(n: int, bits: int) -> int:
+    return -(-n * bits // 32)
+
+
+def per_word_words(n: int, bits: int) -> int:
+    return -(-n // (32 // bits))

@@ -1,0 +1,140 @@
+"""relayquant's compressed-tensors writer against the bytes the real release writes
+(tests/fixtures/ct_golden.json, recorded by tests/ct_golden.py)."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from ct_golden import case_arrays, cases, digest
+
+from pipeline.formats import AffineFormat, QuantParams
+from pipeline.formats import compressed_tensors as ct
+
+pytestmark = pytest.mark.unit
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "ct_golden.json")
+
+
+def golden() -> dict:
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+def relayquant_tensors(case: dict) -> dict[str, torch.Tensor]:
+    """The same codes and parameters through relayquant's own writer, on its grids."""
+    signed, zero, scale = case_arrays(case)
+    fmt = AffineFormat(case["bits"], case["group_size"], case["symmetric"])
+    shift = 0 if fmt.symmetric else 2 ** (fmt.bits - 1)
+    codes = signed.to(torch.int32) + shift
+    qparams = QuantParams(scale, zero.float() + shift if shift else torch.zeros_like(scale))
+    return ct.compress_linear(codes, qparams, fmt, torch.float32)
+
+
+def case_id(case: dict) -> str:
+    kind = "sym" if case["symmetric"] else "asym"
+    return f"w{case['bits']}-{kind}-g{case['group_size'] or 'ch'}-{case['out']}x{case['in']}"
+
+
+def test_fixture_covers_every_scheme_and_the_current_release():
+    data = golden()
+    assert data["compressed_tensors"] == ct.LAYOUT_VERSION
+    recorded = [{k: c[k] for k in ("bits", "symmetric", "out", "in", "group_size")}
+                for c in data["cases"]]
+    assert recorded == cases()
+    assert {(c["bits"], c["symmetric"], c["group_size"] is None) for c in recorded} == {
+        (b, s, ch) for b in range(2, 9) for s in (True, False) for ch in (True, False)}
+
+
+@pytest.mark.parametrize("index", range(len(cases())), ids=[case_id(c) for c in cases()])
+def test_bytes_match_the_current_compressed_tensors(index):
+    expected = golden()["cases"][index]
+    assert digest(relayquant_tensors(expected)) == expected["tensors"]
+
+
+def test_round_trip_through_the_reader():
+    for case in cases():
+        signed, zero, scale = case_arrays(case)
+        groups = scale.shape[1]
+        expected = (signed.float() - zero.float().repeat_interleave(case["in"] // groups, 1)
+                    ) * scale.repeat_interleave(case["in"] // groups, 1)
+        fmt = AffineFormat(case["bits"], case["group_size"], case["symmetric"])
+        w = ct.decompress_linear(relayquant_tensors(case), fmt, torch.float32)
+        assert torch.equal(w, expected), case_id(case)
+
+
+@pytest.mark.skipif(not os.environ.get("RELAYQUANT_CT_PYTHON"),
+                    reason="RELAYQUANT_CT_PYTHON names no interpreter with compressed-tensors")
+def test_fixture_regenerates_with_the_release(tmp_path):
+    """Re-record the golden bytes with the release itself (in its own environment, since the
+    project pins an older compressed-tensors for loading) and compare."""
+    out = tmp_path / "golden.json"
+    script = os.path.join(os.path.dirname(__file__), "ct_golden.py")
+    subprocess.run([os.environ["RELAYQUANT_CT_PYTHON"], script, str(out)], check=True,
+                   capture_output=True, timeout=300, cwd=tmp_path)
+    assert json.loads(out.read_text()) == golden()
+
+
+LOGITS = """
+import sys, torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sys.argv[3] == "1" \\
+    else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
+ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[2])
+"""
+
+
+def write_rtn_checkpoint(model: str, out: str, fmt: AffineFormat, packed: bool) -> str:
+    """Every block linear of `model` rounded to `fmt`, packed (compressed-tensors) or
+    dequantized in place (the reference); written without Ray."""
+    import shutil
+
+    from pipeline import storage
+    from pipeline.formats import choose_qparams, dequantize, quantize
+
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    reader = storage.CheckpointReader(model)
+    tensors, formats = {}, {}
+    for name, w in reader.read(list(reader.entries)).items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            tensors[name] = w
+            continue
+        qp = choose_qparams(w, fmt)
+        codes = quantize(w, qp, fmt)
+        linear = name.removesuffix(".weight")
+        formats[linear] = fmt
+        if not packed:
+            tensors[name] = dequantize(codes, qp, fmt, w.dtype)
+            continue
+        for suffix, t in ct.compress_linear(codes, qp, fmt, w.dtype).items():
+            tensors[f"{linear}.{suffix}"] = t
+    storage.write_tensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt"})
+    config = storage.read_json(os.path.join(model, "config.json"))
+    if packed:
+        config["quantization_config"] = ct.quantization_config(formats, ["lm_head"])
+    storage.write_json(os.path.join(out, "config.json"), config)
+    return out
+
+
+@pytest.mark.skipif(not os.environ.get("RELAYQUANT_CT_PYTHON"),
+                    reason="RELAYQUANT_CT_PYTHON names no interpreter with compressed-tensors")
+@pytest.mark.parametrize("bits,symmetric", [(3, True), (3, False), (5, True), (4, False)])
+def test_current_release_loads_it_in_transformers(tiny_model, tmp_path, bits, symmetric):
+    """transformers with the current compressed-tensors loads the dense layout and computes
+    what the dequantized weights compute. Asymmetric checkpoints need dequantize=True there:
+    compressed-tensors >= 0.18 builds the compressed module on the meta device without packing
+    the zero point, so its [out, groups] placeholder refuses the packed checkpoint tensor."""
+    fmt = AffineFormat(bits, 16, symmetric)
+    logits = {}
+    for packed in (True, False):
+        folder = write_rtn_checkpoint(tiny_model("llama", 2), str(tmp_path / f"m{packed}"),
+                                      fmt, packed)
+        out = tmp_path / f"logits-{packed}.pt"
+        subprocess.run([os.environ["RELAYQUANT_CT_PYTHON"], "-c", LOGITS, folder, str(out),
+                        "1" if packed and not symmetric else "0"], check=True, capture_output=True,
+                       timeout=300, cwd=tmp_path)
+        logits[packed] = torch.load(out)
+    assert torch.allclose(logits[True], logits[False], rtol=0, atol=1e-5)
