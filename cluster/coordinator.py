@@ -268,19 +268,38 @@ def _log_block(marker: dict[str, Any], i: int, total: int, elapsed: float, worke
              m["peak_private_bytes"] / 2**20, eta, busy)
 
 
+def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Tensor],
+                      start: float) -> tuple[list[list[Any]], list[Any]]:
+    """The chunks through every stage, pipelined as in `pipelined_scores`; returns the stream
+    entering each stage and the stream leaving the last (object refs, chunk by chunk)."""
+    inputs: list[list[Any]] = [[] for _ in stages.actors]
+    stream = []
+    try:
+        for ids in ids_chunks:
+            h = stages.actors[0].embed_chunk.remote(model_path, ids)
+            for s, (actor, (a, b)) in enumerate(zip(stages.actors, stages.plan.stages,
+                                                    strict=True)):
+                inputs[s].append(h)
+                h = actor.forward_chunk.remote(model_path, a, b, h)
+            stream.append(h)
+        pending = list(stream)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            _progress("sensitivity forward", len(stream) - len(pending), len(stream), start,
+                      "chunks")
+    finally:
+        gather([a.release_blocks.remote() for a in stages.actors])
+    return inputs, stream
+
+
 def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
                      budget: BudgetConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """CVXQ statistics: forward through the stages (each keeps its input stream), the objective
     at the last stage, gradients back stage to stage; per-linear statistics come back."""
     start = time.perf_counter()
     ids_chunks = split_windows(windows, stages.chunk_size)
-    stream = ray.get(stages.actors[0].embed.remote(model_path, ids_chunks))
-    inputs = []
-    for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
-        inputs.append(stream)
-        for i in range(a, b):
-            stream = ray.get(actor.forward_block.remote(model_path, i, stream))
-            _progress("sensitivity forward", i + 1, stages.plan.num_blocks, start)
+    inputs, stream = pipelined_forward(stages, model_path, ids_chunks, start)
     forward = time.perf_counter() - start
     last = stages.actors[-1]
     directions = (ray.get(last.pca.remote(model_path, stream, budget.pca_dims))

@@ -17,12 +17,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("loc
 
 
 
-def run_config(model, out, train, retries=2):
+def run_config(model, out, train, retries=2, schedule=None):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": out,
         "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
         "quantization": {"bits": 3, "group_size": 16}, "eval": {"enabled": False},
-        "cluster": {"workers": 2, "chunk_size": 2, "max_retries": retries}})
+        "cluster": {"workers": 2, "chunk_size": 2, "max_retries": retries,
+                    "schedule": schedule}})
 
 
 def shards(folder):
@@ -54,12 +55,17 @@ def kill_a_stage_when(marker, stage_name="StageActor"):
     return thread, killed
 
 
-def test_killed_stage_actor_is_replaced_and_the_run_resumes(tiny_model, corpus_files, tmp_path):
+@pytest.mark.parametrize("schedule", ["sequential", "data_parallel"])
+def test_killed_stage_actor_is_replaced_and_the_run_resumes(tiny_model, corpus_files, tmp_path,
+                                                            schedule):
+    """Data-parallel: one worker killed leaves the other waiting in a collective; all are
+    restarted and the run resumes byte-identical to an uninterrupted one."""
     model = tiny_model("llama", 6)
-    reference = quantize(run_config(model, str(tmp_path / "ref"), corpus_files[0]))
+    reference = quantize(run_config(model, str(tmp_path / "ref"), corpus_files[0],
+                                    schedule=schedule))
     out = str(tmp_path / "out")
     thread, killed = kill_a_stage_when(os.path.join(out, ".relayquant", "blocks", "00002.json"))
-    report = quantize(run_config(model, out, corpus_files[0]))
+    report = quantize(run_config(model, out, corpus_files[0], schedule=schedule))
     thread.join()
     assert killed, "no stage actor was found to kill"
     assert len(report["stage_failures"]) == 1

@@ -241,21 +241,36 @@ def test_a_nan_loss_stops_the_block_with_a_clear_error(tiny_model):
                                   [ExportFormat.COMPRESSED_TENSORS], store)
 
 
-def test_grad_sync_runs_before_every_step(tiny_model):
+class FreezingGroup:
+    """A second worker whose gradients cancel ours: every step's summed gradients are zero."""
+
+    rank, world, wait_seconds = 0, 2, 0.0
+
+    def __init__(self):
+        self.steps = []
+
+    def sum_(self, tensors):
+        if len(tensors) > 1:  # a training step: the gradients, then seen flags and loss
+            self.steps.append(len(tensors) - 1)
+            for t in tensors[:-1]:
+                t.zero_()
+
+    def max_(self, tensors):
+        pass
+
+    def min_(self, tensors):
+        pass
+
+
+def test_the_collective_runs_before_every_step(tiny_model):
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts)
-    seen = []
-
-    def sync(grads):
-        seen.append(len(grads))
-        for g in grads:  # a data-parallel average would go here; zeroing freezes the params
-            g.zero_()
-
+    group = FreezingGroup()
     q = quantization(method="omniquant", bits=3, group_size=16,
                      omniquant={"epochs": 2, "let": True, "batch_size": 2})
     r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store,
-                                  grad_sync=sync)
-    assert len(seen) == 4 and all(n > 0 for n in seen)  # 4 windows / 2 per step x 2 epochs
+                                  group)
+    assert len(group.steps) == 4 and all(n > 0 for n in group.steps)  # 4 windows / 2 x 2 epochs
     assert r.metrics["loss_after"] == pytest.approx(r.metrics["loss_before"], rel=1e-6)
 
 
