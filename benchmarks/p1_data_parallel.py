@@ -64,6 +64,12 @@ def quantize_part(part: str, work: str, epochs: int | None) -> dict:
         logging.info("%s %s: %.1fs", part, label, seconds)
     config = load_recipe(RECIPES[part], cluster(2, 1, "data_parallel"))
     for row in rows:
+        if row is not rows[0] and row["sha256"] == rows[0]["sha256"]:
+            # byte-identical shards: the same model, the same perplexity
+            row["perplexity"], row["eval_windows"] = rows[0]["perplexity"], rows[0][
+                "eval_windows"]
+            row["perplexity_from"] = "identical shards to the 1-worker output"
+            continue
         ppl = evaluate(row["output"], config.eval, config.cluster)
         row["perplexity"], row["eval_windows"] = ppl["perplexity"], ppl["windows"]
     base = rows[0]
