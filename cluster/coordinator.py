@@ -17,7 +17,7 @@ import torch
 
 from cluster import runtime
 from cluster.stage import StageActor
-from pipeline import budget, calibration, storage
+from pipeline import block_pass, budget, calibration, perplexity_cache, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
 from pipeline.config import (
@@ -198,6 +198,28 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
     return markers
 
 
+def quantize_blocks_data_free(stages: Stages, config: RunConfig, model_path: str,
+                              done: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """RTN straight from storage: every unfinished block submitted at once to its worker (its
+    stage's owner, or worker i mod N when data-parallel), so all workers quantize in
+    parallel; no stream exists."""
+    start = time.perf_counter()
+    total = stages.plan.num_blocks
+    refs = {i: (stages.actors[i % len(stages.actors)] if stages.data_parallel
+                else stages.owner(i)).quantize_weights.remote(
+                    model_path, i, config.quantization, config.export.formats, config.output)
+            for i in range(total) if i not in done}
+    pending = list(refs.values())
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+        _progress("data-free quantize", len(refs) - len(pending), len(refs), start)
+    markers = [done[i] if i in done else ray.get(refs[i]) for i in range(total)]
+    log.info("quantized %d blocks in %.1fs (data-free, %d resumed)", total,
+             time.perf_counter() - start, len(done))
+    return markers
+
+
 def training_batch(quantization: QuantizationConfig, workers: int) -> int:
     """The global batch the windows are shared by: the training batch for learned methods (so
     each batch is spread over the workers), else one window per worker in turn."""
@@ -257,14 +279,15 @@ def _log_block(marker: dict[str, Any], i: int, total: int, elapsed: float, worke
     m = marker["metrics"]
     trained = (f", loss {m['loss_before']:.3e} -> {m['loss_after']:.3e}"
                if "loss_before" in m else "")
-    busy = ("; workers " + ", ".join(f"{w['worker']}: {w['compute_seconds']:.1f}s compute + "
-                                     f"{w['collective_seconds']:.1f}s collective"
-                                     for w in m["workers"]) if "workers" in m else
-            f" on stage {m['worker']}")
+    trained += (f", output rel. error {m['output_relative_error']:.3e}"
+                if "output_relative_error" in m else "")
+    where = (f"on {len(m['workers'])} workers" if "workers" in m else f"on stage {m['worker']}")
+    busy = ("; " + ", ".join(f"worker {w['worker']} {w['compute_seconds']:.1f}s compute + "
+                             f"{w['collective_seconds']:.1f}s collective" for w in m["workers"])
+            if "workers" in m else "")
     eta = elapsed / max(worked, 1) * (total - i - 1)
-    log.info("block %d/%d: %.2fs%s, output rel. error %.3e, peak RSS %.0f MB "
-             "(private %.0f MB), ~%.0fs left%s", i + 1, total, m["seconds"], trained,
-             m["output_relative_error"], m["peak_rss_bytes"] / 2**20,
+    log.info("block %d/%d %s: %.2fs%s, peak RSS %.0f MB (private %.0f MB), ~%.0fs left%s",
+             i + 1, total, where, m["seconds"], trained, m["peak_rss_bytes"] / 2**20,
              m["peak_private_bytes"] / 2**20, eta, busy)
 
 
@@ -398,7 +421,7 @@ STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
 
 
 def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path: str,
-                          calib: torch.Tensor, formats: dict[str, Any]
+                          calib: torch.Tensor | None, formats: dict[str, Any]
                           ) -> tuple[Stages, Any, list[dict[str, Any]], dict[str, Any]]:
     """Quantize every block; when a stage dies (killed, out of memory), start the stages again
     and resume from the durable blocks: streams held by a dead actor are gone (objects made by
@@ -417,8 +440,12 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
                 log.info("resuming: %d of %d blocks already done", len(done), plan.num_blocks)
             history.setdefault("resumed_blocks", sorted(done))
             history.setdefault("redone_blocks", redo)
-            run = (quantize_blocks_data_parallel if stages.data_parallel else quantize_blocks)
-            markers = run(stages, config, model_path, calib, done, saved_config)
+            if calib is None:
+                markers = quantize_blocks_data_free(stages, config, model_path, done)
+            else:
+                run = (quantize_blocks_data_parallel if stages.data_parallel
+                       else quantize_blocks)
+                markers = run(stages, config, model_path, calib, done, saved_config)
             return stages, group, markers, history
         except STAGE_FAILURES as e:
             runtime.release(stages.actors, group)
@@ -454,13 +481,22 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         if config.quantization.budget.sensitivity_from is not None:
             budget.load_statistics(parts, config.quantization)  # refuse a bad one before work
     plan = make_plan(parts, model_path, config.cluster.workers)
-    calib = calibration.calibration_windows_for(model_path, config.calibration)
+    streamed = block_pass.streams_needed(config.quantization, config.eval.block_errors)
+    sensitivity = (config.quantization.budget.average_bits is not None
+                   and config.quantization.budget.sensitivity_from is None)
+    calib = (calibration.calibration_windows_for(model_path, config.calibration)
+             if streamed or sensitivity else None)
+    if not streamed:
+        log.info("data-free: %s needs no calibration stream; blocks are quantized straight "
+                 "from storage, all stages at once (eval.block_errors: true streams them to "
+                 "measure each block's output error)", config.quantization.method.value)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
     manifest = prepare_output(config, parts, plan, calib, restart)
     allocation = None
     with runtime.ray_session(config.cluster):
         if config.quantization.budget.average_bits is not None:
+            assert calib is not None
             allocation = allocate_bits(plan, config, parts, model_path, calib)
             config = dataclasses.replace(config, quantization=budget.apply(
                 config.quantization, parts, allocation))
@@ -503,13 +539,31 @@ def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
                    windows: torch.Tensor | None) -> dict[str, Any] | None:
     if windows is None:
         return None
-    fp = stream_perplexity(stages, model_path, windows, "fp") if config.eval.fp else None
+    fp = cached_fp_perplexity(stages, model_path, windows, config.eval) if config.eval.fp \
+        else None
     quant = stream_perplexity(stages, config.output, windows, "quantized",
                               config.quantization.abits)
     return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
             "corpus": config.eval.corpus, "windows": quant["windows"],
             "seq_len": config.eval.seq_len, "tokens": quant["tokens"],
+            "fp_from_cache": fp["cache"] if fp and "cache" in fp else None,
             "seconds": {"fp": fp["seconds"] if fp else None, "quantized": quant["seconds"]}}
+
+
+def cached_fp_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
+                         eval_config: EvalConfig) -> dict[str, Any]:
+    """The FP perplexity from the user cache when this model, these windows and this code
+    were evaluated before; computed and cached otherwise."""
+    key = perplexity_cache.cache_key(model_path, windows, eval_config.seq_len)
+    cached = perplexity_cache.read_cached(key)
+    if cached is not None:
+        log.info("eval fp: %.4f reused from %s (same model files, windows and code)",
+                 cached["perplexity"], perplexity_cache.cache_path(key))
+        return {**cached, "seconds": 0.0, "cache": perplexity_cache.cache_path(key)}
+    fp = stream_perplexity(stages, model_path, windows, "fp")
+    perplexity_cache.write_cached(key, {k: fp[k] for k in ("perplexity", "windows", "tokens")}
+                                  | {"computed_seconds": fp["seconds"]})
+    return fp
 
 
 def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,

@@ -99,6 +99,14 @@ class StageActor:
                                         {**result.metrics, "worker": self.stage})
         return result.fp_out, result.q_out, marker
 
+    def quantize_weights(self, path: str, index: int, quantization: QuantizationConfig,
+                         layouts: list[ExportFormat], output: str) -> dict[str, Any]:
+        result = block_pass.quantize_block_weights(self._parts(path), index, quantization,
+                                                   layouts)
+        exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
+        return checkpoint.write_block(output, index, exports, result.schemes,
+                                      {**result.metrics, "worker": self.stage})
+
     def pca(self, path: str, stream: list[Any], dims: int) -> torch.Tensor:
         parts = self._parts(path)
         cov = sensitivity.hidden_covariance(parts, stream, self.store)

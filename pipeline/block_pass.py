@@ -220,6 +220,39 @@ def reduce_stats_(stats: dict[str, Any], block: torch.nn.Module, names: list[str
     group.min_([stats[n].minimum for n in names])
 
 
+def streams_needed(quantization: QuantizationConfig, block_errors: bool | None) -> bool:
+    """Whether quantizing the blocks reads calibration streams: every method but RTN does,
+    RTN only for bias correction or when the per-block output errors are asked for."""
+    return (quantization.method is not Method.RTN or quantization.bias_correction
+            or bool(block_errors))
+
+
+def quantize_block_weights(parts: ModelParts, index: int, quantization: QuantizationConfig,
+                           layouts: list[ExportFormat]) -> BlockResult:
+    """The data-free path: the block's linears rounded to nearest straight from storage, no
+    stream read or written (the same codes as `quantize_block` with RTN)."""
+    start = time.perf_counter()
+    block = parts.load_block(index)
+    loaded = time.perf_counter()
+    path = parts.block_path(index)
+    dtypes = parts.stored_dtypes(path)
+    formats = block_formats(parts, index, quantization)
+    linears = quantize_linears_(block, formats, dtypes)
+    state = block.state_dict()
+    exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
+    schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
+               for n, f in formats.items()}
+    metrics: dict[str, Any] = {"index": index, "data_free": True,
+                               "seconds": time.perf_counter() - start,
+                               "load_seconds": loaded - start,
+                               "peak_rss_bytes": peak_rss_bytes(),
+                               "peak_private_bytes": private_bytes()}
+    if ExportFormat.GPTQ in layouts:
+        metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
+                                         for q in linears.values())
+    return BlockResult([], [], exports, schemes, metrics)
+
+
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
                    quantization: QuantizationConfig, layouts: list[ExportFormat],
                    store: ChunkStore, group: Collective | None = None,

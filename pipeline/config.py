@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Any
 
 
@@ -234,6 +235,13 @@ class QuantizationConfig:
                  "an integer from 4 to 8")
         for pattern, change in self.overrides.items():
             where = f"quantization.overrides[{pattern!r}]"
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ConfigError(f"{where}: {pattern[3:]!r} is not a valid regular "
+                                      f"expression ({e}); write re: followed by a Python regex "
+                                      "matched against the whole module name") from e
             if change is None:
                 continue
             _require(isinstance(change, dict), f"{where}: expected a mapping of "
@@ -285,6 +293,10 @@ class EvalConfig:
     max_windows: int | None = None
     fp: bool = True
     enabled: bool = True
+    # each block's output error against the FP stream; null: on where the method streams the
+    # calibration windows anyway, off in the data-free path (RTN), where it would be the only
+    # reason to stream them
+    block_errors: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"eval.seq_len: {self.seq_len}; must be >= 2")

@@ -3,6 +3,7 @@ the shared tensors, index, config and tokenizer at the end, the report last."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -20,12 +21,16 @@ from pipeline.plan import Plan
 RESULT_SECTIONS = ("calibration", "quantization", "export")  # config sections that change the weights
 
 
-def fingerprint(config: RunConfig, parts: ModelParts, calib: torch.Tensor) -> dict[str, Any]:
+def fingerprint(config: RunConfig, parts: ModelParts, calib: torch.Tensor | None
+                ) -> dict[str, Any]:
+    """What makes a run's result: the model, the result-bearing config, the calibration
+    windows (None: a data-free run reads none), the code version."""
     data = config_to_dict(config)
     return {
         "model": parts.reader.fingerprint(),
         "config": {k: data[k] for k in RESULT_SECTIONS},
-        "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+        "calibration_sha256": (hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+                               if calib is not None else None),
         "relayquant_version": pipeline.__version__,
     }
 
@@ -46,10 +51,30 @@ def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
     return _differences(old.get("fingerprint"), fingerprint(config, parts, calib))
 
 
-def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan, calib: torch.Tensor,
-                   restart: bool) -> dict[str, Any]:
-    """Refuse a folder that holds something else; write the manifest; return it."""
+def check_output_location(out: str) -> None:
+    """The output must be a folder (new or existing) that this process can create and write."""
+    try:
+        fs, inner = storage.filesystem(out)
+        if fs.isfile(inner):
+            raise ConfigError(f"output: {out} is a file; give a folder (new or empty)")
+        fs.makedirs(inner, exist_ok=True)
+        probe = storage.join(out, f".relayquant-write-test-{os.getpid()}")
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, ImportError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"output: cannot create or write {out} ({reason}); choose a folder "
+                          "this process can write") from e
+
+
+def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan,
+                   calib: torch.Tensor | None, restart: bool) -> dict[str, Any]:
+    """Refuse a folder that holds something else or cannot be written; write the manifest;
+    return it."""
     out = config.output
+    check_output_location(out)
     fresh = fingerprint(config, parts, calib)
     if checkpoint.is_relayquant_output(out):
         old = storage.read_json(storage.join(out, checkpoint.MANIFEST))

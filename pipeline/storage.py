@@ -134,19 +134,63 @@ class TensorEntry:
 
 
 def read_header(path: str) -> dict[str, TensorEntry]:
+    """The tensor entries of a safetensors file, checked against the file's size, so a file
+    that is not safetensors, or is cut short, is refused here rather than read as garbage."""
     fs, inner = filesystem(path)
+    file_size = int(fs.size(inner))
     with fs.open(inner, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ConfigError(f"{path}: not a safetensors file ({file_size} bytes, shorter than "
+                              "the 8-byte header length)")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > file_size - 8:
+            raise ConfigError(f"{path}: not a safetensors file (header length {size} exceeds "
+                              f"the file's {file_size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a safetensors file (header is not a JSON object)")
     base = 8 + size
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        lo, hi = info["data_offsets"]
-        entries[name] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]),
-                                    base + lo, base + hi)
+        entries[name] = _entry(path, name, info, base, file_size)
     return entries
+
+
+def _entry(path: str, name: str, info: Any, base: int, file_size: int) -> TensorEntry:
+    try:
+        lo, hi = (int(v) for v in info["data_offsets"])
+        dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a safetensors file (bad header entry for {name})") from e
+    if dtype not in _DTYPES:
+        raise ConfigError(f"{path}: tensor {name} has dtype {dtype}; relayquant reads "
+                          f"{', '.join(_DTYPES)}")
+    count = 1
+    for d in shape:
+        count *= d
+    itemsize = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+    if not 0 <= lo <= hi or hi - lo != count * itemsize:
+        raise ConfigError(f"{path}: not a safetensors file (tensor {name}: offsets {lo}..{hi} "
+                          f"do not hold {shape} {dtype})")
+    if base + hi > file_size:
+        raise ConfigError(f"{path}: truncated: tensor {name} ends at byte {base + hi} but the "
+                          f"file has {file_size}; copy or download the file again")
+    return TensorEntry(path, _DTYPES[dtype], shape, base + lo, base + hi)
+
+
+def read_json_file(path: str, field: str) -> Any:
+    """A JSON file the user gave (config, index), refused with the field named when it is
+    not JSON."""
+    try:
+        return json.loads(read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{field}: {path} is not valid JSON ({e})") from e
 
 
 class CheckpointReader:
@@ -161,18 +205,37 @@ class CheckpointReader:
         if config is None and not exists(config_path):
             raise ConfigError(f"model.path: no config.json in {folder!r}; give a Hugging Face "
                               "model folder (config.json + safetensors) or its fsspec URL")
-        self.config: dict[str, Any] = config if config is not None else read_json(config_path)
+        if config is None:
+            config = read_json_file(config_path, "model.path")
+            if not isinstance(config, dict):
+                raise ConfigError(f"model.path: {config_path} must hold a JSON object")
+        self.config: dict[str, Any] = config
         self.files = files
         self.entries: dict[str, TensorEntry] = {}
         for file in self.weight_files():
-            self.entries.update(read_header(join(self.folder, file)))
+            path = join(self.folder, file)
+            if files is None and not exists(path):
+                raise ConfigError(f"model.path: {INDEX_NAME} names {file}, which is missing "
+                                  f"from {self.folder!r}; copy or download it again")
+            try:
+                self.entries.update(read_header(path))
+            except ConfigError as e:
+                if files is not None:  # a run's own shards: the message names the file
+                    raise
+                raise ConfigError(f"model.path: {e}") from e
 
     def weight_files(self) -> list[str]:
         if self.files is not None:
             return list(self.files)
         index = join(self.folder, INDEX_NAME)
         if exists(index):
-            return sorted(set(read_json(index)["weight_map"].values()))
+            weight_map = read_json_file(index, "model.path")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(f"model.path: {index} has no weight_map of tensor name -> "
+                                  "file name")
+            return sorted(set(weight_map.values()))
         if exists(join(self.folder, SINGLE_NAME)):
             return [SINGLE_NAME]
         raise ConfigError(f"model.path: no {INDEX_NAME} or {SINGLE_NAME} in {self.folder!r}; "
@@ -222,3 +285,12 @@ def local_tokenizer_dir(folder: str) -> str:
             with open(os.path.join(target, name), "wb") as f:
                 f.write(read_bytes(src))
     return target
+
+
+def file_stamp(path: str) -> dict[str, Any]:
+    """Size and last-modified marks of one file (mtime locally; ETag / LastModified on object
+    stores): what changes when the file is rewritten, without reading it."""
+    fs, inner = filesystem(path)
+    info = fs.info(inner)
+    keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5Hash")
+    return {k: str(info[k]) for k in keep if k in info}

@@ -10,6 +10,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import build_model, corpus_text
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fp_cache_dir(tmp_path_factory):
+    """The FP perplexity cache of the test session, never the user's."""
+    folder = str(tmp_path_factory.mktemp("fp-cache"))
+    old = os.environ.get("RELAYQUANT_CACHE_DIR")
+    os.environ["RELAYQUANT_CACHE_DIR"] = folder
+    yield folder
+    if old is None:
+        os.environ.pop("RELAYQUANT_CACHE_DIR", None)
+    else:
+        os.environ["RELAYQUANT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

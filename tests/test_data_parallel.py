@@ -204,3 +204,36 @@ def test_resume_across_schedules_is_byte_identical(tiny_model, corpus_files, tmp
            for w, s in ((1, None), (2, Schedule.SEQUENTIAL), (3, Schedule.DATA_PARALLEL))}
     assert ppl[(2, Schedule.SEQUENTIAL)] == pytest.approx(ppl[(1, None)], rel=1e-6)
     assert ppl[(3, Schedule.DATA_PARALLEL)] == pytest.approx(ppl[(1, None)], rel=1e-6)
+
+
+@cluster
+@pytest.mark.cluster
+@pytest.mark.e2e
+def test_data_free_rtn_gives_the_streamed_shards_and_resumes(tiny_model, corpus_files,
+                                                             tmp_path):
+    """RTN reads no calibration: the shards are those of the streamed path (which measures
+    each block's output error), on both schedules; a damaged block is redone."""
+    model = tiny_model("llama", 6)
+    streamed = str(tmp_path / "streamed")
+    ref = quantize(build_config(RunConfig, {**_plain(run_config(
+        model, streamed, *corpus_files, 1)), "eval": {"enabled": False, "block_errors": True}}))
+    assert all("output_relative_error" in b for b in ref["blocks"])
+    for workers, schedule in ((1, None), (2, "sequential"), (3, "data_parallel")):
+        out = str(tmp_path / f"free-{workers}")
+        report = quantize(run_config(model, out, *corpus_files, workers, schedule=schedule))
+        assert all(b["data_free"] and "output_relative_error" not in b
+                   for b in report["blocks"])
+        assert report["fingerprint"]["calibration_sha256"] is None
+        assert shards(out) == shards(streamed)
+    out = str(tmp_path / "free-3")
+    os.remove(os.path.join(out, "report.json"))
+    os.remove(os.path.join(out, ".relayquant", "blocks", "00004.json"))
+    report = quantize(run_config(model, out, *corpus_files, 3, schedule="data_parallel"))
+    assert report["resumed_blocks"] == [0, 1, 2, 3, 5]
+    assert shards(out) == shards(streamed)
+
+
+def _plain(config):
+    from pipeline.config_tree import config_to_dict
+
+    return config_to_dict(config)

@@ -21,7 +21,8 @@ def run_config(model, out, train, retries=2, schedule=None):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": out,
         "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
-        "quantization": {"bits": 3, "group_size": 16}, "eval": {"enabled": False},
+        "quantization": {"bits": 3, "group_size": 16},
+        "eval": {"enabled": False, "block_errors": True},  # streamed: blocks one after another
         "cluster": {"workers": 2, "chunk_size": 2, "max_retries": retries,
                     "schedule": schedule}})
 

@@ -18,7 +18,10 @@ def recipe(tmp_path, model, train, name):
             "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
             "quantization": {"bits": 3, "group_size": 16},
             "export": {"formats": ["compressed-tensors", "fake_quant"]},
-            "eval": {"enabled": False}, "cluster": {"workers": 2, "chunk_size": 4}}
+            # the streamed path on sequential stages (the data-free and data-parallel
+            # resumes: tests/test_data_parallel.py)
+            "eval": {"enabled": False, "block_errors": True},
+            "cluster": {"workers": 2, "chunk_size": 4, "schedule": "sequential"}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
