@@ -30,6 +30,7 @@ from jobs.recipes import load_recipe
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
 
+log = logging.getLogger("p1_data_parallel")
 RECIPES = {"learned": "p1-signround-w3g64", "gptq": "p1-gptq-w4"}
 # (label, workers, threads, schedule)
 SETUPS = [("1 worker x 1 thread", 1, 1, "sequential"),
@@ -61,7 +62,7 @@ def quantize_part(part: str, work: str, epochs: int | None) -> dict:
                      "block_seconds": sum(b["seconds"] for b in report["blocks"]),
                      "workers_per_block": [b.get("workers") for b in report["blocks"]],
                      "sha256": [b["sha256"][""] for b in report["blocks"]]})
-        logging.info("%s %s: %.1fs", part, label, seconds)
+        log.info("%s %s: %.1fs", part, label, seconds)
     config = load_recipe(RECIPES[part], cluster(2, 1, "data_parallel"))
     for row in rows:
         if row is not rows[0] and row["sha256"] == rows[0]["sha256"]:
@@ -94,7 +95,7 @@ def eval_part() -> dict:
         rows.append({"setup": label, "workers": workers, "threads": threads,
                      "schedule": schedule, "perplexity": ppl["perplexity"],
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
-        logging.info("eval %s: %.1fs", label, rows[-1]["seconds"])
+        log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
     for row in rows:
         row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
@@ -108,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_data_parallel.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
-    result = json.load(open(args.out)) if os.path.exists(args.out) else {
-        "benchmark": "p1_data_parallel"}
+    result = {"benchmark": "p1_data_parallel"}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
     result["machine"] = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="relayquant-dp-") as work:
         for part in args.parts:

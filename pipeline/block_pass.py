@@ -215,7 +215,7 @@ def reduce_stats_(stats: dict[str, Any], block: torch.nn.Module, names: list[str
 
     for n in names:
         if n not in stats:
-            stats[n] = ActStats.empty(block.get_submodule(n).in_features, device)
+            stats[n] = ActStats.empty(block.get_parameter(f"{n}.weight").shape[1], device)
     group.max_([t for n in names for t in (stats[n].absmax, stats[n].maximum)])
     group.min_([stats[n].minimum for n in names])
 
@@ -312,7 +312,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             numel += target.numel()
             private = max(private, private_bytes())
             q_out.append(store.put(y))
-    err, ref, numel = sum_scalars(group, [err, ref, float(numel)])
+    err, ref, total = sum_scalars(group, [err, ref, float(numel)])
+    numel = int(total)
     state = block.state_dict()
     exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
     schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]

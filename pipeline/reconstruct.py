@@ -111,7 +111,8 @@ def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in
         members = [n for n in consumers if n in names]
         shared.update({n: members[0] for n in members[1:]})
     watched = [n for n in names if n not in shared]
-    hessians = {n: Hessian(block.get_submodule(n).in_features, parts.device) for n in watched}
+    hessians = {n: Hessian(block.get_parameter(f"{n}.weight").shape[1], parts.device)
+                for n in watched}
 
     def visit(name: str, x: torch.Tensor) -> None:
         hessians[name].add(x)

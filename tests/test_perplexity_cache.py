@@ -25,7 +25,8 @@ def test_any_change_of_model_windows_or_code_is_another_key(tiny_model, tmp_path
     assert key != perplexity_cache.cache_key(tiny_model("qwen2"), windows, 16)
     # the same files rewritten (same names and sizes, new contents): another key
     shard = next(f for f in sorted(os.listdir(model)) if f.endswith(".safetensors"))
-    data = open(os.path.join(model, shard), "rb").read()
+    with open(os.path.join(model, shard), "rb") as f:
+        data = f.read()
     time.sleep(0.01)
     with open(os.path.join(model, shard), "wb") as f:
         f.write(data)
