@@ -36,19 +36,49 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
                           "dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL")
     if not storage.exists(spec):
         raise ConfigError(f"{field}: {spec!r} does not exist")
-    raw = storage.read_bytes(spec)
+    try:
+        raw = storage.read_bytes(spec)
+    except (IsADirectoryError, PermissionError) as e:
+        raise ConfigError(f"{field}: cannot read {spec!r} ({e.strerror}); give a file") from e
+    if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{field}: {spec!r} is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from e
     if suffix in TEXT_SUFFIXES:
-        return raw.decode("utf-8")
+        return text
     if suffix in JSONL_SUFFIXES:
-        rows = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
-        return "\n\n".join(_field(r, text_field, field) for r in rows)
+        return "\n\n".join(_field(r, text_field, field) for r in _json_rows(text, spec, field))
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(raw))
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except Exception as e:  # pyarrow's many error types all mean "not a parquet file"
+        raise ConfigError(f"{field}: {spec!r} is not a readable parquet file ({e})") from e
     if text_field not in table.column_names:
         raise ConfigError(f"{field}: parquet file has no column {text_field!r}; columns: "
                           f"{', '.join(table.column_names)} (set calibration.text_field)")
     return "\n\n".join(str(v) for v in table.column(text_field).to_pylist())
+
+
+def _json_rows(text: str, spec: str, field: str) -> list[Any]:
+    """JSON lines, one record a line (or one JSON array of records)."""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{field}: {spec!r} is not valid JSON ({e})") from e
+        return list(rows) if isinstance(rows, list) else [rows]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{field}: {spec!r} line {number} is not JSON ({e.msg}); "
+                                  "write one JSON object per line") from e
+    return rows
 
 
 def _field(row: Any, text_field: str, field: str) -> str:
@@ -74,10 +104,40 @@ def _dataset_records(spec: str, text_field: str, field: str) -> list[str]:
     return [str(t) for t in data[text_field]]
 
 
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(storage.local_tokenizer_dir(model_path))
+    if not any(storage.exists(storage.join(model_path, n)) for n in TOKENIZER_MAIN_FILES):
+        raise ConfigError(f"model.path: no tokenizer in {model_path!r} (none of "
+                          f"{', '.join(TOKENIZER_MAIN_FILES)}); copy the model's tokenizer files "
+                          "next to its config.json")
+    try:
+        return AutoTokenizer.from_pretrained(storage.local_tokenizer_dir(model_path))
+    except (OSError, ValueError, KeyError) as e:  # what transformers raises for bad files
+        raise ConfigError(f"model.path: cannot load the tokenizer in {model_path!r}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def model_context(model_path: str) -> tuple[int, str] | None:
+    """The longest sequence the model was built for, and the config.json key that says so."""
+    config = storage.read_json_file(storage.join(model_path, "config.json"), "model.path")
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def check_seq_len(model_path: str, seq_len: int, field: str) -> None:
+    """Refuse windows longer than the model's context, before any tokenizing."""
+    context = model_context(model_path)
+    if context is not None and seq_len > context[0]:
+        raise ConfigError(f"{field}: {seq_len} exceeds the model's context of {context[0]} "
+                          f"tokens ({context[1]} in config.json); use at most {context[0]}")
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -89,10 +149,11 @@ def calibration_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed:
     """[num_samples, seq_len] windows at uniform random offsets drawn in one call."""
     if ids.numel() < num_samples * seq_len:
         most = ids.numel() // seq_len
+        fix = (f" or at most {most} samples of this length" if most else
+               f" or a seq_len of at most {ids.numel()}" if ids.numel() >= 2 else "")
         raise ConfigError(
             f"calibration.corpus: too short: {ids.numel()} tokens, but num_samples {num_samples} x "
-            f"seq_len {seq_len} needs {num_samples * seq_len}; use a longer corpus or at most "
-            f"{most} samples of this length")
+            f"seq_len {seq_len} needs {num_samples * seq_len}; use a longer corpus{fix}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -111,6 +172,7 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
 
 def calibration_windows_for(model_path: str, c: CalibrationConfig) -> torch.Tensor:
     """The run's calibration windows, tokenized with the model's own tokenizer."""
+    check_seq_len(model_path, c.seq_len, "calibration.seq_len")
     ids = tokenize(load_tokenizer(model_path), load_text(c.corpus, c.text_field))
     windows = calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
     log.info("calibration: %s, %d tokens -> %d windows of %d (seed %d)", c.corpus, ids.numel(),
@@ -120,6 +182,7 @@ def calibration_windows_for(model_path: str, c: CalibrationConfig) -> torch.Tens
 
 def eval_windows_for(model_path: str, e: EvalConfig) -> torch.Tensor:
     """The evaluation windows, tokenized with the model's own tokenizer."""
+    check_seq_len(model_path, e.seq_len, "eval.seq_len")
     ids = tokenize(load_tokenizer(model_path), load_text(e.corpus, field="eval.corpus"))
     windows = eval_windows(ids, e.seq_len, e.max_windows)
     log.info("evaluation: %s, %d windows of %d", e.corpus, windows.shape[0], e.seq_len)

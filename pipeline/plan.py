@@ -25,7 +25,12 @@ class Plan:
 
 
 def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu") -> ModelParts:
-    if not storage.exists(path):
+    try:
+        found = storage.exists(path)
+    except (ValueError, ImportError) as e:  # fsspec: unknown protocol, or its package missing
+        raise ConfigError(f"model.path: cannot open {path!r} ({e}); give a local folder or an "
+                          "fsspec URL whose filesystem is installed") from e
+    if not found:
         raise ConfigError(f"model.path: {path!r} does not exist")
     return ModelParts(storage.CheckpointReader(path), DTYPES[compute_dtype], device)
 
