@@ -81,7 +81,8 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
         try:
             address = (ray.get(actors[0].rendezvous_address.remote()) if len(actors) > 1
                        else None)
-            gather([a.join.remote(address, r, len(actors)) for r, a in enumerate(actors)])
+            gather([a.join.remote(address, r, len(actors), cluster.activation_memory_bytes)
+                    for r, a in enumerate(actors)])
         except BaseException:
             runtime.release(actors, group)
             raise
@@ -517,6 +518,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
+    if any("workers" in m["metrics"] for m in markers):
+        report["workers"] = worker_summary(markers)
     if allocation is not None:
         report["allocation"] = allocation
     if config.quantization.bias_correction:
@@ -533,6 +536,22 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                     "quantized weights only (evaluate it with the same abits)"}
     write_report(config.output, report)
     return report
+
+
+def worker_summary(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per data-parallel worker over the blocks quantized in this run: compute and collective
+    seconds, and its stream store's totals (bytes spilled to disk and read back, peak bytes in
+    memory)."""
+    rows = [m["metrics"]["workers"] for m in markers if "workers" in m["metrics"]]
+    rows = [r for r in rows if len(r) == len(rows[-1])]  # an earlier attempt's count differs
+    out = []
+    for w in range(len(rows[-1])):
+        out.append({"worker": w,
+                    "compute_seconds": sum(r[w]["compute_seconds"] for r in rows),
+                    "collective_seconds": sum(r[w]["collective_seconds"] for r in rows),
+                    **{k: rows[-1][w][k] for k in ("stream_memory_peak_bytes", "spilled_bytes",
+                                                   "spill_read_bytes") if k in rows[-1][w]}})
+    return out
 
 
 def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,

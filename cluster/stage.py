@@ -140,10 +140,12 @@ class StageActor:
             port = s.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, address: str | None, rank: int, world: int) -> None:
+    def join(self, address: str | None, rank: int, world: int,
+             activation_memory_bytes: int | None = None) -> None:
         group: Collective = Solo() if world == 1 else TorchCollective(
             str(address), rank, world, "nccl" if self.device.startswith("cuda") else "gloo")
-        self.worker = DataParallelWorker(group, self.compute_dtype, self.device)
+        self.worker = DataParallelWorker(group, self.compute_dtype, self.device,
+                                         activation_memory_bytes)
         self.worker.models = self.models
 
     def _dp(self) -> DataParallelWorker:

@@ -319,6 +319,9 @@ class ClusterConfig:
     max_retries: int = 2
     # null: data_parallel when workers > 1, else sequential
     schedule: Schedule | None = None
+    # bytes of stream chunks a data-parallel worker keeps in memory; the rest goes to its local
+    # disk. null: a quarter of the node's memory divided among the workers
+    activation_memory_bytes: int | None = None
 
     @property
     def resolved_schedule(self) -> Schedule:
@@ -332,6 +335,9 @@ class ClusterConfig:
                  f"cluster.threads: {self.threads}; must be >= 1 or null (automatic)")
         _require(self.workers >= 1, f"cluster.workers: {self.workers}; must be >= 1")
         _require(self.chunk_size >= 1, f"cluster.chunk_size: {self.chunk_size}; must be >= 1")
+        _require(self.activation_memory_bytes is None or self.activation_memory_bytes >= 0,
+                 f"cluster.activation_memory_bytes: {self.activation_memory_bytes}; must be >= 0 "
+                 "(0: every chunk on disk) or null (a share of the node's memory)")
         allowed = ("float32", "bfloat16", "float16")
         _require(self.compute_dtype in allowed,
                  f"cluster.compute_dtype: {self.compute_dtype!r}; choose one of {', '.join(allowed)}")

@@ -294,3 +294,18 @@ def file_stamp(path: str) -> dict[str, Any]:
     info = fs.info(inner)
     keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5Hash")
     return {k: str(info[k]) for k in keep if k in info}
+
+
+def write_scratch_tensor(path: str, tensor: torch.Tensor) -> int:
+    """A tensor to a local scratch file (safetensors; no rename or fsync: scratch is dropped
+    with the run); returns the bytes written."""
+    data = safetensors.torch.save({"t": tensor.contiguous()})
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def read_scratch_tensor(path: str) -> torch.Tensor:
+    """Read back a scratch tensor through a memory map of its file."""
+    with safetensors.safe_open(path, framework="pt") as f:
+        return f.get_tensor("t")

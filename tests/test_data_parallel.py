@@ -237,3 +237,29 @@ def _plain(config):
     from pipeline.config_tree import config_to_dict
 
     return config_to_dict(config)
+
+
+@cluster
+@pytest.mark.cluster
+@pytest.mark.e2e
+def test_a_tenth_of_the_streams_in_memory_gives_the_same_bytes(tiny_model, corpus_files,
+                                                                 tmp_path):
+    """cluster.activation_memory_bytes: chunks beyond it go to local disk and come back
+    bit-identical; the report says how much each worker spilled and read."""
+    model = tiny_model("llama")
+    hidden = 64
+    streams = 2 * 12 * 32 * hidden * 4  # both streams of all windows, float32
+    reports = {}
+    for name, budget in (("free", None), ("tight", streams // 10)):
+        config = build_config(RunConfig, {**_plain(run_config(
+            model, str(tmp_path / name), *corpus_files, 2, schedule="data_parallel",
+            method="gptq")), "cluster": {"workers": 2, "chunk_size": 2,
+                                         "schedule": "data_parallel",
+                                         "activation_memory_bytes": budget}})
+        reports[name] = quantize(config)
+    assert shards(str(tmp_path / "tight")) == shards(str(tmp_path / "free"))
+    last = {k: r["blocks"][-1]["workers"] for k, r in reports.items()}
+    assert all(w["spilled_bytes"] == 0 for w in last["free"])
+    for w in last["tight"]:
+        assert w["spilled_bytes"] > streams / 2 and w["spill_read_bytes"] > 0
+        assert w["stream_memory_peak_bytes"] <= streams // 10

@@ -20,14 +20,24 @@ from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective
 from pipeline.parallel.shares import WindowShare
 from pipeline.plan import open_model
-from pipeline.streams import MemoryStore, split_windows
+from pipeline.streams import BudgetStore, split_windows
+
+
+def default_activation_bytes(workers: int) -> int:
+    """A quarter of this node's memory, shared among the workers."""
+    import psutil
+
+    return int(psutil.virtual_memory().total // 4 // max(workers, 1))
 
 
 class DataParallelWorker:
-    def __init__(self, group: Collective, compute_dtype: str, device: str):
+    def __init__(self, group: Collective, compute_dtype: str, device: str,
+                 activation_memory_bytes: int | None = None, scratch: str | None = None):
         self.group = group
         self.compute_dtype, self.device = compute_dtype, device
-        self.store = MemoryStore()
+        limit = (default_activation_bytes(group.world) if activation_memory_bytes is None
+                 else activation_memory_bytes)
+        self.store = BudgetStore(limit, scratch)
         self.models: dict[str, ModelParts] = {}
         self.share: WindowShare | None = None
         self.fp: list[Any] = []
@@ -70,12 +80,17 @@ class DataParallelWorker:
     def _timing(self, start: float, waited: float) -> list[dict[str, float]]:
         """Every worker's seconds on this block and its part spent in collectives, gathered
         through one more sum (each worker fills its own row)."""
-        rows = torch.zeros(self.group.world, 2, dtype=torch.float64)
+        rows = torch.zeros(self.group.world, 5, dtype=torch.float64)
         collective = self.group.wait_seconds - waited
-        rows[self.group.rank] = torch.tensor([time.perf_counter() - start, collective])
+        spill = self.store.stats
+        rows[self.group.rank] = torch.tensor([time.perf_counter() - start, collective,
+                                              spill.peak_held, spill.spilled, spill.read],
+                                             dtype=torch.float64)
         self.group.sum_([rows])
         return [{"worker": w, "seconds": r[0], "collective_seconds": r[1],
-                 "compute_seconds": r[0] - r[1]} for w, r in enumerate(rows.tolist())]
+                 "compute_seconds": r[0] - r[1], "stream_memory_peak_bytes": int(r[2]),
+                 "spilled_bytes": int(r[3]), "spill_read_bytes": int(r[4])}
+                for w, r in enumerate(rows.tolist())]
 
     def carry_block(self, path: str, index: int, output: str, file: str,
                     saved_config: dict[str, Any], abits: int) -> None:
