@@ -61,7 +61,24 @@ def split_stages(block_bytes: list[int], workers: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
+def head_cost_bytes(parts: ModelParts, block_bytes: list[int]) -> int:
+    """What the head adds to the last stage's work, in block-weight bytes: its matrix
+    (vocab x hidden) costs per token what a block's weights of that size cost, whether or not
+    it is tied to the embedding."""
+    cfg = parts.hf_config
+    vocab, hidden = getattr(cfg, "vocab_size", 0), getattr(cfg, "hidden_size", 0)
+    if not (vocab and hidden and block_bytes):
+        return 0
+    params = sum(p.numel() for p in parts.meta.get_submodule(parts.block_path(0)).parameters())
+    return int(vocab * hidden * block_bytes[-1] / max(params, 1))
+
+
 def make_plan(parts: ModelParts, model_path: str, workers: int) -> Plan:
+    """Stages balanced by block bytes, the last stage's counting the head (the last stage
+    scores the windows), so forward passes pipelined through the stages stay balanced."""
     sizes = [parts.part_nbytes(parts.block_path(i)) for i in range(parts.num_blocks)]
+    costs = list(sizes)
+    if costs:
+        costs[-1] += head_cost_bytes(parts, sizes)
     return Plan(model_path, parts.architecture, parts.num_blocks, tuple(sizes),
-                tuple(split_stages(sizes, workers)))
+                tuple(split_stages(costs, workers)))
