@@ -503,17 +503,29 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                 config.quantization, parts, allocation))
             formats = validate_schemes(parts, config.quantization, config.export.formats)
             allocation["plot"] = budget.write_plot(config.output, allocation)
+        phases = {"prepare": time.time() - start}
+        mark = time.time()
         stages, group, markers, history = quantize_with_retries(plan, config, parts, model_path,
                                                                 calib, formats)
+        phases["quantize"] = time.time() - mark
         try:
+            mark = time.time()
             exported = finish_output(config.output, parts, model_path, markers,
                                      config.export.formats)
+            phases["finish"] = time.time() - mark
+            mark = time.time()
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
+            phases["evaluate"] = time.time() - mark
         finally:
             runtime.release(stages.actors, group)
     report = {"output": config.output, "method": config.quantization.method.value,
               **history,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
+              # prepare: plan, tokenize, open the output, start Ray (and the CVXQ allocation);
+              # quantize: start the workers and every block; finish: shared tensors, index,
+              # config; evaluate: FP (or its cached value) and quantized perplexity
+              "phase_seconds": phases, "schedule": config.cluster.resolved_schedule.value,
+              "data_free": not streamed,
               "plan": plan.to_dict(), "fingerprint": manifest["fingerprint"],
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
