@@ -68,6 +68,10 @@ class TorchCollective:
 
         self.dist = dist
         self.rank, self.world, self.wait_seconds = rank, world, 0.0
+        # NCCL reduces device tensors only: small CPU tensors (counts, losses) go through the
+        # GPU and back; gloo takes both
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                       else None)
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -81,6 +85,8 @@ class TorchCollective:
         for indices in _flat_groups(tensors).values():
             parts = [tensors[i] for i in indices]
             buffer = torch.cat([p.reshape(-1) for p in parts])
+            if self.device is not None and buffer.device != self.device:
+                buffer = buffer.to(self.device)
             op(buffer)
             offset = 0
             for p in parts:
