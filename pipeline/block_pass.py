@@ -238,15 +238,24 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
     dtypes = parts.stored_dtypes(path)
     formats = block_formats(parts, index, quantization)
     linears = quantize_linears_(block, formats, dtypes)
+    result = lay_out(path, block, linears, formats, dtypes, layouts)
+    result.metrics.update({"index": index, "data_free": True,
+                           "seconds": time.perf_counter() - start,
+                           "load_seconds": loaded - start, "peak_rss_bytes": peak_rss_bytes(),
+                           "peak_private_bytes": private_bytes()})
+    return result
+
+
+def lay_out(path: str, block: torch.nn.Module, linears: dict[str, QuantizedLinear],
+            formats: dict[str, AffineFormat | None], dtypes: dict[str, torch.dtype],
+            layouts: list[ExportFormat]) -> BlockResult:
+    """The finished block's tensors in every export layout and its linears' schemes (no
+    streams yet)."""
     state = block.state_dict()
     exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
     schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
                for n, f in formats.items()}
-    metrics: dict[str, Any] = {"index": index, "data_free": True,
-                               "seconds": time.perf_counter() - start,
-                               "load_seconds": loaded - start,
-                               "peak_rss_bytes": peak_rss_bytes(),
-                               "peak_private_bytes": private_bytes()}
+    metrics: dict[str, Any] = {}
     if ExportFormat.GPTQ in layouts:
         metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
                                          for q in linears.values())
@@ -314,10 +323,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             q_out.append(store.put(y))
     err, ref, total = sum_scalars(group, [err, ref, float(numel)])
     numel = int(total)
-    state = block.state_dict()
-    exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
-    schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
-               for n, f in formats.items()}
+    result = lay_out(path, block, linears, formats, dtypes, layouts)
     metrics.update({
         "seconds": time.perf_counter() - start,
         "load_seconds": loaded - start,
@@ -325,10 +331,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         "output_relative_error": err / ref if ref else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_private_bytes": private,
+        **result.metrics,
     })
     if torch.cuda.is_available() and parts.device.startswith("cuda"):
         metrics["peak_device_bytes"] = torch.cuda.max_memory_allocated()
-    if ExportFormat.GPTQ in layouts:
-        metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
-                                         for q in linears.values())
-    return BlockResult(fp_out, q_out, exports, schemes, metrics)
+    return BlockResult(fp_out, q_out, result.exports, result.schemes, metrics)
