@@ -6,7 +6,8 @@ the other in this one invocation, every worker on one thread:
   against intra-op threading); then each output's perplexity on all 292 test windows.
 - `gptq`: the same three for `p1-gptq-w4`.
 - `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread, pipelined over 2
-  sequential stages x 1 thread, and 2 data-parallel workers x 1 thread.
+  sequential stages x 1 thread, 2 data-parallel workers x 1 thread, and a plain transformers
+  forward over the same windows in this process on 1 thread.
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
 
@@ -96,9 +97,46 @@ def eval_part() -> dict:
                      "schedule": schedule, "perplexity": ppl["perplexity"],
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
         log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
+    rows.append(plain_transformers_row(model, load_recipe("p1-rtn-w4").eval))
     for row in rows:
         row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
+
+
+def plain_transformers_row(model: str, eval_config) -> dict:
+    """The same windows through a plain transformers forward in this one process, 1 thread,
+    chunks of 8 windows (the reference a streamed evaluation should match)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.assets import resolve_model_path
+    from pipeline.calibration import eval_windows_for
+
+    folder = resolve_model_path(model)
+    windows = eval_windows_for(folder, eval_config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], 8):
+                ids = windows[i:i + 8]
+                logits = net(input_ids=ids).logits.float()
+                nll += torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                    reduction="sum").item()
+                count += ids[:, 1:].numel()
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    log.info("eval plain transformers: %.1fs", seconds)
+    return {"setup": "plain transformers forward, 1 process x 1 thread", "workers": 1,
+            "threads": 1, "schedule": None, "perplexity": math.exp(nll / count),
+            "windows": int(windows.shape[0]), "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> dict:
