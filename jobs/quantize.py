@@ -24,7 +24,9 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     ppl = report["perplexity"] or {}
     return {"output": report["output"], "method": report["method"], "perplexity": ppl,
             "windows": ppl.get("windows"), "wall_seconds": report["wall_seconds"],
-            "blocks": len(report["blocks"])}
+            "blocks": len(report["blocks"]),
+            "vllm_servable": report["export"].get("vllm_servable"),
+            "vllm_why": report["export"].get("vllm_why")}
 
 
 def summarize(result: dict[str, Any]) -> str:
@@ -36,6 +38,9 @@ def summarize(result: dict[str, Any]) -> str:
         lines.append(f"perplexity on {ppl['corpus']} ({ppl['windows']} windows of "
                      f"{ppl['seq_len']} tokens): FP {fp}, quantized {ppl['quantized']:.4f}")
     lines.append(f"output: {result['output']} (report.json, manifest.json inside)")
+    if result.get("vllm_servable") is not None:
+        lines.append("vLLM: " + ("can serve it" if result["vllm_servable"] else
+                                 f"cannot serve it: {result['vllm_why']}"))
     return "\n".join(lines)
 
 

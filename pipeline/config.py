@@ -45,6 +45,11 @@ class ExportFormat(str, enum.Enum):
     FAKE_QUANT = "fake_quant"  # OUTPUT/fake_quant/: dequantized weights in the model's dtype
 
 
+class ExportTarget(str, enum.Enum):
+    # refuse, before any work, a recipe whose output vLLM has no kernel for
+    VLLM = "vllm"
+
+
 class Device(str, enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -272,6 +277,9 @@ class QuantizationConfig:
 class ExportConfig:
     formats: list[ExportFormat] = dataclasses.field(
         default_factory=lambda: [ExportFormat.COMPRESSED_TENSORS])
+    # the engine the output must run on; null: any (a plan vLLM cannot serve is only warned
+    # about, and the report says so)
+    target: ExportTarget | None = None
 
     def __post_init__(self) -> None:
         _require(ExportFormat.COMPRESSED_TENSORS in self.formats,
@@ -356,3 +364,26 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.output), "output: required; give a folder or an fsspec URL")
+        if self.export.target is ExportTarget.VLLM:
+            _require_vllm_schemes(self.quantization)
+
+
+VLLM_ASYMMETRIC_BITS = (4, 8)  # vLLM's wNa16 kernels: symmetric 2-8 bits, asymmetric 4 and 8
+
+
+def _require_vllm_schemes(q: QuantizationConfig) -> None:
+    """export.target vllm: every (bits, symmetric) the recipe can produce has a vLLM kernel.
+    Mixed schemes inside a fused group are refused for every target (pipeline.schemes)."""
+    sources = [("quantization.bits", q.bits, q.symmetric)]
+    for pattern, change in q.overrides.items():
+        if change is not None:
+            sources.append((f"quantization.overrides[{pattern!r}]", change.get("bits", q.bits),
+                            change.get("symmetric", q.symmetric)))
+    if q.budget.average_bits is not None:
+        sources += [("quantization.budget.choices", bits, symmetric) for bits in q.budget.choices
+                    for _, _, symmetric in list(sources)]
+    for where, bits, symmetric in sources:
+        _require(symmetric or bits in VLLM_ASYMMETRIC_BITS,
+                 f"export.target: vllm has no kernel for asymmetric {bits}-bit weights (from "
+                 f"{where}); vLLM serves symmetric weights at 2-8 bits and asymmetric ones at 4 "
+                 "and 8: set symmetric: true, or bits 4 or 8, or drop export.target")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from pipeline.export import FOLDERS, format_config, kernel_flags
 from pipeline.formats import AffineFormat
 from pipeline.model_parts import ModelParts
 from pipeline.plan import Plan
+from pipeline.schemes import vllm_servable
 
 RESULT_SECTIONS = ("calibration", "quantization", "export")  # config sections that change the weights
 
@@ -161,8 +163,25 @@ def finish_output(output: str, parts: ModelParts, model_path: str,
         flags.append({"layout": "gptq", "groups": wraps,
                       "note": "zero point 0 is stored as zero - 1 = -1 by GPTQ v1 and loads "
                               "wrong; use the compressed-tensors folder for these groups"})
+    servable, why = vllm_servable(formats.values())
     return {"formats": [layout.value for layout in layouts], "folders": folders,
-            "flags": flags}
+            "flags": flags, "vllm_servable": servable, "vllm_why": why,
+            "transformers": transformers_loading(formats.values())}
+
+
+def transformers_loading(formats: Iterable[AffineFormat | None]) -> str:
+    """How transformers loads the compressed-tensors folder, given the packing of its widths."""
+    used = {f for f in formats if f is not None}
+    dense = sorted({f.bits for f in used if f.bits not in (2, 4, 8)})
+    asymmetric = any(not f.symmetric for f in used)
+    if not dense:
+        return ("loads with compressed-tensors 0.17.1 (pinned), and with 0.18+ when every "
+                "linear is symmetric (asymmetric: pass CompressedTensorsConfig(dequantize=True))")
+    widths = "/".join(str(b) for b in dense)
+    return (f"{widths}-bit weights are packed densely (compressed-tensors 0.18+): load with "
+            "compressed-tensors >= 0.18" + (", passing CompressedTensorsConfig(dequantize=True) "
+                                            "for the asymmetric linears" if asymmetric else "")
+            + "; the pinned 0.17.1 refuses them")
 
 
 def write_report(output: str, report: dict[str, Any]) -> None:

@@ -3,13 +3,18 @@ per-module overrides (exact name first, then the first matching `re:` regex; nul
 linear in full precision). Checked on the meta device before any heavy work."""
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 
 from torch import nn
 
 from pipeline.config import ConfigError, ExportFormat, QuantizationConfig
 from pipeline.formats import AffineFormat, valid_group_sizes
+from pipeline.formats.compressed_tensors import vllm_kernel
 from pipeline.model_parts import ModelParts
+
+log = logging.getLogger(__name__)
 
 
 def format_for(name: str, quantization: QuantizationConfig) -> AffineFormat | None:
@@ -66,7 +71,38 @@ def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
     if ExportFormat.GPTQ in formats and len(set(out.values())) > 1:
         raise ConfigError("export.formats: gptq needs one scheme for every linear (it has no "
                           "per-module schemes); drop the overrides or drop gptq")
+    _require_overrides_match(quantization, list(out))
+    servable, why = vllm_servable(out.values())
+    if not servable:  # export.target: vllm refused such a recipe already
+        log.warning("vLLM cannot serve this output: %s (export.target: vllm refuses such a "
+                    "recipe before any work)", why)
     return out
+
+
+def _require_overrides_match(quantization: QuantizationConfig, linears: list[str]) -> None:
+    """An override that names no linear of the model is a typo, not a no-op."""
+    for pattern in quantization.overrides:
+        regex = pattern[3:] if pattern.startswith("re:") else None
+        if not any(re.fullmatch(regex, n) if regex is not None else n == pattern
+                   for n in linears):
+            raise ConfigError(
+                f"quantization.overrides[{pattern!r}]: matches none of this model's "
+                f"{len(linears)} quantizable linears (e.g. {linears[0]}); give an exact module "
+                "name or re: and a regex matched against the whole name")
+
+
+def vllm_servable(formats: Iterable[AffineFormat | None]) -> tuple[bool, str]:
+    """Whether current vLLM has a kernel for every quantized linear's format, and why not.
+    (Different schemes inside a fused group never get this far: validate_schemes refuses
+    them for every target.)"""
+    missing = sorted({f for f in formats if f is not None and not vllm_kernel(f)},
+                     key=lambda f: (f.bits, f.group_size or 0))
+    if not missing:
+        return True, ("every quantized linear has a vLLM wNa16 kernel (symmetric 2-8 bits, "
+                      "asymmetric 4 or 8 bits)")
+    return False, (f"no vLLM kernel for {', '.join(_describe(f) for f in missing)}: vLLM serves "
+                   "asymmetric weights only at 4 and 8 bits; quantize with symmetric: true "
+                   "(2-8 bits) or at 4 or 8 bits")
 
 
 def _describe(fmt: AffineFormat | None) -> str:

@@ -71,6 +71,7 @@ def test_index_naming_a_missing_shard(capsys, tmp_path, tiny_model, corpus_files
     ("truncated", "truncated: tensor"),
     ("empty", "not a safetensors file (0 bytes"),
     ("json_garbage", "not a safetensors file (header is not JSON"),
+    ("fp8", "tensor x has dtype F8_E4M3; relayquant reads F64, F32"),
 ])
 def test_shard_that_is_not_safetensors(capsys, tmp_path, tiny_model, corpus_files, damage,
                                        pattern):
@@ -78,8 +79,10 @@ def test_shard_that_is_not_safetensors(capsys, tmp_path, tiny_model, corpus_file
     shard = os.path.join(model, shards(model)[0])
     with open(shard, "rb") as f:
         data = f.read()
+    fp8 = json.dumps({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
     damaged = {"garbage": os.urandom(4096), "truncated": data[: len(data) // 2], "empty": b"",
-               "json_garbage": (16).to_bytes(8, "little") + b"\xff" * 16}[damage]
+               "json_garbage": (16).to_bytes(8, "little") + b"\xff" * 16,
+               "fp8": len(fp8).to_bytes(8, "little") + fp8 + b"\0\0"}[damage]
     with open(shard, "wb") as f:
         f.write(damaged)
     line = refused(capsys, tmp_path, quantize_args(tmp_path, model, corpus_files[0]), pattern)

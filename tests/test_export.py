@@ -62,6 +62,7 @@ def test_compressed_tensors_loads_in_transformers(tiny_model, corpus_files, tmp_
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
     assert not [n for n in index if n.endswith("proj.weight")]
     assert report["export"]["flags"] == []
+    assert report["export"]["vllm_servable"] is True
     if symmetric:
         return
     # relayquant reads every layout back: same perplexity from all three folders
@@ -121,3 +122,6 @@ def test_scheme_without_vllm_kernel_is_flagged(tiny_model, corpus_files, tmp_pat
     assert report["export"]["flags"] == [{"bits": 3, "group_size": 16, "symmetric": False,
                                           "note": "no vLLM wNa16 kernel (asymmetric needs 4 or "
                                                   "8 bits)"}]
+    assert report["export"]["vllm_servable"] is False
+    assert report["export"]["vllm_why"].startswith("no vLLM kernel for w3 g16 asym")
+    assert report["export"]["transformers"].startswith("3-bit weights are packed densely")
