@@ -17,12 +17,13 @@ import torch
 
 from cluster import runtime
 from cluster.stage import StageActor
-from pipeline import block_pass, budget, calibration, perplexity_cache, storage
+from pipeline import block_pass, budget, calibration, cost_model, perplexity_cache, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
 from pipeline.config import (
     BudgetConfig,
     ClusterConfig,
+    Device,
     Distortion,
     EvalConfig,
     ExportFormat,
@@ -470,6 +471,21 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
     raise AssertionError("unreachable")
 
 
+def local_memory_check(config: RunConfig, parts: Any) -> None:
+    """On a local Ray (no cluster address), refuse a run whose workers cannot fit this
+    machine's memory before any work (`relayquant plan` says the same in more detail)."""
+    if config.cluster.address or os.environ.get("RAY_ADDRESS") or \
+            config.cluster.device is Device.CUDA:
+        return
+    import psutil
+
+    cost_model.check_memory(parts.reader.config, config.quantization,
+                            config.calibration.num_samples, config.calibration.seq_len,
+                            config.cluster.workers, config.cluster.resolved_schedule,
+                            config.cluster.activation_memory_bytes,
+                            psutil.virtual_memory().total // config.cluster.workers)
+
+
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
@@ -482,6 +498,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         if config.quantization.budget.sensitivity_from is not None:
             budget.load_statistics(parts, config.quantization)  # refuse a bad one before work
     plan = make_plan(parts, model_path, config.cluster.workers)
+    local_memory_check(config, parts)
     streamed = block_pass.streams_needed(config.quantization, config.eval.block_errors)
     sensitivity = (config.quantization.budget.average_bits is not None
                    and config.quantization.budget.sensitivity_from is None)

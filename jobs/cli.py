@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also say whether this recipe would resume the run (same fingerprint)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     s.add_argument("--json", action="store_true")
+    p = sub.add_parser("plan", help="memory per worker and predicted time, before a run")
+    p.add_argument("--config", required=True, help="recipe YAML (or a bundled recipe name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--cluster", default=None,
+                   help="YAML: device (h100-80g, a100-80g, a100-40g), nodes, devices_per_node")
+    p.add_argument("--json", action="store_true")
     a = sub.add_parser("assets", help="prepare or locate the P1 model and corpus")
     a.add_argument("action", choices=["prepare", "path"])
     a.add_argument("name", nargs="?", help="asset name for `path` (smollm2-135m, sotu)")
@@ -168,11 +174,17 @@ def assets_command(args: argparse.Namespace) -> int:
         f"  {k}: {v}" for k, v in r.items()))
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from jobs.plan import run_plan, summarize
+
+    return run_guarded(lambda: run_plan(args), args.json, summarize)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     commands = {"quantize": quantize_command, "eval": eval_command, "status": status_command,
-                "assets": assets_command}
+                "plan": plan_command, "assets": assets_command}
     return commands[args.command](args)
 
 

@@ -1,0 +1,110 @@
+"""`relayquant plan`: before a run, what each worker will need and how long it will take, from
+the model's config.json alone (no weights read) and the recipe; on this machine (rates
+measured now) or on a cluster described in a small YAML file:
+
+    device: h100-80g        # or a100-80g, a100-40g, "this machine"
+    nodes: 4
+    devices_per_node: 8
+    network_bytes_per_s: 5.0e+10   # optional: one link between workers
+
+A plan that cannot fit is refused (exit 2) naming what does not fit and what to change.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, RunConfig
+
+
+def load_cluster(path: str | None) -> Any:
+    from pipeline.cost_model import ClusterSpec
+
+    if path is None:
+        return ClusterSpec()
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--cluster: cannot read {path} ({e})") from e
+    allowed = {f.name for f in dataclasses.fields(ClusterSpec)}
+    if not isinstance(data, dict) or set(data) - allowed:
+        raise ConfigError(f"--cluster: {path} must map some of {', '.join(sorted(allowed))}")
+    try:
+        return ClusterSpec(**data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--cluster: {e}") from e
+
+
+def device_for(spec: Any, config: RunConfig, workers: int, shape: Any) -> Any:
+    from pipeline.cost_model import PRESETS, measure_device
+
+    if spec.device != "this machine":
+        device = PRESETS[spec.device]
+    else:
+        import psutil
+
+        cores = len(os.sched_getaffinity(0))
+        threads = config.cluster.threads or max(1, cores // workers)
+        device = measure_device(shape, config.calibration.seq_len, threads,
+                                psutil.virtual_memory().total // workers)
+    if spec.network_bytes_per_s:
+        device = dataclasses.replace(device, network_bytes=spec.network_bytes_per_s)
+    return device
+
+
+def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
+    from pipeline import storage
+    from pipeline.assets import resolve_model_path
+    from pipeline.cost_model import model_shape, plan_run
+
+    model_path = resolve_model_path(config.model.path)
+    config_path = storage.join(model_path, "config.json")
+    if not storage.exists(config_path):
+        raise ConfigError(f"model.path: no config.json in {model_path!r}")
+    model_config = storage.read_json(config_path)
+    workers = (config.cluster.workers if spec.device == "this machine"
+               else spec.nodes * spec.devices_per_node)
+    shape, blocks, _ = model_shape(model_config)
+    if workers > blocks and config.cluster.resolved_schedule.value == "sequential":
+        raise ConfigError(f"cluster.workers: {workers} exceeds the model's {blocks} blocks")
+    schedule = dataclasses.replace(config.cluster, workers=workers).resolved_schedule
+    device = device_for(spec, config, workers, shape)
+    result = plan_run(model_config, config.quantization, config.calibration.num_samples,
+                      config.calibration.seq_len, workers, schedule,
+                      config.cluster.activation_memory_bytes, device)
+    result.update(model=model_path, cluster=dataclasses.asdict(spec))
+    if not result["fits"]:
+        from pipeline.cost_model import check_memory
+
+        check_memory(model_config, config.quantization, config.calibration.num_samples,
+                     config.calibration.seq_len, workers, schedule,
+                     config.cluster.activation_memory_bytes, device.memory_bytes)
+    return result
+
+
+def summarize(r: dict[str, Any]) -> str:
+    free = " (data-free)" if r["data_free"] else ""
+    head = (f"plan: {r['blocks']} blocks on {r['workers']} worker(s), {r['schedule']}{free}, "
+            f"device {r['device']['name']}")
+    lines = [head]
+    lines.append(f"  memory per worker: {r['memory_per_worker_bytes'] / 2**30:.2f} GiB of "
+                 f"{r['worker_memory_bytes'] / 2**30:.1f} GiB")
+    for k, v in sorted(r["memory_per_worker"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {k}: {v / 2**30:.3f} GiB")
+    block = sum(r["block_seconds"].values())
+    lines.append(f"  predicted quantize phase: {r['predicted_seconds'] / 60:.1f} min "
+                 f"({block:.1f}s per block: " + ", ".join(
+                     f"{k} {v:.1f}s" for k, v in r["block_seconds"].items()) + ")")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from jobs.recipes import load_recipe, parse_overrides
+
+    config = load_recipe(args.config, parse_overrides(args.set))
+    return plan(config, load_cluster(args.cluster))

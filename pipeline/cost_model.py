@@ -1,0 +1,378 @@
+"""What a run will cost before it starts: per worker, the memory it needs (block weights,
+streams, training state, Hessians) and the time per block and for the run, from the model's
+config alone (shapes from the meta device, no weights read), the recipe, the schedule and the
+device's measured rates.
+
+Time is counted in the work a block costs, at rates a micro-benchmark measures on the device
+(`measure_device`): dense float32 matmul FLOP/s, float64 matmul FLOP/s (GPTQ's Hessians and
+sweep on CPU), elementwise bytes/s (the quantizer, the optimizer), disk read bytes/s (the block's
+weights), network bytes/s (the collectives). The structural constants (a backward pass costs two
+forward passes; the learned quantizer touches each weight a fixed number of times) are stated
+where they are used, not fitted to runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, Method, Optimizer, QuantizationConfig, Rounding, Schedule
+
+# bytes a Python worker process holds before any block (interpreter, torch, Ray worker)
+PROCESS_BASE_BYTES = 600 * 2**20
+# float32 words moved per weight of a linear in one learned window (about 16 elementwise ops
+# forward: LET, clipping, rounding, fake-quant; about 16 backward; each reads and writes)
+QUANTIZER_PASSES = 64
+# saved activations per token of one block for backward, in hidden-size units (norms, q/k/v/o
+# inputs and outputs, the residuals) plus intermediate-size units (gate, up, act, product)
+SAVED_HIDDEN_UNITS, SAVED_INTERMEDIATE_UNITS = 12, 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One worker's device: its rates and memory."""
+
+    name: str
+    forward_flops: float  # FLOP/s a block's forward pass reaches (matmuls, attention, norms)
+    train_flops: float  # FLOP/s of a block's forward + backward (counted as 3 forwards)
+    fp64_flops: float  # FLOP/s, dense float64 matmul (GPTQ on CPU)
+    elementwise_bytes: float  # bytes/s through simple elementwise kernels
+    disk_bytes: float  # bytes/s reading the model's shards
+    network_bytes: float  # bytes/s of one collective link between workers
+    memory_bytes: int  # what one worker may use (host share, or the GPU's memory)
+    gptq_float64: bool = True  # GPTQ's sums in float64 (CPU) or float32 (GPU)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# published dense rates (fp16/bf16 tensor cores under autocast; fp32 for the Hessians),
+# derated: a block's forward reaches about 40 % of peak, forward + backward about 30 %
+PRESETS: dict[str, Device] = {
+    "h100-80g": Device("h100-80g", 400e12, 300e12, 50e12, 1.5e12, 2e9, 50e9, 80 * 2**30,
+                       False),
+    "a100-80g": Device("a100-80g", 125e12, 95e12, 15e12, 1.0e12, 2e9, 25e9, 80 * 2**30, False),
+    "a100-40g": Device("a100-40g", 125e12, 95e12, 15e12, 0.8e12, 2e9, 25e9, 40 * 2**30, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """One transformer block as the cost model sees it."""
+
+    linears: tuple[tuple[str, int, int], ...]  # name, out_features, in_features
+    hidden: int
+    heads: int
+    head_dim: int
+    params: int  # every parameter of the block (norms included)
+    stored_bytes_per_param: float  # as in the checkpoint (2 for bf16)
+
+    @property
+    def linear_params(self) -> int:
+        return sum(o * i for _, o, i in self.linears)
+
+    @property
+    def intermediate(self) -> int:
+        return max(o for _, o, _ in self.linears)
+
+    def hessian_columns(self, shared: list[list[str]]) -> list[int]:
+        """The in_features of each distinct Hessian (linears fed by one norm share one)."""
+        sharing = {n for group in shared for n in group[1:]}
+        return [i for n, _, i in self.linears if n not in sharing]
+
+
+def block_shape(meta_block: torch.nn.Module, linears: list[str], config: dict[str, Any],
+                stored_bytes_per_param: float) -> BlockShape:
+    rows = [(n, *meta_block.get_parameter(f"{n}.weight").shape) for n in linears]
+    hidden = int(config.get("hidden_size", rows[0][2]))
+    heads = int(config.get("num_attention_heads", 1))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    params = sum(p.numel() for p in meta_block.parameters())
+    return BlockShape(tuple((str(n), int(o), int(i)) for n, o, i in rows), hidden, heads,
+                      head_dim, params, stored_bytes_per_param)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    windows: int  # calibration windows (0: data-free)
+    seq_len: int
+    workers: int
+    schedule: Schedule
+    activation_memory_bytes: int | None = None
+
+
+def forward_flops(shape: BlockShape, tokens: int, seq_len: int) -> float:
+    """2 FLOPs per weight per token, plus causal attention (QK^T and AV, half the square)."""
+    return tokens * (2.0 * shape.linear_params + 2.0 * seq_len * shape.heads * shape.head_dim)
+
+
+def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, device: Device,
+                  shared_hessians: list[list[str]]) -> dict[str, float]:
+    """Seconds per block by part, for one worker of `work` (data-parallel workers split the
+    windows; a sequential stage does all of them)."""
+    dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
+    share = math.ceil(work.windows / work.workers) if dp else work.windows
+    tokens = share * work.seq_len
+    load = shape.params * shape.stored_bytes_per_param / device.disk_bytes
+    out = {"load": load}
+    quantize_weights = shape.linear_params * 4 * 6 / device.elementwise_bytes
+    if work.windows == 0:  # data-free RTN
+        out["quantize"] = quantize_weights
+        return out
+    one_pass = forward_flops(shape, tokens, work.seq_len) / device.forward_flops
+    out["streams"] = 2 * one_pass  # the FP targets and the quantized stream
+    if q.method is Method.RTN:
+        out["quantize"] = quantize_weights
+    elif q.method is Method.GPTQ:
+        out["hessians"] = one_pass + hessian_seconds(shape, tokens, device, shared_hessians)
+        solve = sweep_seconds(shape, device)
+        out["gptq"] = solve / work.workers if dp else solve
+        if dp:  # the broadcast of each solved linear's weight, codes and parameters
+            out["collective"] = shape.linear_params * 12 / device.network_bytes
+    else:
+        out.update(training_seconds(shape, q, work, device, share))
+    return out
+
+
+def hessian_seconds(shape: BlockShape, tokens: int, device: Device,
+                    shared: list[list[str]]) -> float:
+    rate = device.fp64_flops if device.gptq_float64 else device.forward_flops
+    return sum(2.0 * tokens * c * c for c in shape.hessian_columns(shared)) / rate
+
+
+def sweep_seconds(shape: BlockShape, device: Device) -> float:
+    """GPTQ's column sweep: the error feedback (2 x rows x columns^2) and the Cholesky steps
+    (about columns^3) per linear."""
+    rate = device.fp64_flops if device.gptq_float64 else device.forward_flops
+    return sum(2.0 * o * i * i + 2.0 * i ** 3 for _, o, i in shape.linears) / rate
+
+
+def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, device: Device,
+                     share: int) -> dict[str, float]:
+    cfg = q.omniquant
+    steps = cfg.epochs * math.ceil(work.windows / cfg.batch_size)
+    window_flops = forward_flops(shape, work.seq_len, work.seq_len)
+    per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
+    quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
+    # every step rebuilds the quantized weights once; each window runs forward and backward
+    # and its gradient flows back through the quantizer
+    train = cfg.epochs * share * (per_window + quantizer) + steps * quantizer
+    out = {"train": train,
+           "probe": 2 * min(16, share) * window_flops / device.forward_flops}
+    if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
+        out["gptq"] = sweep_seconds(shape, device)
+    if work.schedule is Schedule.DATA_PARALLEL and work.workers > 1:
+        learnable = learnable_params(shape, q)
+        ring = 2.0 * (work.workers - 1) / work.workers
+        out["collective"] = steps * learnable * 8 * ring / device.network_bytes
+    return out
+
+
+def learnable_params(shape: BlockShape, q: QuantizationConfig) -> int:
+    cfg = q.omniquant
+    groups = sum(o * (i // (q.group_size or i)) for _, o, i in shape.linears)
+    count = 2 * groups if cfg.lwc else 0
+    if cfg.let:
+        count += 4 * shape.hidden
+    if cfg.rounding is Rounding.LEARNED:
+        count += shape.linear_params
+    return count
+
+
+def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
+                  shared_hessians: list[list[str]], device: Device) -> dict[str, int]:
+    """Bytes one worker holds at its peak, by part."""
+    dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
+    share = math.ceil(work.windows / work.workers) if dp else work.windows
+    weights = int(shape.params * (4 + shape.stored_bytes_per_param))  # fp32 copy + read
+    out = {"process": PROCESS_BASE_BYTES, "block_weights": weights}
+    if work.windows:
+        stream = share * work.seq_len * shape.hidden * 4
+        streams = 4 * stream  # both streams in and out while a block is worked on
+        if work.activation_memory_bytes is not None and dp:
+            out["streams_on_disk"] = max(0, streams - work.activation_memory_bytes)
+            streams = min(streams, work.activation_memory_bytes)
+        out["streams"] = streams
+    if q.method is Method.GPTQ or (q.method is Method.OMNIQUANT and (
+            q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq")):
+        width = 8 if device.gptq_float64 else 4
+        hessians = shape.hessian_columns(shared_hessians)
+        # every Hessian of the block, plus the sweep's working copies of the largest one
+        out["hessians"] = sum(c * c * width for c in hessians) + 3 * max(hessians) ** 2 * width
+    if q.method is Method.OMNIQUANT:
+        learnable = learnable_params(shape, q)
+        state = 2 if q.omniquant.optimizer is Optimizer.ADAMW else 0
+        keep = 1 if q.omniquant.keep_best else 0
+        # parameter, gradient, float64 sum (2 words), optimizer state, kept best
+        out["training_state"] = learnable * 4 * (2 + 2 + state + keep)
+        out["quantized_weights"] = 3 * shape.linear_params * 4  # transformed, clipped, fake
+        per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * \
+            shape.intermediate
+        attention = shape.heads * work.seq_len  # one score row per token and head
+        out["activations"] = work.seq_len * (per_token + attention) * 4
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    block_seconds: list[dict[str, float]]
+    memory: dict[str, int]
+    seconds: float
+    fits: bool
+    device: Device
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "memory_bytes": sum(self.memory.values()),
+                "memory": self.memory, "fits": self.fits, "device": self.device.to_dict(),
+                "block_seconds": self.block_seconds}
+
+
+def estimate(shape: BlockShape, blocks: int, q: QuantizationConfig, work: Workload,
+             device: Device, shared_hessians: list[list[str]],
+             startup_seconds: float = 15.0) -> Estimate:
+    """The run's quantize phase: blocks one after another (every worker on each block under
+    data_parallel; one stage at a time under sequential); data-free blocks spread over the
+    workers."""
+    per_block = block_seconds(shape, q, work, device, shared_hessians)
+    total = sum(per_block.values())
+    seconds = startup_seconds + (total * math.ceil(blocks / work.workers) if work.windows == 0
+                                 else total * blocks)
+    memory = worker_memory(shape, q, work, shared_hessians, device)
+    in_memory = sum(v for k, v in memory.items() if k != "streams_on_disk")
+    return Estimate([per_block] * blocks, memory, seconds, in_memory <= device.memory_bytes,
+                    device)
+
+
+def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: int,
+                   seconds: float = 1.0) -> Device:
+    """This machine's rates for one worker of `threads` threads, measured now on a stand-in of
+    the block (its linears' shapes, causal attention, norms; random weights, one window of
+    `seq_len` tokens, forward and forward + backward)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        weights = [torch.randn(o, i) * i ** -0.5 for _, o, i in shape.linears]
+        for w in weights:
+            w.requires_grad_(True)
+        inputs = {i: torch.randn(1, seq_len, i, requires_grad=True)
+                  for i in {i for _, _, i in shape.linears}}
+        flops = forward_flops(shape, seq_len, seq_len)
+
+        def forward() -> torch.Tensor:
+            return _stand_in_block(shape, weights, inputs)
+
+        with torch.no_grad():
+            fwd = _rate(forward, flops, seconds)
+        train = _rate(lambda: forward().sum().backward(), 3 * flops, seconds)
+        a64, b64 = torch.randn(576, 576, dtype=torch.float64), torch.randn(
+            576, 1536, dtype=torch.float64)
+        fp64 = _rate(lambda: a64 @ b64, 2.0 * 576 * 576 * 1536, seconds / 2)
+        v = torch.randn(4 * 2**20)
+        elementwise = _rate(lambda: torch.mul(v, 1.0001), 8.0 * v.numel(), seconds / 2)
+    finally:
+        torch.set_num_threads(previous)
+    return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
+                  fp64, elementwise, disk_bytes=1e9, network_bytes=2e9,
+                  memory_bytes=memory_bytes)
+
+
+def _stand_in_block(shape: BlockShape, weights: list[torch.Tensor],
+                    inputs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Every linear on an input of its width, and causal attention over the first one's
+    output (q_proj: heads x head_dim)."""
+    fn = torch.nn.functional
+    outs = [fn.linear(inputs[i], w) for (_, _, i), w in zip(shape.linears, weights, strict=True)]
+    q = outs[0].reshape(1, -1, shape.heads, shape.head_dim).transpose(1, 2)
+    att = fn.scaled_dot_product_attention(q, q, q, is_causal=True)
+    return att.float().pow(2).mean() + sum(fn.silu(o).pow(2).mean() for o in outs)
+
+
+def _rate(fn: Any, work: float, seconds: float) -> float:
+    fn()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        count += 1
+    return work * count / (time.perf_counter() - start)
+
+
+# --- planning a run from its model's config.json -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """Where a planned run will go: `nodes` x `devices_per_node` workers of one device kind
+    (a preset name, or `this machine` measured now)."""
+
+    device: str = "this machine"
+    nodes: int = 1
+    devices_per_node: int = 1
+    network_bytes_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.device != "this machine" and self.device not in PRESETS:
+            raise ValueError(f"device: {self.device!r}; choose one of this machine, "
+                             f"{', '.join(PRESETS)}")
+        if self.nodes < 1 or self.devices_per_node < 1:
+            raise ValueError("nodes and devices_per_node must be >= 1")
+
+
+def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]]]:
+    """The block shape, the block count and the Hessian-sharing groups of a model, from its
+    config.json alone (the model is built on the meta device)."""
+    from pipeline.adapters import adapter_for
+    from pipeline.model_parts import build_meta_model, hf_config_from_dict
+
+    _, adapter = adapter_for(config.get("architectures"))
+    meta = build_meta_model(hf_config_from_dict(config))
+    block = meta.get_submodule(f"{adapter.blocks}.0")
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype.removeprefix("torch."), 4)
+    shape = block_shape(block, list(adapter.linears), config, width)
+    shared = [list(consumers) for _norm, consumers in adapter.norm_to_linears]
+    return shape, int(config[adapter.num_blocks_key]), shared
+
+
+def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
+             workers: int, schedule: Schedule, activation_memory_bytes: int | None,
+             device: Device) -> dict[str, Any]:
+    """The pre-flight estimate of one run: per worker memory by part and whether it fits,
+    the quantize phase's predicted seconds and each block's."""
+    shape, blocks, shared = model_shape(config)
+    from pipeline.block_pass import streams_needed
+
+    if windows and not streams_needed(q, None):
+        windows = 0
+    work = Workload(windows, seq_len, workers, schedule, activation_memory_bytes)
+    est = estimate(shape, blocks, q, work, device, shared)
+    memory = sum(v for k, v in est.memory.items() if k != "streams_on_disk")
+    return {"blocks": blocks, "workers": workers, "schedule": schedule.value,
+            "data_free": windows == 0, "linear_params_per_block": shape.linear_params,
+            "predicted_seconds": est.seconds, "block_seconds": est.block_seconds[0],
+            "memory_per_worker": est.memory, "memory_per_worker_bytes": memory,
+            "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
+            "device": device.to_dict()}
+
+
+
+def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
+                 workers: int, schedule: Schedule, activation_memory_bytes: int | None,
+                 memory_bytes: int) -> dict[str, Any]:
+    """Refuse, before any work, a run whose workers would need more memory than each has;
+    returns the estimate (rates are not needed for memory)."""
+    device = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, memory_bytes)
+    result = plan_run(config, q, windows, seq_len, workers, schedule, activation_memory_bytes,
+                      device)
+    if not result["fits"]:
+        parts = sorted(result["memory_per_worker"].items(), key=lambda kv: -kv[1])
+        biggest = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts[:3])
+        raise ConfigError(
+            f"plan: a worker would need {result['memory_per_worker_bytes'] / 2**30:.1f} GiB "
+            f"but has {memory_bytes / 2**30:.1f} GiB ({biggest}); use machines with more "
+            "memory, more workers (cluster.workers) with cluster.schedule data_parallel, "
+            "cluster.activation_memory_bytes to spill the streams to disk, or a method without "
+            "Hessians")
+    return result

@@ -1,0 +1,128 @@
+"""The pre-flight plan: memory per worker and predicted time from config.json alone."""
+import json
+
+import pytest
+
+from jobs.cli import main
+from pipeline.config import ConfigError, QuantizationConfig, Schedule
+from pipeline.config_tree import build_config
+from pipeline.cost_model import PRESETS, Workload, estimate, model_shape, worker_memory
+
+pytestmark = pytest.mark.unit
+
+
+def llama70b_folder(tmp_path):
+    """Llama-2-70B's config.json and an index naming shards that do not exist."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                         max_position_embeddings=4096, torch_dtype="bfloat16").to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    folder = tmp_path / "llama-2-70b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    weight_map = {f"model.layers.{i}.mlp.down_proj.weight": f"model-{i:05d}.safetensors"
+                  for i in range(80)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 137953316864}, "weight_map": weight_map}))
+    return folder
+
+
+def recipe(tmp_path, folder, method="rtn", group_size=128, **extra):
+    path = tmp_path / "r.yaml"
+    data = {"model": {"path": str(folder)}, "output": str(tmp_path / "out"),
+            "calibration": {"num_samples": 128, "seq_len": 2048},
+            "quantization": {"method": method, "bits": 4, "group_size": group_size, **extra}}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def cluster_file(tmp_path, device, nodes, per_node):
+    path = tmp_path / f"{device}-{nodes}x{per_node}.yaml"
+    path.write_text(json.dumps({"device": device, "nodes": nodes, "devices_per_node": per_node}))
+    return str(path)
+
+
+def test_llama70b_shapes_from_config_alone(tmp_path):
+    shape, blocks, shared = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    assert blocks == 80 and shape.hidden == 8192 and shape.intermediate == 28672
+    assert shape.linear_params == 8192 * (8192 * 2 + 1024 * 2) + 3 * 8192 * 28672
+    assert sorted(shape.hessian_columns(shared)) == [8192, 8192, 8192, 28672]
+
+
+@pytest.mark.parametrize("device,nodes,per_node", [("a100-80g", 1, 1), ("h100-80g", 1, 8),
+                                                   ("h100-80g", 4, 8)])
+def test_plan_prints_memory_and_time_for_the_presets(tmp_path, capsys, device, nodes,
+                                                     per_node):
+    folder = llama70b_folder(tmp_path)
+    rc = main(["plan", "--config", recipe(tmp_path, folder, "omniquant", 64, bits=2),
+               "--cluster", cluster_file(tmp_path, device, nodes, per_node), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] and out["workers"] == nodes * per_node
+    assert out["schedule"] == ("data_parallel" if nodes * per_node > 1 else "sequential")
+    assert 0 < out["memory_per_worker_bytes"] <= PRESETS[device].memory_bytes
+    assert out["predicted_seconds"] > 0 and out["block_seconds"]["train"] > 0
+    rc = main(["plan", "--config", recipe(tmp_path, folder, "omniquant", 64, bits=2),
+               "--cluster", cluster_file(tmp_path, device, nodes, per_node)])
+    assert rc == 0 and "memory per worker" in capsys.readouterr().err
+
+
+def test_more_workers_are_faster_and_hold_fewer_windows(tmp_path):
+    shape, blocks, shared = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    q = build_config(QuantizationConfig, {"method": "gptq", "bits": 4, "group_size": 128},
+                     "quantization")
+    one = estimate(shape, blocks, q, Workload(128, 2048, 1, Schedule.SEQUENTIAL),
+                   PRESETS["h100-80g"], shared)
+    eight = estimate(shape, blocks, q, Workload(128, 2048, 8, Schedule.DATA_PARALLEL),
+                     PRESETS["h100-80g"], shared)
+    assert eight.seconds < one.seconds / 3
+    assert eight.memory["streams"] * 7 < one.memory["streams"]
+    spill = worker_memory(shape, q, Workload(128, 2048, 8, Schedule.DATA_PARALLEL, 2**30),
+                          shared, PRESETS["h100-80g"])
+    assert spill["streams"] == 2**30 and spill["streams_on_disk"] > 0
+    rtn = build_config(QuantizationConfig, {"bits": 4, "group_size": 128}, "quantization")
+    free = worker_memory(shape, rtn, Workload(0, 2048, 8, Schedule.DATA_PARALLEL), shared,
+                         PRESETS["h100-80g"])
+    assert "streams" not in free and "hessians" not in free
+
+
+def test_a_plan_that_cannot_fit_exits_2(tmp_path, capsys):
+    folder = llama70b_folder(tmp_path)
+    rc = main(["plan", "--config", recipe(tmp_path, folder, "gptq"),
+               "--cluster", cluster_file(tmp_path, "a100-40g", 1, 1)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "plan: a worker would need" in err and "but has 40.0 GiB (streams" in err
+    assert "cluster.activation_memory_bytes" in err
+
+
+def test_bad_cluster_file_is_refused(tmp_path, capsys):
+    folder = llama70b_folder(tmp_path)
+    bad = tmp_path / "c.yaml"
+    bad.write_text(json.dumps({"device": "tpu-v9"}))
+    assert main(["plan", "--config", recipe(tmp_path, folder), "--cluster", str(bad)]) == 2
+    assert "--cluster: device: 'tpu-v9'; choose one of this machine, h100-80g" in \
+        capsys.readouterr().err
+
+
+def test_quantize_refuses_a_run_that_cannot_fit_this_machine(tiny_model, corpus_files,
+                                                             tmp_path, monkeypatch):
+    import psutil
+
+    from cluster.coordinator import quantize
+    from pipeline.config import RunConfig
+
+    class Small:
+        total = 2**30  # 1 GiB for 3 workers: less than a worker process needs
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small())
+    config = build_config(RunConfig, {
+        "model": {"path": tiny_model("llama")}, "output": str(tmp_path / "out"),
+        "calibration": {"corpus": corpus_files[0], "num_samples": 4, "seq_len": 32},
+        "cluster": {"workers": 3}})
+    with pytest.raises(ConfigError, match="plan: a worker would need .* but has 0.3 GiB"):
+        quantize(config)
+    assert not (tmp_path / "out" / "report.json").exists()
