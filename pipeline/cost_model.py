@@ -44,6 +44,7 @@ class Device:
     network_bytes: float  # bytes/s of one collective link between workers
     memory_bytes: int  # what one worker may use (host share, or the GPU's memory)
     gptq_float64: bool = True  # GPTQ's sums in float64 (CPU) or float32 (GPU)
+    column_seconds: float = 60e-6  # GPTQ's fixed cost per column (a few small kernels)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,9 +146,10 @@ def hessian_seconds(shape: BlockShape, tokens: int, device: Device,
 
 def sweep_seconds(shape: BlockShape, device: Device) -> float:
     """GPTQ's column sweep: the error feedback (2 x rows x columns^2) and the Cholesky steps
-    (about columns^3) per linear."""
+    (about columns^3) per linear, plus a fixed cost per column (the loop's small kernels)."""
     rate = device.fp64_flops if device.gptq_float64 else device.forward_flops
-    return sum(2.0 * o * i * i + 2.0 * i ** 3 for _, o, i in shape.linears) / rate
+    return sum((2.0 * o * i * i + 2.0 * i ** 3) / rate + i * device.column_seconds
+               for _, o, i in shape.linears)
 
 
 def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, device: Device,
@@ -273,11 +275,27 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
         fp64 = _rate(lambda: a64 @ b64, 2.0 * 576 * 576 * 1536, seconds / 2)
         v = torch.randn(4 * 2**20)
         elementwise = _rate(lambda: torch.mul(v, 1.0001), 8.0 * v.numel(), seconds / 2)
+        column = _gptq_column_seconds()
     finally:
         torch.set_num_threads(previous)
     return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
                   fp64, elementwise, disk_bytes=1e9, network_bytes=2e9,
-                  memory_bytes=memory_bytes)
+                  memory_bytes=memory_bytes, column_seconds=column)
+
+
+def _gptq_column_seconds() -> float:
+    """GPTQ on a small, wide matrix, where the per-column work is negligible: its time per
+    column is the loop's fixed cost."""
+    from pipeline.formats import AffineFormat
+    from pipeline.methods.gptq import gptq_quantize
+
+    w = torch.randn(8, 512)
+    x = torch.randn(1024, 512, dtype=torch.float64)
+    h = x.T @ x
+    gptq_quantize(w, h, AffineFormat(4, 64))
+    start = time.perf_counter()
+    gptq_quantize(w, h, AffineFormat(4, 64))
+    return (time.perf_counter() - start) / 512
 
 
 def _stand_in_block(shape: BlockShape, weights: list[torch.Tensor],
