@@ -170,10 +170,22 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def check_token_ids(model_path: str, ids: torch.Tensor) -> None:
+    """Every token id must index the model's embedding: a tokenizer from another model would
+    otherwise fail deep inside the first block's forward pass."""
+    config = storage.read_json_file(storage.join(model_path, "config.json"), "model.path")
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
+        raise ConfigError(f"model.path: the tokenizer in {model_path!r} produces token id "
+                          f"{int(ids.max())}, but config.json's vocab_size is {vocab}; the "
+                          "tokenizer files must be the model's own")
+
+
 def calibration_windows_for(model_path: str, c: CalibrationConfig) -> torch.Tensor:
     """The run's calibration windows, tokenized with the model's own tokenizer."""
     check_seq_len(model_path, c.seq_len, "calibration.seq_len")
     ids = tokenize(load_tokenizer(model_path), load_text(c.corpus, c.text_field))
+    check_token_ids(model_path, ids)
     windows = calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
     log.info("calibration: %s, %d tokens -> %d windows of %d (seed %d)", c.corpus, ids.numel(),
              c.num_samples, c.seq_len, c.seed)
@@ -184,6 +196,7 @@ def eval_windows_for(model_path: str, e: EvalConfig) -> torch.Tensor:
     """The evaluation windows, tokenized with the model's own tokenizer."""
     check_seq_len(model_path, e.seq_len, "eval.seq_len")
     ids = tokenize(load_tokenizer(model_path), load_text(e.corpus, field="eval.corpus"))
+    check_token_ids(model_path, ids)
     windows = eval_windows(ids, e.seq_len, e.max_windows)
     log.info("evaluation: %s, %d windows of %d", e.corpus, windows.shape[0], e.seq_len)
     return windows

@@ -114,6 +114,18 @@ def test_model_without_a_tokenizer(capsys, tmp_path, tiny_model, corpus_files):
             "model.path: no tokenizer in")
 
 
+def test_tokenizer_of_another_model(capsys, tmp_path, tiny_model, corpus_files):
+    model = copied_model(tiny_model, tmp_path)
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    config["vocab_size"] = 100  # the tiny tokenizer has 320 tokens
+    with open(os.path.join(model, "config.json"), "w") as f:
+        json.dump(config, f)
+    refused(capsys, tmp_path, ["eval", "--model", model, "--corpus", corpus_files[1],
+                               "--seq-len", "32"],
+            "but config.json's vocab_size is 100; the tokenizer files must be the model's own")
+
+
 def test_model_url_with_an_unknown_protocol(capsys, tmp_path, corpus_files):
     refused(capsys, tmp_path, quantize_args(tmp_path, "nosuchproto://bucket/model",
                                             corpus_files[0]),
