@@ -177,8 +177,12 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
     else:
         first, fp, q = resumed
     markers = [done[i] for i in range(first)]
+    last = max((i for i in range(stages.plan.num_blocks) if i not in done), default=-1)
     for i in range(first, stages.plan.num_blocks):
         owner = stages.owner(i)
+        if i in done and i > last:  # nothing after it left to do: no stream needed
+            markers.append(done[i])
+            continue
         if i in done:
             fp_ref = owner.forward_block.remote(model_path, i, fp)
             q = ray.get(owner.forward_saved_block.remote(
@@ -194,8 +198,8 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
         if config.checkpoint.save_streams and i + 1 < stages.plan.num_blocks:
             ray.get(owner.save_streams.remote(config.output, i + 1, fp, q))
         markers.append(marker)
-        _log_block(marker, i, stages.plan.num_blocks, time.perf_counter() - start, i + 1 - first
-                   - sum(1 for j in range(first, i) if j in done))
+        _log_block(marker, i, stages.plan.num_blocks, time.perf_counter() - start,
+                   sum(1 for j in range(first, i + 1) if j not in done))
     log.info("quantized %d blocks in %.1fs", stages.plan.num_blocks, time.perf_counter() - start)
     return markers
 
@@ -254,7 +258,11 @@ def quantize_blocks_data_parallel(stages: Stages, config: RunConfig, model_path:
     log.info("data_parallel: %d windows shared among %d workers (%s), global batch %d",
              windows.shape[0], workers, "/".join(map(str, held)), batch)
     markers = []
+    last = max((i for i in range(stages.plan.num_blocks) if i not in done), default=-1)
     for i in range(stages.plan.num_blocks):
+        if i in done and i > last:  # nothing after it left to do: no stream needed
+            markers.append(done[i])
+            continue
         if i in done:
             gather([a.dp_carry_block.remote(model_path, i, config.output,
                                              done[i]["files"][""]["file"], saved_config,
@@ -270,7 +278,7 @@ def quantize_blocks_data_parallel(stages: Stages, config: RunConfig, model_path:
         marker = results[0]["marker"]
         markers.append(marker)
         _log_block(marker, i, stages.plan.num_blocks, time.perf_counter() - start,
-                   len(markers) - len(done))
+                   sum(1 for j in range(i + 1) if j not in done))
     gather([a.dp_release_streams.remote() for a in stages.actors])
     log.info("quantized %d blocks in %.1fs on %d data-parallel workers",
              stages.plan.num_blocks, time.perf_counter() - start, workers)
