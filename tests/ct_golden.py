@@ -31,6 +31,13 @@ def cases() -> list[dict]:
             for b in BITS for sym in (True, False) for (o, i, g) in SHAPES]
 
 
+# one mixed-precision model's config groups, in relayquant's order (bits, group size, symmetric):
+# (targets, bits, group_size, symmetric); IGNORE are the linears kept in full precision
+CONFIG_GROUPS = [(["m.layers.1.o"], 3, 32, True), (["m.layers.0.k", "m.layers.0.q"], 4, None, False),
+                 (["m.layers.0.down"], 8, 64, True)]
+IGNORE = ["lm_head", "m.layers.1.up"]
+
+
 def _lcg(seed: int, n: int, modulus: int) -> list[int]:
     """Deterministic integers in [0, modulus), the same under any torch version."""
     x, out = seed, []
@@ -81,13 +88,37 @@ def _release_compress(case: dict) -> dict[str, torch.Tensor]:
     return dict(PackedQuantizationCompressor.compress(state, scheme))
 
 
+def _release_config() -> dict:
+    """config.json's quantization_config as the release's `ModelCompressor.update_config`
+    writes it for CONFIG_GROUPS."""
+    import compressed_tensors
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
+
+    groups = {f"group_{i}": QuantizationScheme(
+        targets=targets, format="pack-quantized", weights=QuantizationArgs(
+            num_bits=bits, type="int", symmetric=symmetric, dynamic=False, observer="minmax",
+            strategy="channel" if group is None else "group", group_size=group))
+        for i, (targets, bits, group, symmetric) in enumerate(CONFIG_GROUPS)}
+    config = QuantizationConfig(config_groups=groups, format="pack-quantized", ignore=IGNORE,
+                                quantization_status=QuantizationStatus.COMPRESSED)
+    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+            "sparsity_config": {}, "transform_config": {},
+            **config.model_dump(mode="json", exclude={"quant_method"})}
+
+
 def main(path: str) -> None:
     import compressed_tensors
 
     records = [{**case, "tensors": digest(_release_compress(case))} for case in cases()]
     with open(path, "w") as f:
         json.dump({"compressed_tensors": compressed_tensors.__version__,
-                   "torch": torch.__version__.split("+")[0], "cases": records}, f, indent=1)
+                   "torch": torch.__version__.split("+")[0], "cases": records,
+                   "quantization_config": _release_config()}, f, indent=1, sort_keys=True)
         f.write("\n")
 
 

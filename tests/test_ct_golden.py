@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from ct_golden import case_arrays, cases, digest
+from ct_golden import CONFIG_GROUPS, IGNORE, case_arrays, cases, digest
 
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.formats import compressed_tensors as ct
@@ -50,6 +50,23 @@ def test_fixture_covers_every_scheme_and_the_current_release():
 def test_bytes_match_the_current_compressed_tensors(index):
     expected = golden()["cases"][index]
     assert digest(relayquant_tensors(expected)) == expected["tensors"]
+
+
+def test_quantization_config_is_what_the_release_writes():
+    formats = {name: AffineFormat(bits, group, symmetric)
+               for targets, bits, group, symmetric in CONFIG_GROUPS for name in targets}
+    assert ct.quantization_config(formats, IGNORE) == golden()["quantization_config"]
+
+
+def test_pinned_loader_parses_the_config():
+    """compressed-tensors 0.17.1, which transformers loads through here, accepts the keys."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    formats = {name: AffineFormat(bits, group, symmetric)
+               for targets, bits, group, symmetric in CONFIG_GROUPS for name in targets}
+    config = QuantizationConfig.model_validate(ct.quantization_config(formats, IGNORE))
+    assert sorted(config.config_groups) == ["group_0", "group_1", "group_2"]
+    assert config.config_groups["group_1"].weights.symmetric is False
 
 
 def test_round_trip_through_the_reader():
