@@ -71,6 +71,11 @@ def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
     if ExportFormat.GPTQ in formats and len(set(out.values())) > 1:
         raise ConfigError("export.formats: gptq needs one scheme for every linear (it has no "
                           "per-module schemes); drop the overrides or drop gptq")
+    odd = [n for n, f in out.items() if f is not None and in_features[n] % 32]
+    if ExportFormat.GPTQ in formats and odd:
+        raise ConfigError(f"export.formats: gptq packs the input dimension 32 values at a time, "
+                          f"but {odd[0]} has in_features {in_features[odd[0]]}; drop gptq (the "
+                          "compressed-tensors folder has no such limit)")
     _require_overrides_match(quantization, list(out))
     servable, why = vllm_servable(out.values())
     if not servable:  # export.target: vllm refused such a recipe already

@@ -36,3 +36,20 @@ def test_override_group_size_is_checked_per_layer(tiny_model):
     with pytest.raises(ConfigError, match="group_size: 96 does not divide in_features 128 of "
                                           "model.layers.0.mlp.down_proj"):
         validate_schemes(parts, q, [])
+
+
+def test_gptq_layout_needs_in_features_divisible_by_32(tmp_path):
+    """Refused at plan time, not when the first block is exported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    parts = open_model(str(tmp_path / "m"))
+    q = QuantizationConfig(group_size=16)
+    assert validate_schemes(parts, q, [ExportFormat.COMPRESSED_TENSORS])
+    with pytest.raises(ConfigError, match="export.formats: gptq packs the input dimension 32 "
+                                          "values at a time, but model.layers.0.self_attn.q_proj "
+                                          "has in_features 48; drop gptq"):
+        validate_schemes(parts, q, [ExportFormat.COMPRESSED_TENSORS, ExportFormat.GPTQ])

@@ -115,3 +115,4 @@ def test_summary_says_whether_vllm_serves_it():
               "output": "/o", "vllm_servable": False, "vllm_why": "no vLLM kernel for w3"}
     assert summarize(result).splitlines()[-1] == "vLLM: cannot serve it: no vLLM kernel for w3"
     assert summarize({**result, "vllm_servable": True}).splitlines()[-1] == "vLLM: can serve it"
+
