@@ -23,7 +23,7 @@ def test_round_trip():
         "abits": 16}
     assert data["quantization"]["omniquant"]["epochs"] == 20
     assert data["quantization"]["budget"]["average_bits"] is None
-    assert data["export"] == {"formats": ["compressed-tensors"]}
+    assert data["export"] == {"formats": ["compressed-tensors"], "target": None}
     assert build_config(RunConfig, data) == config
     assert yaml.safe_load(yaml.safe_dump(data)) == data
 
