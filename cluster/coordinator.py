@@ -17,7 +17,7 @@ import torch
 
 from cluster import runtime
 from cluster.stage import StageActor
-from pipeline import block_pass, budget, calibration, cost_model, perplexity_cache, storage
+from pipeline import budget, calibration, cost_model, perplexity_cache, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
 from pipeline.config import (
@@ -507,11 +507,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             budget.load_statistics(parts, config.quantization)  # refuse a bad one before work
     plan = make_plan(parts, model_path, config.cluster.workers)
     local_memory_check(config, parts)
-    streamed = block_pass.streams_needed(config.quantization, config.eval.block_errors)
-    sensitivity = (config.quantization.budget.average_bits is not None
-                   and config.quantization.budget.sensitivity_from is None)
-    calib = (calibration.calibration_windows_for(model_path, config.calibration)
-             if streamed or sensitivity else None)
+    streamed = calibration.streams_needed(config.quantization, config.eval.block_errors)
+    calib = calibration.run_calibration(model_path, config)
     if not streamed:
         log.info("data-free: %s needs no calibration stream; blocks are quantized straight "
                  "from storage, all stages at once (eval.block_errors: true streams them to "

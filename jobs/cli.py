@@ -132,15 +132,14 @@ def status_command(args: argparse.Namespace) -> int:
         if args.config and result["relayquant"]:
             from jobs.recipes import load_recipe, parse_overrides
             from pipeline.assets import resolve_model_path
-            from pipeline.calibration import calibration_windows_for
+            from pipeline.calibration import run_calibration
             from pipeline.output_dir import fingerprint_differences
             from pipeline.plan import open_model
 
             config = load_recipe(args.config, parse_overrides(args.set))
             model_path = resolve_model_path(config.model.path)
             diff = fingerprint_differences(args.output, config, open_model(model_path),
-                                           calibration_windows_for(model_path,
-                                                                   config.calibration))
+                                           run_calibration(model_path, config))
             result.update(fingerprint_matches=not diff, fingerprint_differences=diff)
         return result
 

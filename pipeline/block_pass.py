@@ -220,13 +220,6 @@ def reduce_stats_(stats: dict[str, Any], block: torch.nn.Module, names: list[str
     group.min_([stats[n].minimum for n in names])
 
 
-def streams_needed(quantization: QuantizationConfig, block_errors: bool | None) -> bool:
-    """Whether quantizing the blocks reads calibration streams: every method but RTN does,
-    RTN only for bias correction or when the per-block output errors are asked for."""
-    return (quantization.method is not Method.RTN or quantization.bias_correction
-            or bool(block_errors))
-
-
 def quantize_block_weights(parts: ModelParts, index: int, quantization: QuantizationConfig,
                            layouts: list[ExportFormat]) -> BlockResult:
     """The data-free path: the block's linears rounded to nearest straight from storage, no

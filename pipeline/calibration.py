@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from pipeline import assets, storage
-from pipeline.config import CalibrationConfig, ConfigError, EvalConfig
+from pipeline.config import (
+    CalibrationConfig,
+    ConfigError,
+    EvalConfig,
+    Method,
+    QuantizationConfig,
+    RunConfig,
+)
 
 log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md")
@@ -200,3 +207,20 @@ def eval_windows_for(model_path: str, e: EvalConfig) -> torch.Tensor:
     windows = eval_windows(ids, e.seq_len, e.max_windows)
     log.info("evaluation: %s, %d windows of %d", e.corpus, windows.shape[0], e.seq_len)
     return windows
+
+
+def streams_needed(quantization: QuantizationConfig, block_errors: bool | None) -> bool:
+    """Whether quantizing the blocks reads calibration streams: every method but RTN does,
+    RTN only for bias correction or when the per-block output errors are asked for."""
+    return (quantization.method is not Method.RTN or quantization.bias_correction
+            or bool(block_errors))
+
+
+def run_calibration(model_path: str, config: RunConfig) -> torch.Tensor | None:
+    """The run's calibration windows, or None for a data-free run (nothing streamed and no
+    CVXQ sensitivity pass): then the corpus is not even opened."""
+    q = config.quantization
+    sensitivity = q.budget.average_bits is not None and q.budget.sensitivity_from is None
+    if streams_needed(q, config.eval.block_errors) or sensitivity:
+        return calibration_windows_for(model_path, config.calibration)
+    return None

@@ -360,7 +360,7 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     """The pre-flight estimate of one run: per worker memory by part and whether it fits,
     the quantize phase's predicted seconds and each block's."""
     shape, blocks, shared = model_shape(config)
-    from pipeline.block_pass import streams_needed
+    from pipeline.calibration import streams_needed
 
     if windows and not streams_needed(q, None):
         windows = 0

@@ -47,7 +47,7 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
-                            calib: torch.Tensor) -> list[str]:
+                            calib: torch.Tensor | None) -> list[str]:
     """What differs between the run in `output` and `config` (empty: same run)."""
     old = storage.read_json(storage.join(output, checkpoint.MANIFEST))
     return _differences(old.get("fingerprint"), fingerprint(config, parts, calib))
