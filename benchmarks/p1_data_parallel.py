@@ -5,9 +5,9 @@ the other in this one invocation, every worker on one thread:
   thread, 2 data-parallel workers x 1 thread, and 1 worker x 2 threads (process parallelism
   against intra-op threading); then each output's perplexity on all 292 test windows.
 - `gptq`: the same three for `p1-gptq-w4`.
-- `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread, pipelined over 2
-  sequential stages x 1 thread, 2 data-parallel workers x 1 thread, and a plain transformers
-  forward over the same windows in this process on 1 thread.
+- `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread and pipelined over 2
+  sequential stages x 1 thread; with `--eval-extra` also 2 data-parallel workers x 1 thread
+  and a plain transformers forward over the same windows in this process on 1 thread.
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
 
@@ -85,11 +85,11 @@ def quantize_part(part: str, work: str, epochs: int | None) -> dict:
             "shards_identical_1w_vs_2w": rows[0]["sha256"] == rows[1]["sha256"]}
 
 
-def eval_part() -> dict:
+def eval_part(extra: bool) -> dict:
     rows = []
     base = load_recipe("p1-rtn-w4")
     model = base.model.path
-    for label, workers, threads, schedule in EVAL_SETUPS:
+    for label, workers, threads, schedule in EVAL_SETUPS[:None if extra else 2]:
         config = load_recipe("p1-rtn-w4", cluster(workers, threads, schedule))
         start = time.perf_counter()
         ppl = evaluate(model, config.eval, config.cluster)
@@ -97,7 +97,8 @@ def eval_part() -> dict:
                      "schedule": schedule, "perplexity": ppl["perplexity"],
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
         log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
-    rows.append(plain_transformers_row(model, load_recipe("p1-rtn-w4").eval))
+    if extra:
+        rows.append(plain_transformers_row(model, load_recipe("p1-rtn-w4").eval))
     for row in rows:
         row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", nargs="+", default=["learned", "gptq", "eval"],
                         choices=["learned", "gptq", "eval"])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--eval-extra", action="store_true",
+                        help="also the data-parallel and plain transformers evaluation rows")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_data_parallel.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"] = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="relayquant-dp-") as work:
         for part in args.parts:
-            result[part] = (eval_part() if part == "eval"
+            result[part] = (eval_part(args.eval_extra) if part == "eval"
                             else quantize_part(part, work, args.epochs))
             result[part]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_result(args.out, result)
