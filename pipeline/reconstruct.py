@@ -352,16 +352,19 @@ def probe_loss(parts: ModelParts, block: nn.Module,
 class StepGradients:
     """One optimizer step's gradient of the global batch's loss, built window by window: each
     window's loss (its MSE over the batch size) is differentiated on its own and the gradients
-    are summed in float64, then summed over the data-parallel workers. Every window's gradient
-    is the same whichever worker computes it, and float64 sums do not depend on their order at
-    float32 precision, so one worker and N workers take the same steps (not just close ones)."""
+    are summed, then summed over the data-parallel workers. Every window's gradient is the same
+    whichever worker computes it, and the sums do not depend on their order at float32
+    precision, so one worker and N workers take the same steps (not just close ones): a batch
+    of at most two windows is one float32 addition (correctly rounded, whatever the order), a
+    larger one is summed in float64 and rounded to float32 once."""
 
     group: Collective
     learnable: list[torch.Tensor]
 
-    def start(self) -> None:
-        self.sums = [torch.zeros_like(p, dtype=torch.float64) for p in self.learnable]
-        self.seen = torch.zeros(len(self.learnable), dtype=torch.float64)
+    def start(self, windows: int) -> None:
+        """A step over a global batch of `windows` windows."""
+        self.dtype = torch.float32 if windows <= 2 else torch.float64
+        self.sums: list[torch.Tensor | None] = [None] * len(self.learnable)
         self.loss = torch.zeros(1, dtype=torch.float64)
 
     def add(self, loss: torch.Tensor, scaled: torch.Tensor, last: bool) -> None:
@@ -370,19 +373,23 @@ class StepGradients:
                                     allow_unused=True)
         for i, g in enumerate(grads):
             if g is not None:
-                self.sums[i] += g.double()
-                self.seen[i] = 1.0
+                total = self.sums[i]
+                self.sums[i] = g.to(self.dtype) if total is None else total.add_(g)
         self.loss += loss.detach().double().cpu()
 
     def finish(self) -> float:
         """Sum over the workers; set the parameters' gradients; return the batch's loss."""
+        seen = torch.tensor([t is not None for t in self.sums], dtype=torch.float64)
         if self.group.world > 1:
-            device = self.sums[0].device if self.sums else torch.device("cpu")
-            extra = torch.cat([self.seen, self.loss]).to(device)
-            self.group.sum_([*self.sums, extra])
-            self.seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
-        for p, total, seen in zip(self.learnable, self.sums, self.seen.tolist(), strict=True):
-            p.grad = total.to(p.dtype) if seen else None
+            sums = [t if t is not None else torch.zeros_like(p, dtype=self.dtype)
+                    for t, p in zip(self.sums, self.learnable, strict=True)]
+            device = sums[0].device if sums else torch.device("cpu")
+            extra = torch.cat([seen, self.loss]).to(device)
+            self.group.sum_([*sums, extra])
+            self.sums = list(sums)
+            seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
+        for p, total, used in zip(self.learnable, self.sums, seen.tolist(), strict=True):
+            p.grad = total.to(p.dtype) if used and total is not None else None
         return float(self.loss.item())
 
 
@@ -433,7 +440,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             batches = Batches(streams, store, sizes, parts.device)
             for batch, size, whole in zip(batches, sizes, totals, strict=True):
                 optimizer.zero_grad(set_to_none=True)
-                step.start()
+                step.start(whole)
                 if size:
                     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                         tensors = model.tensors()
