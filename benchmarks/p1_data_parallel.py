@@ -47,7 +47,8 @@ def cluster(workers: int, threads: int, schedule: str) -> dict:
             "cluster.schedule": schedule}
 
 
-def quantize_part(part: str, work: str, epochs: int | None) -> dict:
+def quantize_part(part: str, work: str, epochs: int | None,
+                  evaluate_outputs: bool = True) -> dict:
     rows = []
     for label, workers, threads, schedule in SETUPS:
         out = os.path.join(work, f"{part}-{workers}w{threads}t")
@@ -66,6 +67,9 @@ def quantize_part(part: str, work: str, epochs: int | None) -> dict:
         log.info("%s %s: %.1fs", part, label, seconds)
     config = load_recipe(RECIPES[part], cluster(2, 1, "data_parallel"))
     for row in rows:
+        if not evaluate_outputs:
+            row["perplexity"] = None
+            continue
         if row is not rows[0] and row["sha256"] == rows[0]["sha256"]:
             # byte-identical shards: the same model, the same perplexity
             row["perplexity"], row["eval_windows"] = rows[0]["perplexity"], rows[0][
@@ -78,7 +82,8 @@ def quantize_part(part: str, work: str, epochs: int | None) -> dict:
     for row in rows:
         row["time_vs_1_worker_1_thread"] = row["quantize_wall_seconds"] / \
             base["quantize_wall_seconds"]
-        row["perplexity_vs_1_worker"] = row["perplexity"] / base["perplexity"] - 1
+        if row["perplexity"] is not None:
+            row["perplexity_vs_1_worker"] = row["perplexity"] / base["perplexity"] - 1
     return {"recipe": RECIPES[part], "epochs": epochs, "rows": rows,
             "dp_vs_1_worker_2_threads": rows[1]["quantize_wall_seconds"] /
             rows[2]["quantize_wall_seconds"],
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", nargs="+", default=["learned", "gptq", "eval"],
                         choices=["learned", "gptq", "eval"])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the perplexity of the quantized outputs (compare shards)")
     parser.add_argument("--eval-extra", action="store_true",
                         help="also the data-parallel and plain transformers evaluation rows")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_data_parallel.json"))
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="relayquant-dp-") as work:
         for part in args.parts:
             result[part] = (eval_part(args.eval_extra) if part == "eval"
-                            else quantize_part(part, work, args.epochs))
+                            else quantize_part(part, work, args.epochs, not args.no_eval))
             result[part]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_result(args.out, result)
     return result
