@@ -366,7 +366,7 @@ def measure_errors(stages: Stages, model_path: str, quantization: QuantizationCo
 
 
 def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
-                  calib: torch.Tensor) -> dict[str, Any]:
+                  calib: torch.Tensor | None) -> dict[str, Any]:
     """The run's allocation: read back when an earlier attempt saved it (same fingerprint),
     else the sensitivity pass on fresh stages and the global solve."""
     path = storage.join(config.output, STATE_DIR, budget.ALLOCATION_FILE)
@@ -388,6 +388,7 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
                 stats = budget.load_statistics(parts, config.quantization)
                 timing: dict[str, Any] = {"reused_from": source}
             else:
+                assert calib is not None  # run_calibration reads it for a sensitivity pass
                 linear_stats, timing = sensitivity_pass(stages, model_path, calib,
                                                         config.quantization.budget)
                 stats = unit_statistics(parts, linear_stats)
@@ -519,7 +520,6 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     allocation = None
     with runtime.ray_session(config.cluster):
         if config.quantization.budget.average_bits is not None:
-            assert calib is not None
             allocation = allocate_bits(plan, config, parts, model_path, calib)
             config = dataclasses.replace(config, quantization=budget.apply(
                 config.quantization, parts, allocation))

@@ -203,7 +203,9 @@ def test_bias_correction_end_to_end(tiny_model, corpus_files, tmp_path):
 
     model = tiny_model("opt")
     out = str(tmp_path / "out")
-    base = run_config(model, out, *corpus_files, workers=2, bits=3)
+    # 4 bits: transformers with the pinned compressed-tensors 0.17.1 cannot load the dense
+    # 3-bit layout (README, Output)
+    base = run_config(model, out, *corpus_files, workers=2, bits=4)
     config = build_config(RunConfig, {**_plain(base), "quantization": {
         **_plain(base)["quantization"], "bias_correction": True}})
     report = quantize(config)
