@@ -14,7 +14,6 @@ Hessians and statistics are summed over them. Activation quantization (abits < 1
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
-from pipeline.training import make_optimizer, use_amp
+from pipeline.training import Batches, StepGradients, make_optimizer, use_amp
 
 log = logging.getLogger(__name__)
 
@@ -192,44 +191,6 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
 
 # --- OmniQuant ----------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Batches:
-    """Minibatches over streams stored as chunks, in order: `sizes[k]` windows for step k (0:
-    an empty step, a data-parallel worker with no window in that global batch). Each chunk is
-    read once per pass (the current one is cached)."""
-
-    streams: list[list[Any]]
-    store: ChunkStore
-    sizes: list[int]
-    device: str
-
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        sizes = iter(self.sizes)
-        want = next(sizes, None)
-        while want == 0:
-            yield []
-            want = next(sizes, None)
-        pending: list[list[torch.Tensor]] = [[] for _ in self.streams]
-        count = 0
-        for handles in zip(*self.streams, strict=True):
-            if want is None:
-                return
-            chunks = [self.store.get(h) for h in handles]
-            for i in range(chunks[0].shape[0]):
-                for part, c in zip(pending, chunks, strict=True):
-                    part.append(c[i : i + 1])
-                count += 1
-                if count == want:
-                    yield [torch.cat(p).to(self.device) for p in pending]
-                    pending, count = [[] for _ in self.streams], 0
-                    want = next(sizes, None)
-                    while want == 0:
-                        yield []
-                        want = next(sizes, None)
-                    if want is None:
-                        return
-
-
 class BlockQuantizer(nn.Module):
     """The learnable parameters of one block and the map to its fake-quantized tensors."""
 
@@ -346,51 +307,6 @@ def probe_loss(parts: ModelParts, block: nn.Module,
     local = (block_loss(parts, block, tensors() if tensors else None, batch).item() * weight
              if batch else 0.0)
     return sum_scalars(group, [local])[0]
-
-
-@dataclasses.dataclass
-class StepGradients:
-    """One optimizer step's gradient of the global batch's loss, built window by window: each
-    window's loss (its MSE over the batch size) is differentiated on its own and the gradients
-    are summed, then summed over the data-parallel workers. Every window's gradient is the same
-    whichever worker computes it, and the sums do not depend on their order at float32
-    precision, so one worker and N workers take the same steps (not just close ones): a batch
-    of at most two windows is one float32 addition (correctly rounded, whatever the order), a
-    larger one is summed in float64 and rounded to float32 once."""
-
-    group: Collective
-    learnable: list[torch.Tensor]
-
-    def start(self, windows: int) -> None:
-        """A step over a global batch of `windows` windows."""
-        self.dtype = torch.float32 if windows <= 2 else torch.float64
-        self.sums: list[torch.Tensor | None] = [None] * len(self.learnable)
-        self.loss = torch.zeros(1, dtype=torch.float64)
-
-    def add(self, loss: torch.Tensor, scaled: torch.Tensor, last: bool) -> None:
-        """`loss` of one window; `scaled` is what is differentiated (loss-scaled under AMP)."""
-        grads = torch.autograd.grad(scaled, self.learnable, retain_graph=not last,
-                                    allow_unused=True)
-        for i, g in enumerate(grads):
-            if g is not None:
-                total = self.sums[i]
-                self.sums[i] = g.to(self.dtype) if total is None else total.add_(g)
-        self.loss += loss.detach().double().cpu()
-
-    def finish(self) -> float:
-        """Sum over the workers; set the parameters' gradients; return the batch's loss."""
-        seen = torch.tensor([t is not None for t in self.sums], dtype=torch.float64)
-        if self.group.world > 1:
-            sums = [t if t is not None else torch.zeros_like(p, dtype=self.dtype)
-                    for t, p in zip(self.sums, self.learnable, strict=True)]
-            device = sums[0].device if sums else torch.device("cpu")
-            extra = torch.cat([seen, self.loss]).to(device)
-            self.group.sum_([*sums, extra])
-            self.sums = list(sums)
-            seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
-        for p, total, used in zip(self.learnable, self.sums, seen.tolist(), strict=True):
-            p.grad = total.to(p.dtype) if used and total is not None else None
-        return float(self.loss.item())
 
 
 def train_block(parts: ModelParts, index: int, block: nn.Module,

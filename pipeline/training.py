@@ -1,14 +1,19 @@
 """How a block's learnable parameters are trained: the optimizer (the reference's AdamW or
-AutoRound's sign gradient with a linear decay) and the precision (fp16 autocast on CUDA)."""
+AutoRound's sign gradient with a linear decay), the precision (fp16 autocast on CUDA), the
+minibatches over the streams and each step's gradient, summed window by window and over the
+data-parallel workers."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from pipeline.config import OmniQuantConfig, Optimizer
 from pipeline.formats import AffineFormat
+from pipeline.parallel.collective import Collective
+from pipeline.streams import ChunkStore
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -41,3 +46,86 @@ def use_amp(device: str, formats: dict[str, AffineFormat | None], abits: int) ->
     gradients (the reference's rule: 8 <= bits < 16 trains in fp32)."""
     bits = [f.bits for f in formats.values() if f is not None] + [abits]
     return device.startswith("cuda") and all(b < 8 or b >= 16 for b in bits)
+
+
+@dataclasses.dataclass
+class Batches:
+    """Minibatches over streams stored as chunks, in order: `sizes[k]` windows for step k (0:
+    an empty step, a data-parallel worker with no window in that global batch). Each chunk is
+    read once per pass (the current one is cached)."""
+
+    streams: list[list[Any]]
+    store: ChunkStore
+    sizes: list[int]
+    device: str
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        sizes = iter(self.sizes)
+        want = next(sizes, None)
+        while want == 0:
+            yield []
+            want = next(sizes, None)
+        pending: list[list[torch.Tensor]] = [[] for _ in self.streams]
+        count = 0
+        for handles in zip(*self.streams, strict=True):
+            if want is None:
+                return
+            chunks = [self.store.get(h) for h in handles]
+            for i in range(chunks[0].shape[0]):
+                for part, c in zip(pending, chunks, strict=True):
+                    part.append(c[i : i + 1])
+                count += 1
+                if count == want:
+                    yield [torch.cat(p).to(self.device) for p in pending]
+                    pending, count = [[] for _ in self.streams], 0
+                    want = next(sizes, None)
+                    while want == 0:
+                        yield []
+                        want = next(sizes, None)
+                    if want is None:
+                        return
+
+
+@dataclasses.dataclass
+class StepGradients:
+    """One optimizer step's gradient of the global batch's loss, built window by window: each
+    window's loss (its MSE over the batch size) is differentiated on its own and the gradients
+    are summed, then summed over the data-parallel workers. Every window's gradient is the same
+    whichever worker computes it, and the sums do not depend on their order at float32
+    precision, so one worker and N workers take the same steps (not just close ones): a batch
+    of at most two windows is one float32 addition (correctly rounded, whatever the order), a
+    larger one is summed in float64 and rounded to float32 once."""
+
+    group: Collective
+    learnable: list[torch.Tensor]
+
+    def start(self, windows: int) -> None:
+        """A step over a global batch of `windows` windows."""
+        self.dtype = torch.float32 if windows <= 2 else torch.float64
+        self.sums: list[torch.Tensor | None] = [None] * len(self.learnable)
+        self.loss = torch.zeros(1, dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, scaled: torch.Tensor, last: bool) -> None:
+        """`loss` of one window; `scaled` is what is differentiated (loss-scaled under AMP)."""
+        grads = torch.autograd.grad(scaled, self.learnable, retain_graph=not last,
+                                    allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is not None:
+                total = self.sums[i]
+                self.sums[i] = g.to(self.dtype) if total is None else total.add_(g)
+        self.loss += loss.detach().double().cpu()
+
+    def finish(self) -> float:
+        """Sum over the workers; set the parameters' gradients; return the batch's loss."""
+        seen = torch.tensor([t is not None for t in self.sums], dtype=torch.float64)
+        if self.group.world > 1:
+            sums = [t if t is not None else torch.zeros_like(p, dtype=self.dtype)
+                    for t, p in zip(self.sums, self.learnable, strict=True)]
+            device = sums[0].device if sums else torch.device("cpu")
+            extra = torch.cat([seen, self.loss]).to(device)
+            self.group.sum_([*sums, extra])
+            self.sums = list(sums)
+            seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
+        for p, total, used in zip(self.learnable, self.sums, seen.tolist(), strict=True):
+            p.grad = total.to(p.dtype) if used and total is not None else None
+        return float(self.loss.item())

@@ -13,7 +13,8 @@ from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, ConfigError, RunConfig, Schedule
 from pipeline.config_tree import build_config
 from pipeline.parallel.shares import WindowShare, split_windows_among
-from pipeline.reconstruct import Batches, StepGradients, assign_by_cost
+from pipeline.reconstruct import assign_by_cost
+from pipeline.training import Batches, StepGradients
 from pipeline.streams import MemoryStore
 
 # --- unit: the shares, the batches, the assignment --------------------------------------------
