@@ -1,5 +1,6 @@
 """Protocol P1 with the block reconstruction methods: RTN, GPTQ, OmniQuant LWC, OmniQuant LWC+LET
-(and LWC with GPTQ rounding onto the learned grid) at W4 per-channel, W3 g64 and W2 g64 asymmetric; perplexity on
+(and LWC with GPTQ rounding onto the learned grid) at W4 per-channel, W3 g64 and W2 g64 asymmetric,
+and W4 / W3 / W2 g64 symmetric (schemes w4g64s, w3g64s, w2g64s: what vLLM serves); perplexity on
 all 292 SOTU test windows, quantization wall time and the stages' peak memory, beside the peer
 numbers of ../shared/research/p1_baselines.md.
 
@@ -34,14 +35,23 @@ from jobs.recipes import load_recipe
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
 
-SCHEMES = {"w4": (4, None), "w3g64": (3, 64), "w2g64": (2, 64)}
-PEER_SCHEME = {"w4": "w4_pc_asym", "w3g64": "w3_g64_asym", "w2g64": "w2_g64_asym"}
+# scheme: (bits, group size, symmetric, the bundled recipes' scheme suffix)
+SCHEMES = {"w4": (4, None, False, "w4"), "w3g64": (3, 64, False, "w3g64"),
+           "w2g64": (2, 64, False, "w2g64"),
+           # symmetric: what vLLM serves at 2, 3 bits (issue 19); the peers were measured at W4
+           "w4g64s": (4, 64, True, "w4"), "w3g64s": (3, 64, True, "w3g64"),
+           "w2g64s": (2, 64, True, "w2g64")}
+PEER_SCHEME = {"w4": "w4_pc_asym", "w3g64": "w3_g64_asym", "w2g64": "w2_g64_asym",
+               "w4g64s": "w4_g64_sym", "w3g64s": "w3_g64_sym", "w2g64s": "w2_g64_sym"}
 # ../shared/research/p1_baselines.md (reference evaluator, 292 windows)
 PEERS = {
     "w4_pc_asym": {"rtn": 42.016, "llm-compressor gptq": 31.134, "autoround (50 iters)": 27.663},
     "w3_g64_asym": {"rtn": 71.029, "llm-compressor gptq": 40.772, "autoround (50 iters)": 31.296},
     "w2_g64_asym": {"rtn": 416642.473, "llm-compressor gptq": 1565.885,
                     "autoround (50 iters)": 94.587},
+    "w4_g64_sym": {"rtn": 37.370, "llm-compressor gptq": 30.020, "autoround (50 iters)": 26.230},
+    "w3_g64_sym": {},  # no peer measured
+    "w2_g64_sym": {},
 }
 SIGNROUND = {"quantization.omniquant.rounding": "learned",
              "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
@@ -79,19 +89,20 @@ TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signrou
 
 
 def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
-    bits, group = SCHEMES[scheme]
+    bits, group, symmetric, recipe_scheme = SCHEMES[scheme]
     recipe, changes = VARIANTS[variant]
-    config = load_recipe(recipe.format(scheme=scheme), {
+    config = load_recipe(recipe.format(scheme=recipe_scheme), {
         **changes, "output": os.path.join(work, f"{scheme}-{variant}"),
         "cluster.workers": workers, "quantization.bits": bits, "quantization.group_size": group,
-        "eval.fp": fp})
+        "quantization.symmetric": symmetric, "eval.fp": fp})
     start = time.perf_counter()
     report = quantize(config)
     ppl = report["perplexity"]
     blocks = report["blocks"]
     omni = config.quantization.omniquant
     return {
-        "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=scheme),
+        "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=recipe_scheme),
+        "symmetric": symmetric,
         "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,
                       "let": omni.let, "lwc_lr": omni.lwc_lr, "let_lr": omni.let_lr,
                       "aug_loss": omni.aug_loss, "rounding": omni.rounding.value,
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if os.path.exists(args.out):
         with open(args.out) as f:
             result = json.load(f)
+        result["peers"] = PEERS
     if args.table:
         args.rows = [f"{s}:{v}" for s in SCHEMES for v in TABLE]
         args.redo, result["fp"] = True, None
@@ -158,7 +170,8 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| scheme | method | PPL (292 windows) | quantize s | peak RSS MB | beats every peer |",
              "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["scheme"], r["method"])):
-        best_peer = min(result["peers"][r["scheme"]].values())
+        peers = result["peers"].get(r["scheme"]) or {"none measured": float("inf")}
+        best_peer = min(peers.values())
         lines.append(f"| {r['scheme']} | {r['method']} | {r['perplexity']:.3f} | "
                      f"{r['quantize_seconds']:.0f} | {r['stage_peak_rss_bytes'] / 2**20:.0f} | "
                      f"{'yes' if r['perplexity'] < best_peer else 'no'} |")
