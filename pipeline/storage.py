@@ -193,6 +193,18 @@ def read_json_file(path: str, field: str) -> Any:
         raise ConfigError(f"{field}: {path} is not valid JSON ({e})") from e
 
 
+def _read_exactly(f: Any, nbytes: int, name: str) -> bytearray:
+    """`nbytes` from the file's position into one buffer (no second copy of a large tensor)."""
+    raw = bytearray(nbytes)
+    view, done = memoryview(raw), 0
+    while done < nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise OSError(f"{name}: the file ended {nbytes - done} bytes before the tensor's end")
+        done += got
+    return raw
+
+
 class CheckpointReader:
     """A HF safetensors model folder (single file or sharded with an index), read lazily."""
 
@@ -256,7 +268,7 @@ class CheckpointReader:
                 for name in file_names:
                     e = self.entries[name]
                     f.seek(e.start)
-                    raw = bytearray(f.read(e.nbytes))
+                    raw = _read_exactly(f, e.nbytes, name)
                     t = torch.frombuffer(raw, dtype=e.dtype) if raw else torch.empty(0, dtype=e.dtype)
                     out[name] = t.reshape(e.shape)
         return out

@@ -94,3 +94,21 @@ def test_group_size_must_divide():
 
 def test_valid_group_sizes_for_smollm2_shapes():
     assert valid_group_sizes([576, 1536]) == [16, 24, 32, 48, 64, 96, 192]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_packing_in_slices_gives_the_same_words(monkeypatch, bits, dim):
+    """Large tensors are packed a slice of columns at a time (bounded temporaries); the words
+    must be those of the tensor packed whole."""
+    from pipeline.formats import packing
+
+    g = torch.Generator().manual_seed(bits)
+    values = torch.randint(0, 2**bits, (70, 45) if dim == 0 else (45, 70), generator=g,
+                           dtype=torch.int32)
+    whole = packing.pack_dense(values, bits, dim)
+    monkeypatch.setattr(packing, "_SLICE_VALUES", 150)  # slices of 2 columns, the last 1
+    sliced = packing.pack_dense(values, bits, dim)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(packing.unpack_dense(sliced, bits, 70, dim), values)

@@ -40,6 +40,9 @@ def _offset(fmt: AffineFormat) -> int:
     return 0 if fmt.symmetric else 2 ** (fmt.bits - 1)
 
 
+_ROWS_VALUES = 1 << 24  # weights dequantized per slice of rows
+
+
 def compress_linear(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors (relative names) for one linear from its integer codes and parameters."""
@@ -53,6 +56,16 @@ def compress_linear(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat
     if not fmt.symmetric:
         zero = qparams.zero_point.round().to(torch.int64) - _offset(fmt) + half
         out["weight_zero_point"] = pack_dense(zero, fmt.bits, dim=0)
+    return out
+
+
+def join_row_slices(slices: list[dict[str, torch.Tensor]], shape: tuple[int, int]
+                    ) -> dict[str, torch.Tensor]:
+    """One linear's tensors from `compress_linear` run on slices of its output rows (each a
+    multiple of 32 rows but the last): what it writes for the whole weight."""
+    out = {name: torch.cat([s[name] for s in slices]) for name in slices[0]
+           if name != "weight_shape"}
+    out["weight_shape"] = torch.tensor(list(shape), dtype=torch.int64)
     return out
 
 
@@ -71,19 +84,26 @@ def _unpack(packed: torch.Tensor, bits: int, n: int, dim: int, name: str) -> tor
 
 def decompress_linear(tensors: dict[str, torch.Tensor], fmt: AffineFormat,
                       dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized [out, in] weight from `compress_linear`'s tensors."""
+    """The dequantized [out, in] weight from `compress_linear`'s tensors, a slice of rows at a
+    time (the float temporaries of a 70B-width linear stay small; the result is the same)."""
     out_features, in_features = tensors["weight_shape"].tolist()
     scale = tensors["weight_scale"].float()
     half = 2 ** (fmt.bits - 1)
-    codes = _unpack(tensors["weight_packed"], fmt.bits, in_features, 1, "weight_packed") - half
     zero = torch.zeros_like(scale)
     if not fmt.symmetric:
         zero = (_unpack(tensors["weight_zero_point"], fmt.bits, out_features, 0,
                         "weight_zero_point") - half).float()
     groups = scale.shape[1]
-    x = codes.float().reshape(out_features, groups, in_features // groups)
-    w = (x - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-    return w.reshape(out_features, in_features).to(dtype)
+    out = torch.empty(out_features, in_features, dtype=dtype)
+    step = max(1, _ROWS_VALUES // max(in_features, 1))
+    for r in range(0, out_features, step):
+        rows = slice(r, r + step)
+        codes = _unpack(tensors["weight_packed"][rows], fmt.bits, in_features, 1,
+                        "weight_packed") - half
+        x = codes.float().reshape(-1, groups, in_features // groups)
+        w = (x - zero[rows].unsqueeze(-1)) * scale[rows].unsqueeze(-1)
+        out[rows] = w.reshape(-1, in_features).to(dtype)
+    return out
 
 
 def _weights_args(fmt: AffineFormat) -> dict[str, Any]:

@@ -44,6 +44,16 @@ def compress_linear(codes: torch.Tensor, qparams: QuantParams, fmt: AffineFormat
     }
 
 
+def join_row_slices(slices: list[dict[str, torch.Tensor]], shape: tuple[int, int]
+                    ) -> dict[str, torch.Tensor]:
+    """One linear's tensors from `compress_linear` run on slices of its output rows (each a
+    multiple of 32 rows but the last): the output dimension is the tensors' last."""
+    out = {name: torch.cat([s[name] for s in slices], dim=1) for name in ("qweight", "qzeros",
+                                                                        "scales")}
+    out["g_idx"] = slices[0]["g_idx"]
+    return out
+
+
 def decompress_linear(tensors: dict[str, torch.Tensor], bits: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """w[o, i] = scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1)), as the v1

@@ -14,10 +14,15 @@ from __future__ import annotations
 import torch
 
 
-def _rows(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """The tensor as int64 with the packed dimension first."""
-    v = values.to(torch.int64)
-    return v if dim == 0 else v.t()
+# Values per slice of the unpacked dimension: packing works on int64 copies, so a 28672 x 8192
+# linear (Llama-70B's down_proj) done whole would hold several GB of temporaries; in slices they
+# stay near 64 MB per copy whatever the tensor, with the same words (slices are independent).
+_SLICE_VALUES = 1 << 23
+
+
+def _slices(m: int, n: int) -> range:
+    """Starts of the column slices of an [n, m] tensor (the packed dimension first)."""
+    return range(0, m, max(1, _SLICE_VALUES // max(n, 1)))
 
 
 def _unsigned_int32(words: torch.Tensor) -> torch.Tensor:
@@ -28,9 +33,18 @@ def _unsigned_int32(words: torch.Tensor) -> torch.Tensor:
 def pack_dense(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned `bits`-bit values [n, m] (dim 0) or [m, n] (dim 1) -> int32 words, the packed
     dimension shrunk to ceil(n * bits / 32)."""
-    v = _rows(values, dim)
+    v = values if dim == 0 else values.t()
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
         raise ValueError(f"pack_dense: values must lie in [0, {2**bits - 1}] for {bits} bits")
+    n, m = v.shape
+    out = torch.empty(dense_words(n, bits), m, dtype=torch.int32)
+    step = max(1, _SLICE_VALUES // max(n, 1))
+    for j in _slices(m, n):
+        out[:, j:j + step] = _pack_columns(v[:, j:j + step].to(torch.int64), bits)
+    return (out if dim == 0 else out.t()).contiguous()
+
+
+def _pack_columns(v: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = v.shape
     v = torch.nn.functional.pad(v, (0, 0, 0, -n % 32)).reshape(-1, 32, m)
     words = torch.zeros(v.shape[0], bits, m, dtype=torch.int64)
@@ -39,13 +53,22 @@ def pack_dense(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         words[:, word] |= (v[:, i] << shift) & 0xFFFFFFFF
         if shift + bits > 32:
             words[:, word + 1] |= v[:, i] >> (32 - shift)
-    out = _unsigned_int32(words.reshape(-1, m)[: -(-n * bits // 32)])
-    return (out if dim == 0 else out.t()).contiguous()
+    return _unsigned_int32(words.reshape(-1, m)[: dense_words(n, bits)])
 
 
 def unpack_dense(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_dense`: int32 values, `n` of them along `dim`."""
-    w = _rows(packed, dim) & 0xFFFFFFFF
+    w = packed if dim == 0 else packed.t()
+    m = w.shape[1]
+    out = torch.empty(n, m, dtype=torch.int32)
+    step = max(1, _SLICE_VALUES // max(n, 1))
+    for j in _slices(m, n):
+        out[:, j:j + step] = _unpack_columns(w[:, j:j + step].to(torch.int64) & 0xFFFFFFFF,
+                                             bits, n)
+    return out if dim == 0 else out.t().contiguous()
+
+
+def _unpack_columns(w: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     m = w.shape[1]
     w = torch.nn.functional.pad(w, (0, 0, 0, -w.shape[0] % bits)).reshape(-1, bits, m)
     mask = 2**bits - 1
@@ -56,13 +79,12 @@ def unpack_dense(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
         if shift + bits > 32:
             v = v | (w[:, word + 1] << (32 - shift))
         values[:, i] = v & mask
-    out = values.reshape(-1, m)[:n].to(torch.int32)
-    return out if dim == 0 else out.t().contiguous()
+    return values.reshape(-1, m)[:n].to(torch.int32)
 
 
 def unpack_per_word(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
     """Values from the pre-0.18 compressed-tensors layout (32 // bits per word)."""
-    w = _rows(packed, dim) & 0xFFFFFFFF
+    w = (packed if dim == 0 else packed.t()).to(torch.int64) & 0xFFFFFFFF
     per_word = 32 // bits
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     values = (w.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
