@@ -21,17 +21,24 @@ class HessianError(RuntimeError):
     pass
 
 
-def sweep_dtype(device: torch.device | str) -> torch.dtype:
-    """float64 on CPU (cheap there, and the sums do not depend on chunking); float32 on GPUs,
-    where a 70B down_proj Hessian (28672^2) would take 6.6 GB in float64."""
-    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+# float64 Hessians on CPU up to this many bytes each (n = 11585 columns); a Llama-70B down_proj's
+# (28672^2) would take 6.6 GB per copy in float64 and the solve holds three copies at once
+FLOAT64_HESSIAN_BYTES = 2**30
+
+
+def sweep_dtype(device: torch.device | str, columns: int = 0) -> torch.dtype:
+    """float64 on CPU (cheap there, and the sums do not depend on chunking or on how the
+    windows were shared among workers) unless the matrix would exceed FLOAT64_HESSIAN_BYTES;
+    float32 on GPUs and for such wide inputs."""
+    wide = columns * columns * 8 > FLOAT64_HESSIAN_BYTES
+    return torch.float64 if torch.device(device).type == "cpu" and not wide else torch.float32
 
 
 class Hessian:
     """Running H = 2/n sum x x^T over the rows of every input batch seen."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.dtype = sweep_dtype(device)
+        self.dtype = sweep_dtype(device, columns)
         self.matrix = torch.zeros(columns, columns, dtype=self.dtype, device=device)
         self.count = 0
 
@@ -54,13 +61,17 @@ class GPTQResult:
 
 def _inverse_factor(h: torch.Tensor, damp: float, limit: float = 1.0
                     ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp on failure."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp on failure.
+    At most two n x n matrices besides `h` are alive at any moment (no identity matrix)."""
     mean_diag = h.diagonal().mean().item()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     while True:
         try:
-            lower = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            damped = h.clone()
+            damped.diagonal().add_(damp * mean_diag)
+            lower = torch.linalg.cholesky(damped)
+            del damped
             inverse = torch.cholesky_inverse(lower)
+            del lower
             return torch.linalg.cholesky(inverse, upper=True), damp
         except torch.linalg.LinAlgError:
             if damp * 10 > limit:
@@ -76,14 +87,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
                   qparams: QuantParams | None = None) -> GPTQResult:
     """GPTQ rounding of `weight`; with `qparams` given (e.g. learned clipping) the grid is
     fixed and only the rounding is chosen."""
-    dtype = sweep_dtype(weight.device)
+    columns = weight.shape[1]
+    dtype = sweep_dtype(weight.device, columns)
     w = weight.detach().to(dtype).clone()
-    h = hessian.detach().to(dtype).clone()
-    columns = w.shape[1]
+    # may be the caller's (shared) Hessian itself: never written, copied only to change it
+    h = hessian.detach().to(dtype)
+    del hessian
     group = fmt.group_size
     dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
     # parameters: per channel (or static groups with act-order) from the whole weight up front;
     # otherwise each group's from the error-updated weight when its first column comes up
     lazy_groups = group is not None and not act_order and qparams is None
@@ -92,12 +107,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
     zero = static.zero_point.to(dtype)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h[perm.unsqueeze(1), perm]
     column_group = (torch.arange(columns, device=w.device) // group if group is not None
                     else torch.zeros(columns, dtype=torch.long, device=w.device))
     if perm is not None:
         column_group = column_group[perm]
     upper, used = _inverse_factor(h, damp)
+    del h
     if group is not None:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
     codes = torch.zeros_like(w)

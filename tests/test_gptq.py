@@ -1,0 +1,40 @@
+"""GPTQ's memory-lean solve: the same result as the textbook formulation, float32 Hessians for
+inputs too wide for float64, and the caller's (shared) Hessian never written."""
+import pytest
+import torch
+
+from pipeline.formats import AffineFormat
+from pipeline.methods import gptq
+from pipeline.methods.gptq import gptq_quantize, sweep_dtype
+
+
+@pytest.mark.unit
+def test_hessian_dtype_by_width():
+    assert sweep_dtype("cpu", 1536) == torch.float64  # every P1 input
+    assert sweep_dtype("cpu", 8192) == torch.float64  # 0.5 GB
+    assert sweep_dtype("cpu", 28672) == torch.float32  # Llama-70B down_proj: 6.6 GB in float64
+    assert sweep_dtype("meta", 64) == torch.float32  # accelerators: float32 always
+    assert gptq.Hessian(28672, "meta").dtype == torch.float32
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lean_solve_equals_the_textbook_one_and_leaves_the_hessian(act_order):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 96, generator=g, dtype=torch.float64)
+    x[:, 5] = 0  # a dead input column
+    h = 2 / 256 * x.T @ x
+    w = torch.randn(40, 96, generator=g)
+    kept = h.clone()
+    fmt = AffineFormat(3, 32, False)
+    got = gptq_quantize(w, h, fmt, act_order=act_order)
+    assert torch.equal(h, kept)  # shared among q/k/v: must not change
+    # the textbook factor: chol(inv(H + damp * mean(diag) * I)), upper
+    fixed = kept.clone()
+    fixed[5, 5] = 1.0
+    damped = fixed + 0.01 * fixed.diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)),
+                                     upper=True)
+    upper, _ = gptq._inverse_factor(fixed, 0.01)
+    assert torch.equal(upper, expected)
+    assert torch.equal(got.weight[:, 5], torch.zeros(40))  # the dead column is zeroed
