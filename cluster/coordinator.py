@@ -17,7 +17,7 @@ import torch
 
 from cluster import runtime
 from cluster.stage import StageActor
-from pipeline import budget, calibration, cost_model, perplexity_cache, storage
+from pipeline import budget, calibration, compensation, cost_model, perplexity_cache, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, latest_boundary, verified_markers
 from pipeline.config import (
@@ -37,6 +37,7 @@ from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.parallel.shares import split_windows_among
+from pipeline.peft_adapter import adapter_folder
 from pipeline.plan import Plan, make_plan, open_model
 from pipeline.reconstruct import TrainingError
 from pipeline.schemes import validate_schemes
@@ -103,18 +104,19 @@ def gather(refs: list[Any]) -> list[Any]:
 
 
 def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
-                      label: str, abits: int = 16) -> dict[str, Any]:
+                      label: str, abits: int = 16, lorc: str | None = None) -> dict[str, Any]:
     """Perplexity, forward only (with abits < 16, the quantized linears' inputs fake-quantized
-    per token). Data-parallel: each worker takes a contiguous share of the windows through
-    every block; sequential: the chunks are pipelined through the stages (stage k works on
-    chunk c while stage k+1 works on chunk c-1)."""
+    per token; with `lorc`, that LoRA adapter folder merged into the weights). Data-parallel:
+    each worker takes a contiguous share of the windows through every block; sequential: the
+    chunks are pipelined through the stages (stage k works on chunk c while stage k+1 works on
+    chunk c-1)."""
     start = time.perf_counter()
     if stages.data_parallel:
         shares = torch.tensor_split(windows, len(stages.actors))
-        parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits)
+        parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits, lorc)
                         for a, share in zip(stages.actors, shares, strict=True)])
     else:
-        parts = pipelined_scores(stages, model_path, windows, abits, label, start)
+        parts = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
     nll = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     seconds = time.perf_counter() - start
@@ -124,7 +126,8 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
 
 
 def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abits: int,
-                     label: str, start: float) -> list[tuple[float, int]]:
+                     label: str, start: float, lorc: str | None = None
+                     ) -> list[tuple[float, int]]:
     """Each chunk through every stage and scored on the last; all chunks submitted at once, so
     Ray runs stage k's chunk c beside stage k+1's chunk c-1 (an actor runs its tasks in
     submission order). Each stage keeps its blocks loaded for the pass."""
@@ -132,10 +135,10 @@ def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abi
     refs = []
     try:
         for ids in ids_chunks:
-            h = stages.actors[0].embed_chunk.remote(model_path, ids)
+            h = stages.actors[0].embed_chunk.remote(model_path, ids, lorc)
             for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
-                h = actor.forward_chunk.remote(model_path, a, b, h, abits)
-            refs.append(stages.actors[-1].score_chunk.remote(model_path, h, ids))
+                h = actor.forward_chunk.remote(model_path, a, b, h, abits, lorc)
+            refs.append(stages.actors[-1].score_chunk.remote(model_path, h, ids, lorc))
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -186,7 +189,7 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
         if i in done:
             fp_ref = owner.forward_block.remote(model_path, i, fp)
             q = ray.get(owner.forward_saved_block.remote(
-                config.output, i, done[i]["files"][""]["file"], saved_config, q,
+                config.output, i, done[i]["files"], saved_config, q,
                 config.quantization.abits))
             fp = ray.get(fp_ref)
             markers.append(done[i])
@@ -265,7 +268,7 @@ def quantize_blocks_data_parallel(stages: Stages, config: RunConfig, model_path:
             continue
         if i in done:
             gather([a.dp_carry_block.remote(model_path, i, config.output,
-                                             done[i]["files"][""]["file"], saved_config,
+                                             done[i]["files"], saved_config,
                                              config.quantization.abits)
                     for a in stages.actors])
             markers.append(done[i])
@@ -502,6 +505,9 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
     formats = validate_schemes(parts, config.quantization, config.export.formats)
+    if config.quantization.lorc is not None:
+        compensation.require_targets_match(config.quantization.lorc,
+                                           [n for n, f in formats.items() if f is not None])
     if config.quantization.budget.average_bits is not None:
         budget.check_feasible(parts, config.quantization)
         if config.quantization.budget.sensitivity_from is not None:
@@ -533,7 +539,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         try:
             mark = time.time()
             exported = finish_output(config.output, parts, model_path, markers,
-                                     config.export.formats)
+                                     config.export.formats, config.quantization.lorc)
             phases["finish"] = time.time() - mark
             mark = time.time()
             perplexity = _evaluate_both(stages, config, model_path, eval_ids)
@@ -562,6 +568,10 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         if not corrected:
             log.warning("quantization.bias_correction: no quantized linear of this model has a "
                         "bias in the checkpoint, so nothing was corrected")
+    report["bits_per_weight"] = compensation.model_bits(parts, config.quantization)
+    if config.quantization.lorc is not None:
+        report["lorc"] = compensation.lorc_report(config.quantization.lorc, markers,
+                                                  report["bits_per_weight"], perplexity)
     if config.quantization.abits < 16:
         report["activation_quantization"] = {
             "abits": config.quantization.abits, "kind": "per-token dynamic asymmetric fake-quant",
@@ -594,9 +604,15 @@ def _evaluate_both(stages: Stages, config: RunConfig, model_path: str,
         return None
     fp = cached_fp_perplexity(stages, model_path, windows, config.eval) if config.eval.fp \
         else None
+    adapter = (adapter_folder(config.output) if config.quantization.lorc is not None
+               else None)
     quant = stream_perplexity(stages, config.output, windows, "quantized",
-                              config.quantization.abits)
+                              config.quantization.abits, adapter)
+    # LoRC: "quantized" is the model as it runs (with the adapter); this is without it
+    bare = (stream_perplexity(stages, config.output, windows, "quantized without lorc",
+                              config.quantization.abits) if adapter is not None else None)
     return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
+            **({"quantized_without_lorc": bare["perplexity"]} if bare is not None else {}),
             "corpus": config.eval.corpus, "windows": quant["windows"],
             "seq_len": config.eval.seq_len, "tokens": quant["tokens"],
             "fp_from_cache": fp["cache"] if fp and "cache" in fp else None,
@@ -620,17 +636,21 @@ def cached_fp_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
 
 
 def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,
-             abits: int = 16) -> dict[str, Any]:
-    """`relayquant eval`: perplexity of a model folder, streamed through stage actors."""
+             abits: int = 16, lorc: bool = True) -> dict[str, Any]:
+    """`relayquant eval`: perplexity of a model folder, streamed through stage actors; with
+    its LoRC adapter (MODEL/lorc/) merged into the weights when it has one, unless `lorc` is
+    false."""
     model_path = absolute(resolve_model_path(model_path))
+    adapter = adapter_folder(model_path) if lorc else None
     parts = open_model(model_path, cluster.compute_dtype)
     plan = make_plan(parts, model_path, cluster.workers)
     windows = calibration.eval_windows_for(model_path, eval_config)
     with runtime.ray_session(cluster):
         stages, group = start_stages(plan, cluster)
         try:
-            result = stream_perplexity(stages, model_path, windows, "model", abits)
+            result = stream_perplexity(stages, model_path, windows, "model", abits, adapter)
         finally:
             runtime.release(stages.actors, group)
     return {"model": model_path, "corpus": eval_config.corpus, "seq_len": eval_config.seq_len,
+            "lorc": adapter,
             **result}

@@ -11,7 +11,6 @@ import torch
 
 from pipeline import block_pass, budget, checkpoint, sensitivity
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
-from pipeline.export import FOLDERS
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective, Solo, TorchCollective
 from pipeline.parallel.shares import WindowShare
@@ -38,14 +37,16 @@ class StageActor:
         self.stage, self.blocks = stage, blocks
         self.compute_dtype, self.device = compute_dtype, device
         self.store = RayStore()
-        self.models: dict[str, ModelParts] = {}
+        self.models: dict[tuple[str, str | None], ModelParts] = {}
         self.worker: DataParallelWorker | None = None
-        self.resident: dict[str, block_pass.ResidentBlocks] = {}
+        self.resident: dict[tuple[str, str | None], block_pass.ResidentBlocks] = {}
 
-    def _parts(self, path: str) -> ModelParts:
-        if path not in self.models:
-            self.models[path] = open_model(path, self.compute_dtype, self.device)
-        return self.models[path]
+    def _parts(self, path: str, lorc: str | None = None) -> ModelParts:
+        """The model at `path` (with the LoRA adapter folder `lorc` merged, when given)."""
+        key = (path, lorc)
+        if key not in self.models:
+            self.models[key] = open_model(path, self.compute_dtype, self.device, lorc)
+        return self.models[key]
 
     def embed(self, path: str, ids_chunks: list[torch.Tensor]) -> list[Any]:
         return block_pass.embed_stream(self._parts(path), ids_chunks, self.store)
@@ -54,27 +55,31 @@ class StageActor:
                       ) -> list[Any]:
         return block_pass.forward_block(self._parts(path), index, stream, self.store, abits)
 
-    def forward_saved_block(self, output: str, index: int, file: str, config: dict[str, Any],
-                            stream: list[Any], abits: int = 16) -> list[Any]:
-        return block_pass.forward_saved_block(output, index, file, config, stream, self.store,
+    def forward_saved_block(self, output: str, index: int, files: dict[str, Any],
+                            config: dict[str, Any], stream: list[Any], abits: int = 16
+                            ) -> list[Any]:
+        return block_pass.forward_saved_block(output, index, files, config, stream, self.store,
                                               DTYPES[self.compute_dtype], self.device, abits)
 
     # --- pipelined forward-only passes: one chunk at a time, the stage's blocks kept loaded ----
 
-    def _resident(self, path: str) -> block_pass.ResidentBlocks:
-        if path not in self.resident:
-            self.resident[path] = block_pass.ResidentBlocks(self._parts(path))
-        return self.resident[path]
+    def _resident(self, path: str, lorc: str | None = None) -> block_pass.ResidentBlocks:
+        key = (path, lorc)
+        if key not in self.resident:
+            self.resident[key] = block_pass.ResidentBlocks(self._parts(path, lorc))
+        return self.resident[key]
 
-    def embed_chunk(self, path: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._resident(path).embed(ids)
+    def embed_chunk(self, path: str, ids: torch.Tensor, lorc: str | None = None
+                    ) -> torch.Tensor:
+        return self._resident(path, lorc).embed(ids)
 
     def forward_chunk(self, path: str, start: int, end: int, h: torch.Tensor,
-                      abits: int = 16) -> torch.Tensor:
-        return self._resident(path).forward(start, end, h, abits)
+                      abits: int = 16, lorc: str | None = None) -> torch.Tensor:
+        return self._resident(path, lorc).forward(start, end, h, abits)
 
-    def score_chunk(self, path: str, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-        return self._resident(path).score(h, ids)
+    def score_chunk(self, path: str, h: torch.Tensor, ids: torch.Tensor,
+                    lorc: str | None = None) -> tuple[float, int]:
+        return self._resident(path, lorc).score(h, ids)
 
     def release_blocks(self) -> None:
         self.resident.clear()
@@ -94,8 +99,7 @@ class StageActor:
                        output: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         result = block_pass.quantize_block(self._parts(path), index, fp_in, q_in, quantization,
                                            layouts, self.store)
-        exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
-        marker = checkpoint.write_block(output, index, exports, result.schemes,
+        marker = checkpoint.write_block(output, index, result.folder_exports(), result.schemes,
                                         {**result.metrics, "worker": self.stage})
         return result.fp_out, result.q_out, marker
 
@@ -103,8 +107,7 @@ class StageActor:
                          layouts: list[ExportFormat], output: str) -> dict[str, Any]:
         result = block_pass.quantize_block_weights(self._parts(path), index, quantization,
                                                    layouts)
-        exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
-        return checkpoint.write_block(output, index, exports, result.schemes,
+        return checkpoint.write_block(output, index, result.folder_exports(), result.schemes,
                                       {**result.metrics, "worker": self.stage})
 
     def pca(self, path: str, stream: list[Any], dims: int) -> torch.Tensor:
@@ -160,13 +163,13 @@ class StageActor:
                           layouts: list[ExportFormat], output: str) -> dict[str, Any]:
         return self._dp().quantize_block(path, index, quantization, layouts, output)
 
-    def dp_carry_block(self, path: str, index: int, output: str, file: str,
+    def dp_carry_block(self, path: str, index: int, output: str, files: dict[str, Any],
                        config: dict[str, Any], abits: int) -> None:
-        self._dp().carry_block(path, index, output, file, config, abits)
+        self._dp().carry_block(path, index, output, files, config, abits)
 
     def dp_release_streams(self) -> None:
         self._dp().release_streams()
 
     def dp_perplexity(self, path: str, windows: torch.Tensor, chunk_size: int,
-                      abits: int = 16) -> tuple[float, int]:
-        return self._dp().perplexity(path, windows, chunk_size, abits)
+                      abits: int = 16, lorc: str | None = None) -> tuple[float, int]:
+        return self._dp().perplexity(path, windows, chunk_size, abits, lorc)

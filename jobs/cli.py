@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--abits", type=int, default=16,
                    help="fake-quantize the quantized linears' inputs per token to this many bits "
                         "(a W4A4 run's model: 4); 16 = off")
+    e.add_argument("--no-lorc", action="store_true",
+                   help="leave out the model's LoRC adapter (MODEL/lorc/), which is otherwise "
+                        "merged into the weights when present")
     e.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("status", help="what a run has done so far")
@@ -117,11 +120,13 @@ def eval_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--abits: {args.abits} is not allowed; choose 16 (off) or an "
                               "integer from 4 to 8")
         return evaluate(args.model, eval_config,
-                        ClusterConfig(workers=args.workers, address=args.address), args.abits)
+                        ClusterConfig(workers=args.workers, address=args.address), args.abits,
+                        lorc=not args.no_lorc)
 
     return run_guarded(action, args.json, lambda r: (
         f"perplexity {r['perplexity']:.4f} on {r['corpus']} ({r['windows']} windows of "
-        f"{r['seq_len']} tokens) in {r['seconds']:.1f}s"))
+        f"{r['seq_len']} tokens) in {r['seconds']:.1f}s"
+        + (f", with the LoRC adapter {r['lorc']}" if r.get("lorc") else "")))
 
 
 def status_command(args: argparse.Namespace) -> int:

@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
+from pipeline import compensation
 from pipeline.checkpoint import read_boundary_chunk, write_boundary
 from pipeline.config import ExportFormat, Method, QuantizationConfig
-from pipeline.export import QuantizedLinear, block_tensors
+from pipeline.export import FOLDERS, QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
+from pipeline.peft_adapter import block_lora
 from pipeline.reconstruct import (
     activation_quant,
     gptq_block,
@@ -73,13 +75,16 @@ def forward_block(parts: ModelParts, index: int, stream: list[Any], store: Chunk
 
 
 @torch.no_grad()
-def forward_saved_block(output: str, index: int, file: str, config: dict[str, Any],
+def forward_saved_block(output: str, index: int, files: dict[str, Any], config: dict[str, Any],
                         stream: list[Any], store: ChunkStore, compute_dtype: torch.dtype,
                         device: str, abits: int = 16) -> list[Any]:
-    """Forward through a finished block read back from its shard in a run's output (used to
-    rebuild the quantized stream when a run resumes)."""
-    parts = ModelParts(CheckpointReader(output, config=config, files=[file]), compute_dtype,
-                       device)
+    """Forward through a finished block read back from its shards in a run's output (`files`:
+    its marker's; used to rebuild the quantized stream when a run resumes), with its LoRC
+    factors added when it has them."""
+    lora = (block_lora(output, files[compensation.STATE_FOLDER]["file"])
+            if compensation.STATE_FOLDER in files else None)
+    parts = ModelParts(CheckpointReader(output, config=config, files=[files[""]["file"]]),
+                       compute_dtype, device, lora)
     return forward_block(parts, index, stream, store, abits)
 
 
@@ -158,6 +163,14 @@ class BlockResult:
     exports: dict[ExportFormat, dict[str, torch.Tensor]]  # layout -> full name -> tensor
     schemes: dict[str, list[Any] | None]  # linear -> [bits, group_size, symmetric] or None
     metrics: dict[str, Any]
+    adapter: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # LoRC's
+
+    def folder_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Output folder ("" = the output itself) -> the block's tensors written there."""
+        out = {FOLDERS[layout]: tensors for layout, tensors in self.exports.items()}
+        if self.adapter:
+            out[compensation.STATE_FOLDER] = self.adapter
+        return out
 
 
 @torch.no_grad()
@@ -230,9 +243,17 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
     path = parts.block_path(index)
     dtypes = parts.stored_dtypes(path)
     formats = block_formats(parts, index, quantization)
+    lorc = quantization.lorc
+    reference = compensation.references(block, quantized_names(formats), path, lorc)
     linears = quantize_linears_(block, formats, dtypes)
-    result = lay_out(path, block, linears, formats, dtypes, layouts)
-    result.metrics.update({"index": index, "data_free": True,
+    held: dict[str, Any] = {}
+    adapter: dict[str, torch.Tensor] = {}
+    metrics: dict[str, Any] = {}
+    if lorc is not None:
+        held, adapter, metrics["lorc"] = compensation.compensate_(parts, block, path, reference,
+                                                                  lorc, dtypes)
+    result = lay_out(path, block, linears, formats, dtypes, layouts, held, adapter)
+    result.metrics.update({**metrics, "index": index, "data_free": True,
                            "seconds": time.perf_counter() - start,
                            "load_seconds": loaded - start, "peak_rss_bytes": peak_rss_bytes(),
                            "peak_private_bytes": private_bytes()})
@@ -241,18 +262,21 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
 
 def lay_out(path: str, block: torch.nn.Module, linears: dict[str, QuantizedLinear],
             formats: dict[str, AffineFormat | None], dtypes: dict[str, torch.dtype],
-            layouts: list[ExportFormat]) -> BlockResult:
-    """The finished block's tensors in every export layout and its linears' schemes (no
-    streams yet)."""
+            layouts: list[ExportFormat], lorc: dict[str, Any] | None = None,
+            adapter: dict[str, torch.Tensor] | None = None) -> BlockResult:
+    """The finished block's tensors in every export layout (`lorc`: linear -> its LoRC
+    factors, folded into the fake_quant_lorc layout) and its linears' schemes (no streams
+    yet)."""
     state = block.state_dict()
-    exports = {f: block_tensors(path, state, linears, dtypes, f) for f in layouts}
+    corrections = {n: f.product() for n, f in (lorc or {}).items()}
+    exports = {f: block_tensors(path, state, linears, dtypes, f, corrections) for f in layouts}
     schemes = {f"{path}.{n}": None if f is None else [f.bits, f.group_size, f.symmetric]
                for n, f in formats.items()}
     metrics: dict[str, Any] = {}
     if ExportFormat.GPTQ in layouts:
         metrics["gptq_zero_wraps"] = sum(gptq_zero_overflow(q.qparams, q.fmt)
                                          for q in linears.values())
-    return BlockResult([], [], exports, schemes, metrics)
+    return BlockResult([], [], exports, schemes, metrics, adapter or {})
 
 
 def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
@@ -286,6 +310,10 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     original = ({n: block.get_parameter(f"{n}.weight").detach().clone() for n in names
                  if block.get_submodule(n).bias is not None}
                 if quantization.bias_correction else {})
+    lorc = quantization.lorc
+    # the FP weights LoRC corrects toward; OmniQuant gives them after LET (the exported basis)
+    reference = (compensation.references(block, names, path, lorc)
+                 if method is not Method.OMNIQUANT else {})
     if method is Method.RTN:
         linears = quantize_linears_(block, formats, dtypes)
     elif method is Method.GPTQ:
@@ -298,8 +326,16 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             with torch.no_grad():
                 aug = [store.put(_run(parts, block, store, h)) for h in q_in]
         linears, extra = train_block(parts, index, block, formats, q_in, fp_out, aug, stats,
-                                     quantization, store, dtypes, group, share)
+                                     quantization, store, dtypes, group, share,
+                                     reference if lorc is not None else None)
+        reference = {n: w for n, w in reference.items()
+                     if lorc is not None and compensation.is_target(f"{path}.{n}", lorc)}
         metrics.update(extra)
+    held: dict[str, Any] = {}
+    adapter: dict[str, torch.Tensor] = {}
+    if lorc is not None:  # before bias correction, which then corrects what is left
+        held, adapter, metrics["lorc"] = compensation.compensate_(
+            parts, block, path, reference, lorc, dtypes, q_in, store, group)
     private = max(private, private_bytes())
     if quantization.bias_correction:
         metrics["bias_corrected"] = correct_biases_(parts, block, original, q_in, store,
@@ -316,7 +352,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
             q_out.append(store.put(y))
     err, ref, total = sum_scalars(group, [err, ref, float(numel)])
     numel = int(total)
-    result = lay_out(path, block, linears, formats, dtypes, layouts)
+    result = lay_out(path, block, linears, formats, dtypes, layouts, held, adapter)
     metrics.update({
         "seconds": time.perf_counter() - start,
         "load_seconds": loaded - start,
@@ -328,4 +364,4 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     })
     if torch.cuda.is_available() and parts.device.startswith("cuda"):
         metrics["peak_device_bytes"] = torch.cuda.max_memory_allocated()
-    return BlockResult(fp_out, q_out, result.exports, result.schemes, metrics)
+    return BlockResult(fp_out, q_out, result.exports, result.schemes, metrics, adapter)

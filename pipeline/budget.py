@@ -10,6 +10,7 @@ import torch
 
 from pipeline import storage
 from pipeline.allocation import Allocation, Unit, allocate, allocate_options
+from pipeline.compensation import model_bits
 from pipeline.config import ConfigError, Distortion, QuantizationConfig
 from pipeline.formats import AffineFormat
 from pipeline.methods.rtn import rtn_quantize
@@ -114,12 +115,24 @@ def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
             total += weight.numel()
             cost += weight.numel() * min(option_cost(parts, linear, quantization, bits, group)
                                          for bits, group in unit_options(linear, quantization))
-    if total and b.average_bits < cost / total - 1e-12:
+    lorc = lorc_bits(parts, quantization)
+    if total and b.average_bits < cost / total + lorc - 1e-12:
         raise ConfigError(
             f"quantization.budget.average_bits: {b.average_bits} is below what the smallest "
             f"choice ({min(b.choices)} bits"
-            f"{' plus scales and zero points' if b.count_side_info else ''}) costs: at least "
-            f"{cost / total:.4f} bits per weight")
+            f"{' plus scales and zero points' if b.count_side_info else ''}"
+            f"{' plus the LoRC adapter' if lorc else ''}) costs: at least "
+            f"{cost / total + lorc:.4f} bits per weight")
+
+
+def lorc_bits(parts: ModelParts, quantization: QuantizationConfig) -> float:
+    """LoRC's adapter bits per quantized weight when the recipe counts them in the budget
+    (quantization.lorc.count_in_budget), else 0: fixed by the rank, so the widths share what
+    is left of the budget."""
+    lorc = quantization.lorc
+    if lorc is None or not lorc.count_in_budget:
+        return 0.0
+    return model_bits(parts, quantization)["lorc"]
 
 
 def build_units(parts: ModelParts, stats: list[dict[str, Any]],
@@ -143,16 +156,19 @@ def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: Quantiza
     budget = quantization.budget
     assert budget.average_bits is not None
     units = build_units(parts, stats, quantization)
+    lorc = lorc_bits(parts, quantization)
+    # the widths get the budget less LoRC's adapter; achieved_bits counts the adapter again
     head = {"target_bits": budget.average_bits, "log_base": 2, "choices": sorted(budget.choices),
             "count_side_info": budget.count_side_info, "objective": budget.objective.value,
-            "distortion": budget.distortion.value}
+            "distortion": budget.distortion.value, "lorc_bits": lorc}
     if budget.distortion is Distortion.MEASURED:
         assert errors is not None
-        return {**head, **_solve_measured(parts, units, quantization, errors)}
-    result: Allocation = allocate([u for u, _ in units], budget.choices, budget.average_bits,
-                                  budget.count_side_info)
+        measured = _solve_measured(parts, units, quantization, errors, budget.average_bits - lorc)
+        return {**head, **measured, "achieved_bits": measured["achieved_bits"] + lorc}
+    result: Allocation = allocate([u for u, _ in units], budget.choices,
+                                  budget.average_bits - lorc, budget.count_side_info)
     return {
-        **head, "achieved_bits": result.achieved_bits,
+        **head, "achieved_bits": result.achieved_bits + lorc,
         "weight_bits": result.weight_bits, "log_lambda": result.log2_lambda,
         "modelled_distortion": result.distortion,
         "units": [{"name": u.name, "bits": b, "params": u.params, "linears": s["linears"],
@@ -164,8 +180,8 @@ def solve(parts: ModelParts, stats: list[dict[str, Any]], quantization: Quantiza
 
 
 def _solve_measured(parts: ModelParts, units: list[tuple[Unit, dict[str, Any]]],
-                    quantization: QuantizationConfig, errors: dict[str, dict[str, float]]
-                    ) -> dict[str, Any]:
+                    quantization: QuantizationConfig, errors: dict[str, dict[str, float]],
+                    target: float) -> dict[str, Any]:
     """Each unit picks one (width, group size) option; its distortion there is G^2 times the
     measured mean squared RTN error of its weights, its cost the width plus side information."""
     options = [unit_options(s["linears"][0], quantization) for _, s in units]
@@ -176,9 +192,7 @@ def _solve_measured(parts: ModelParts, units: list[tuple[Unit, dict[str, Any]]],
                          for bits, group in opts] for (u, s), opts in zip(units, options)],
                        dtype=torch.float64)
     grad = torch.tensor([u.grad_sq for u, _ in units], dtype=torch.float64)
-    assert quantization.budget.average_bits is not None
-    result = allocate_options([u.params for u, _ in units], cost, grad[:, None] * mse,
-                              quantization.budget.average_bits)
+    result = allocate_options([u.params for u, _ in units], cost, grad[:, None] * mse, target)
     total = sum(u.params for u, _ in units)
     chosen = [opts[j] for opts, j in zip(options, result.choice, strict=True)]
     return {

@@ -211,8 +211,10 @@ def eval_windows_for(model_path: str, e: EvalConfig) -> torch.Tensor:
 
 def streams_needed(quantization: QuantizationConfig, block_errors: bool | None) -> bool:
     """Whether quantizing the blocks reads calibration streams: every method but RTN does,
-    RTN only for bias correction or when the per-block output errors are asked for."""
+    RTN only for bias correction, activation-aware LoRC, or when the per-block output errors
+    are asked for."""
     return (quantization.method is not Method.RTN or quantization.bias_correction
+            or (quantization.lorc is not None and quantization.lorc.activation_aware)
             or bool(block_errors))
 
 

@@ -43,6 +43,9 @@ class ExportFormat(str, enum.Enum):
     COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
     GPTQ = "gptq"  # OUTPUT/gptq/
     FAKE_QUANT = "fake_quant"  # OUTPUT/fake_quant/: dequantized weights in the model's dtype
+    # OUTPUT/fake_quant_lorc/: the same with LoRC's B·A folded into each corrected weight (for
+    # evaluation; needs quantization.lorc)
+    FAKE_QUANT_LORC = "fake_quant_lorc"
 
 
 class ExportTarget(str, enum.Enum):
@@ -212,6 +215,47 @@ class BudgetConfig:
         _require(self.pca_dims >= 1, f"{where}.pca_dims: {self.pca_dims}; must be >= 1")
 
 
+class LorcDtype(str, enum.Enum):
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    # int8 codes with one absmax scale per rank component; the PEFT adapter carries them
+    # dequantized into the model's dtype (PEFT and vLLM load float LoRA weights only)
+    INT8 = "int8"
+
+
+@dataclasses.dataclass(frozen=True)
+class LorcConfig:
+    """ZeroQuant-V2's low-rank compensation: each targeted quantized linear gets a rank-`rank`
+    correction B·A of its quantization error, carried in the quantized stream and exported as
+    a PEFT LoRA adapter (OUTPUT/lorc/)."""
+
+    rank: int = 8
+    dtype: LorcDtype = LorcDtype.FLOAT16
+    # null: every quantized linear; else exact module names or `re:` regexes (whole name)
+    targets: list[str] | None = None
+    # with quantization.budget.average_bits: the adapter's bits count in the budget
+    count_in_budget: bool = False
+    # weight the error by each input channel's rms on the quantized stream (ASVD's scaling;
+    # not the paper's): minimizes the output error instead of the weight error
+    activation_aware: bool = False
+
+    def __post_init__(self) -> None:
+        where = "quantization.lorc"
+        _require(isinstance(self.rank, int) and self.rank >= 1,
+                 f"{where}.rank: {self.rank!r}; must be an integer >= 1")
+        for pattern in self.targets or []:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ConfigError(f"{where}.targets: {pattern[3:]!r} is not a valid regular "
+                                      f"expression ({e}); write re: followed by a Python regex "
+                                      "matched against the whole module name") from e
+        _require(self.targets is None or bool(self.targets),
+                 f"{where}.targets: empty; give module names or re: patterns, or null for "
+                 "every quantized linear")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: Method = Method.RTN
@@ -233,8 +277,13 @@ class QuantizationConfig:
     gptq: GPTQConfig = dataclasses.field(default_factory=GPTQConfig)
     omniquant: OmniQuantConfig = dataclasses.field(default_factory=OmniQuantConfig)
     budget: BudgetConfig = dataclasses.field(default_factory=BudgetConfig)
+    # null: no low-rank compensation (absent from earlier manifests, which still match)
+    lorc: LorcConfig | None = None
 
     def __post_init__(self) -> None:
+        _require(self.lorc is None or not self.lorc.count_in_budget
+                 or self.budget.average_bits is not None,
+                 "quantization.lorc.count_in_budget: needs quantization.budget.average_bits")
         _require(self.abits == 16 or 4 <= self.abits <= 8,
                  f"quantization.abits: {self.abits} is not allowed; choose 16 (weight-only) or "
                  "an integer from 4 to 8")
@@ -364,6 +413,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.output), "output: required; give a folder or an fsspec URL")
+        _require(ExportFormat.FAKE_QUANT_LORC not in self.export.formats
+                 or self.quantization.lorc is not None,
+                 "export.formats: fake_quant_lorc needs quantization.lorc (the factors it folds)")
         if self.export.target is ExportTarget.VLLM:
             _require_vllm_schemes(self.quantization)
 

@@ -58,7 +58,8 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
     """The block's linears rounded to nearest, in every export layout, with the codes and bytes
     of `block_pass.quantize_block` with RTN (no stream read or written)."""
     path = parts.block_path(index)
-    if parts.packed_tensor_names(path):
+    if parts.packed_tensor_names(path) or quantization.lorc is not None:
+        # LoRC's SVD needs each whole error matrix (and the block to install B·A in)
         return quantize_whole_block(parts, index, quantization, layouts)
     start = time.perf_counter()
     dtypes = parts.stored_dtypes(path)

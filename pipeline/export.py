@@ -13,7 +13,8 @@ from pipeline.formats import AffineFormat, QuantParams, dequantize, gptq
 from pipeline.formats import compressed_tensors as ct
 
 FOLDERS = {ExportFormat.COMPRESSED_TENSORS: "", ExportFormat.GPTQ: "gptq",
-           ExportFormat.FAKE_QUANT: "fake_quant"}
+           ExportFormat.FAKE_QUANT: "fake_quant", ExportFormat.FAKE_QUANT_LORC: "fake_quant_lorc"}
+FAKE_QUANT_LAYOUTS = (ExportFormat.FAKE_QUANT, ExportFormat.FAKE_QUANT_LORC)
 
 
 @dataclasses.dataclass
@@ -27,15 +28,21 @@ class QuantizedLinear:
 
 
 def block_tensors(path: str, state: dict[str, torch.Tensor], linears: dict[str, QuantizedLinear],
-                  dtypes: dict[str, torch.dtype], fmt: ExportFormat) -> dict[str, torch.Tensor]:
+                  dtypes: dict[str, torch.dtype], fmt: ExportFormat,
+                  corrections: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Full tensor name -> tensor for one block in one export layout. `state` is the block's
-    float state dict (relative names); quantized linears replace their `.weight`."""
+    float state dict (relative names); quantized linears replace their `.weight`. The
+    fake_quant_lorc layout adds `corrections` (linear -> LoRC's B·A, fp32) to the dequantized
+    weights before rounding them to the stored dtype."""
     out = {}
     for key, tensor in state.items():
         linear = key.removesuffix(".weight")
         q = linears.get(linear) if key.endswith(".weight") else None
-        if q is None or fmt is ExportFormat.FAKE_QUANT:
+        if q is None or fmt in FAKE_QUANT_LAYOUTS:
             value = q.dequantized(dtypes[key]) if q is not None else tensor.to("cpu", dtypes[key])
+            if q is not None and fmt is ExportFormat.FAKE_QUANT_LORC and corrections \
+                    and linear in corrections:
+                value = (q.dequantized(torch.float32) + corrections[linear].cpu()).to(dtypes[key])
             out[f"{path}.{key}"] = value
             continue
         if fmt is ExportFormat.COMPRESSED_TENSORS:
@@ -50,7 +57,7 @@ def format_config(fmt: ExportFormat, formats: dict[str, AffineFormat | None]
                   ) -> dict[str, Any] | None:
     """The `quantization_config` for config.json in one layout (None for fake-quant)."""
     quantized = {name: f for name, f in formats.items() if f is not None}
-    if fmt is ExportFormat.FAKE_QUANT:
+    if fmt in FAKE_QUANT_LAYOUTS:
         return None
     if fmt is ExportFormat.GPTQ:
         (only,) = set(quantized.values())

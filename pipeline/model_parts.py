@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from pipeline.config import ConfigError
 from pipeline.formats import AffineFormat, gptq
 from pipeline.formats import compressed_tensors as ct
 from pipeline.storage import CheckpointReader
+
+if TYPE_CHECKING:
+    from pipeline.peft_adapter import LoraWeights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +54,8 @@ class ModelParts:
     reader: CheckpointReader
     compute_dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # LoRA factors (LoRC's adapter) merged into the linears' weights as they load
+    lora: LoraWeights | None = None
 
     def __post_init__(self) -> None:
         self.architecture, self.adapter = adapter_for(self.reader.config.get("architectures"))
@@ -125,6 +130,8 @@ class ModelParts:
             linear = f"{path}.{key.removesuffix('.weight')}"
             local = {n.removeprefix(linear + "."): tensors[n] for n in tensor_names}
             state[key] = self.packed[linear].unpack(local, self.compute_dtype)
+        if self.lora is not None:
+            self.lora.merge_(path, state)
         module = copy.deepcopy(self.meta.get_submodule(path))
         module.load_state_dict(state, strict=True, assign=True)
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]

@@ -12,11 +12,12 @@ import torch
 
 import pipeline
 from pipeline import checkpoint, storage
-from pipeline.config import ConfigError, ExportFormat, RunConfig
+from pipeline.config import ConfigError, ExportFormat, LorcConfig, RunConfig
 from pipeline.config_tree import config_to_dict
 from pipeline.export import FOLDERS, format_config, kernel_flags
 from pipeline.formats import AffineFormat
 from pipeline.model_parts import ModelParts
+from pipeline.peft_adapter import write_adapter
 from pipeline.plan import Plan
 from pipeline.schemes import vllm_servable
 
@@ -124,9 +125,11 @@ def marker_formats(markers: list[dict[str, Any]]) -> dict[str, AffineFormat | No
 
 
 def finish_output(output: str, parts: ModelParts, model_path: str,
-                  markers: list[dict[str, Any]], layouts: list[ExportFormat]) -> dict[str, Any]:
+                  markers: list[dict[str, Any]], layouts: list[ExportFormat],
+                  lorc: LorcConfig | None = None) -> dict[str, Any]:
     """Write, in every layout's folder, the non-block tensors, the index, config.json (with
-    its quantization_config) and the tokenizer files. Returns what was exported."""
+    its quantization_config) and the tokenizer files; with LoRC, the PEFT adapter folder
+    OUTPUT/lorc/. Returns what was exported."""
     names = base_tensor_names(parts)
     tensors = parts.reader.read(set(names.values()))
     base = {full: tensors[name] for full, name in names.items()}
@@ -164,9 +167,13 @@ def finish_output(output: str, parts: ModelParts, model_path: str,
                       "note": "zero point 0 is stored as zero - 1 = -1 by GPTQ v1 and loads "
                               "wrong; use the compressed-tensors folder for these groups"})
     servable, why = vllm_servable(formats.values())
-    return {"formats": [layout.value for layout in layouts], "folders": folders,
-            "flags": flags, "vllm_servable": servable, "vllm_why": why,
-            "transformers": transformers_loading(formats.values())}
+    exported = {"formats": [layout.value for layout in layouts], "folders": folders,
+                "flags": flags, "vllm_servable": servable, "vllm_why": why,
+                "transformers": transformers_loading(formats.values())}
+    if lorc is not None:
+        exported["lorc"] = write_adapter(output, markers, lorc, parts.adapter.blocks,
+                                         parts.adapter.linears)
+    return exported
 
 
 def transformers_loading(formats: Iterable[AffineFormat | None]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.model_parts import DTYPES, ModelParts
+from pipeline.peft_adapter import read_adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,10 @@ class Plan:
                 "stages": [list(s) for s in self.stages]}
 
 
-def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu") -> ModelParts:
+def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu",
+               lorc: str | None = None) -> ModelParts:
+    """The model at `path`; with `lorc` (a PEFT LoRA adapter folder) its factors merged into
+    the weights as each part loads."""
     try:
         found = storage.exists(path)
     except (ValueError, ImportError) as e:  # fsspec: unknown protocol, or its package missing
@@ -32,7 +36,8 @@ def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu") -
                           "fsspec URL whose filesystem is installed") from e
     if not found:
         raise ConfigError(f"model.path: {path!r} does not exist")
-    return ModelParts(storage.CheckpointReader(path), DTYPES[compute_dtype], device)
+    return ModelParts(storage.CheckpointReader(path), DTYPES[compute_dtype], device,
+                      read_adapter(lorc) if lorc is not None else None)
 
 
 def split_stages(block_bytes: list[int], workers: int) -> list[tuple[int, int]]:

@@ -162,14 +162,17 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
         fmt = formats[name]
         assert fmt is not None
         weight = block.get_parameter(f"{name}.weight")
+        # each Hessian is handed over, not kept: freed once its linears are solved (a 70B
+        # down_proj's is 3.3 GB, and the solve holds up to three more)
         if owner == group.rank:
-            result = gptq_quantize(weight, hessians[name], fmt,
+            result = gptq_quantize(weight, hessians.pop(name), fmt,
                                    damp=cfg.damp, block_size=cfg.block_size,
                                    act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
             fake, codes = result.weight, result.codes
             scale, zero = result.qparams.scale, result.qparams.zero_point
             damp = torch.tensor([result.damp], dtype=torch.float64, device=weight.device)
         else:
+            del hessians[name]
             rows, columns = weight.shape
             groups = fmt.groups(columns)
             fake, codes = torch.empty_like(weight), torch.empty(
@@ -314,11 +317,14 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 aug_targets: list[Any] | None, stats: dict[str, ActStats],
                 quantization: QuantizationConfig, store: ChunkStore,
                 dtypes: dict[str, torch.dtype], group: Collective | None = None,
-                share: WindowShare | None = None
+                share: WindowShare | None = None,
+                references: dict[str, torch.Tensor] | None = None
                 ) -> tuple[dict[str, QuantizedLinear], dict[str, Any]]:
     """OmniQuant on one block; leaves `block` holding its folded, quantized weights. With
     several data-parallel workers (`group`), each holds the windows of `share` and every step
-    sums their gradients, weighted by their share of the global batch, before the update."""
+    sums their gradients, weighted by their share of the global batch, before the update.
+    `references`, when given, is filled with each quantized linear's FP weight after the
+    learned transform (LET), the basis the exported weights live in (for LoRC)."""
     cfg = quantization.omniquant
     group = group or Solo()
     if share is None:
@@ -398,6 +404,10 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     if cfg.rounding is Rounding.GPTQ:
         def hessians() -> dict[str, torch.Tensor]:
             return collect_hessians(parts, block, names, q_in, store, quantization.abits, group)
+    if references is not None:
+        with torch.no_grad():
+            transformed = model.transformed()
+            references.update({n: transformed[f"{n}.weight"].detach().clone() for n in names})
     linears = model.fold_(block, dtypes, hessians, quantization.gptq)
     with activation_quant(block, names, quantization.abits):
         loss_after = probe_loss(parts, block, None, probe, probe_weight, group)

@@ -30,8 +30,8 @@ def test_round_trip():
 
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
-                                          "abits, bias_correction, bits, budget, gptq, group_size, method, "
-                                          "omniquant, overrides, symmetric"):
+                                          "abits, bias_correction, bits, budget, gptq, group_size, "
+                                          "lorc, method, omniquant, overrides, symmetric"):
         build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
     with pytest.raises(ConfigError, match="^colour: unknown key"):
         build_config(RunConfig, {**BASE, "colour": "red"})
@@ -92,7 +92,8 @@ def test_overrides_and_export_formats():
     with pytest.raises(ConfigError, match=r"overrides\['x'\].bitz: unknown key"):
         build_config(RunConfig, {**BASE, "quantization": {"overrides": {"x": {"bitz": 3}}}})
     with pytest.raises(ConfigError, match=r"export.formats\[0\]: 'awq' is not allowed; choose "
-                                          "one of compressed-tensors, gptq, fake_quant"):
+                                          "one of compressed-tensors, gptq, fake_quant, "
+                                          "fake_quant_lorc"):
         build_config(RunConfig, {**BASE, "export": {"formats": ["awq"]}})
     with pytest.raises(ConfigError, match="export.formats: must include compressed-tensors"):
         build_config(RunConfig, {**BASE, "export": {"formats": ["gptq"]}})

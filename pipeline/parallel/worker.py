@@ -15,7 +15,6 @@ import torch
 
 from pipeline import block_pass, checkpoint
 from pipeline.config import ExportFormat, QuantizationConfig
-from pipeline.export import FOLDERS
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective
 from pipeline.parallel.shares import WindowShare
@@ -38,15 +37,16 @@ class DataParallelWorker:
         limit = (default_activation_bytes(group.world) if activation_memory_bytes is None
                  else activation_memory_bytes)
         self.store = BudgetStore(limit, scratch)
-        self.models: dict[str, ModelParts] = {}
+        self.models: dict[tuple[str, str | None], ModelParts] = {}
         self.share: WindowShare | None = None
         self.fp: list[Any] = []
         self.q: list[Any] = []
 
-    def parts(self, path: str) -> ModelParts:
-        if path not in self.models:
-            self.models[path] = open_model(path, self.compute_dtype, self.device)
-        return self.models[path]
+    def parts(self, path: str, lorc: str | None = None) -> ModelParts:
+        key = (path, lorc)
+        if key not in self.models:
+            self.models[key] = open_model(path, self.compute_dtype, self.device, lorc)
+        return self.models[key]
 
     def start(self, path: str, windows: torch.Tensor, share: WindowShare,
               chunk_size: int) -> int:
@@ -71,10 +71,10 @@ class DataParallelWorker:
         timing = self._timing(start, waited)
         marker = None
         if self.group.rank == 0:
-            exports = {FOLDERS[layout]: tensors for layout, tensors in result.exports.items()}
             metrics = {**result.metrics, "worker": 0, "schedule": "data_parallel",
                        "workers": timing}
-            marker = checkpoint.write_block(output, index, exports, result.schemes, metrics)
+            marker = checkpoint.write_block(output, index, result.folder_exports(),
+                                            result.schemes, metrics)
         return {"marker": marker, "timing": timing[self.group.rank]}
 
     def _timing(self, start: float, waited: float) -> list[dict[str, float]]:
@@ -92,12 +92,12 @@ class DataParallelWorker:
                  "spilled_bytes": int(r[3]), "spill_read_bytes": int(r[4])}
                 for w, r in enumerate(rows.tolist())]
 
-    def carry_block(self, path: str, index: int, output: str, file: str,
+    def carry_block(self, path: str, index: int, output: str, files: dict[str, Any],
                     saved_config: dict[str, Any], abits: int) -> None:
         """A block finished in an earlier run: the FP stream through the original block, the
         quantized stream through the saved shard."""
         self.fp = block_pass.forward_block(self.parts(path), index, self.fp, self.store)
-        self.q = block_pass.forward_saved_block(output, index, file, saved_config, self.q,
+        self.q = block_pass.forward_saved_block(output, index, files, saved_config, self.q,
                                                 self.store, DTYPES[self.compute_dtype],
                                                 self.device, abits)
 
@@ -105,12 +105,13 @@ class DataParallelWorker:
         self.fp, self.q = [], []
 
     def perplexity(self, path: str, windows: torch.Tensor, chunk_size: int,
-                   abits: int = 16) -> tuple[float, int]:
+                   abits: int = 16, lorc: str | None = None) -> tuple[float, int]:
         """Summed NLL and token count of this worker's evaluation windows through every
-        block (the coordinator adds the workers' sums in worker order)."""
+        block (the coordinator adds the workers' sums in worker order); `lorc`: a LoRA
+        adapter folder merged into the weights."""
         if not windows.shape[0]:
             return 0.0, 0
-        parts = self.parts(path)
+        parts = self.parts(path, lorc)
         ids_chunks = split_windows(windows, chunk_size)
         stream = block_pass.embed_stream(parts, ids_chunks, self.store)
         for i in range(parts.num_blocks):
