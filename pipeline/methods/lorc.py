@@ -84,12 +84,22 @@ def truncated_svd(e: torch.Tensor, rank: int, exact_limit: int = EXACT_LIMIT, se
     e = e.float()
     rank = min(rank, *e.shape)
     if min(e.shape) <= exact_limit:
-        u, s, vh = torch.linalg.svd(e, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
+        # float64: the rounded fp32 result then hardly depends on the LAPACK build or threads
+        u, s, vh = torch.linalg.svd(e.double(), full_matrices=False)
+        return _signed(u[:, :rank].float(), s[:rank].float(), vh[:rank].float())
     columns = min(rank + max(rank, MIN_OVERSAMPLE), min(e.shape))
     q = randomized_range(e, columns, POWER_ITERATIONS, seed)
-    u, s, vh = torch.linalg.svd(q.T @ e, full_matrices=False)
-    return (q @ u)[:, :rank], s[:rank], vh[:rank]
+    u, s, vh = torch.linalg.svd((q.T @ e).double(), full_matrices=False)
+    return _signed((q @ u[:, :rank].float()), s[:rank].float(), vh[:rank].float())
+
+
+def _signed(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each singular pair's sign fixed (the largest entry of its right vector positive), so
+    the factors do not depend on which of the two equal solutions the library returns."""
+    sign = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+    sign[sign == 0] = 1
+    return u * sign.T, s, vh * sign
 
 
 def low_rank_factors(error: torch.Tensor, rank: int, exact_limit: int = EXACT_LIMIT,
