@@ -29,6 +29,9 @@ QUANTIZER_PASSES = 64
 # saved activations per token of one block for backward, in hidden-size units (norms, q/k/v/o
 # inputs and outputs, the residuals) plus intermediate-size units (gate, up, act, product)
 SAVED_HIDDEN_UNITS, SAVED_INTERMEDIATE_UNITS = 12, 5
+# the data-free path's float32 slice of rows and its quantizer temporaries (codes, scaled copy,
+# packing's int64 words): pipeline/data_free.SLICE_VALUES weights, about 6 words each
+DATA_FREE_SLICE_BYTES = (1 << 24) * 4 * 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +141,28 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
     return out
 
 
+def hessian_float64(device: Device, columns: int) -> bool:
+    """GPTQ's rule (`pipeline.methods.gptq.sweep_dtype`): float64 on CPU unless the matrix
+    would exceed FLOAT64_HESSIAN_BYTES."""
+    from pipeline.methods.gptq import FLOAT64_HESSIAN_BYTES
+
+    return device.gptq_float64 and columns * columns * 8 <= FLOAT64_HESSIAN_BYTES
+
+
+def _gptq_rate(device: Device, columns: int) -> float:
+    return device.fp64_flops if hessian_float64(device, columns) else device.forward_flops
+
+
 def hessian_seconds(shape: BlockShape, tokens: int, device: Device,
                     shared: list[list[str]]) -> float:
-    rate = device.fp64_flops if device.gptq_float64 else device.forward_flops
-    return sum(2.0 * tokens * c * c for c in shape.hessian_columns(shared)) / rate
+    return sum(2.0 * tokens * c * c / _gptq_rate(device, c)
+               for c in shape.hessian_columns(shared))
 
 
 def sweep_seconds(shape: BlockShape, device: Device) -> float:
     """GPTQ's column sweep: the error feedback (2 x rows x columns^2) and the Cholesky steps
     (about columns^3) per linear, plus a fixed cost per column (the loop's small kernels)."""
-    rate = device.fp64_flops if device.gptq_float64 else device.forward_flops
-    return sum((2.0 * o * i * i + 2.0 * i ** 3) / rate + i * device.column_seconds
+    return sum((2.0 * o * i * i + 2.0 * i ** 3) / _gptq_rate(device, i) + i * device.column_seconds
                for _, o, i in shape.linears)
 
 
@@ -189,6 +203,15 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
     """Bytes one worker holds at its peak, by part."""
     dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
     share = math.ceil(work.windows / work.workers) if dp else work.windows
+    if not work.windows:
+        # data-free: one stored linear, one slice of its rows in float32 with the quantizer's
+        # temporaries, and the block's packed output (pipeline/data_free.py)
+        largest = max(o * i for _, o, i in shape.linears)
+        packed = shape.linear_params * (q.bits / 8 + 0.1) + (shape.params -
+                                                             shape.linear_params) * 4
+        return {"process": PROCESS_BASE_BYTES,
+                "block_weights": int(largest * shape.stored_bytes_per_param + packed
+                                     + DATA_FREE_SLICE_BYTES)}
     weights = int(shape.params * (4 + shape.stored_bytes_per_param))  # fp32 copy + read
     out = {"process": PROCESS_BASE_BYTES, "block_weights": weights}
     if work.windows:
@@ -200,10 +223,14 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
         out["streams"] = streams
     if q.method is Method.GPTQ or (q.method is Method.OMNIQUANT and (
             q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq")):
-        width = 8 if device.gptq_float64 else 4
         hessians = shape.hessian_columns(shared_hessians)
-        # every Hessian of the block, plus the sweep's working copies of the largest one
-        out["hessians"] = sum(c * c * width for c in hessians) + 3 * max(hessians) ** 2 * width
+        width = {c: 8 if hessian_float64(device, c) else 4 for c in hessians}
+        widest = max(hessians, key=lambda c: c * c * width[c])
+        # every Hessian of the block, plus the solve's working copies of the largest one (two
+        # at once, a third when act-order permutes it)
+        copies = 3 if q.gptq.act_order else 2
+        out["hessians"] = (sum(c * c * width[c] for c in hessians)
+                           + copies * widest * widest * width[widest])
     if q.method is Method.OMNIQUANT:
         learnable = learnable_params(shape, q)
         state = 2 if q.omniquant.optimizer is Optimizer.ADAMW else 0

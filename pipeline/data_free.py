@@ -23,9 +23,15 @@ from pipeline.block_pass import (
 )
 from pipeline.config import ExportFormat, QuantizationConfig
 from pipeline.export import QuantizedLinear, block_tensors
-from pipeline.formats import AffineFormat, compressed_tensors as ct, gptq
+from pipeline.formats import (
+    AffineFormat,
+    QuantParams,
+    choose_qparams,
+    compressed_tensors as ct,
+    gptq,
+    quantize,
+)
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
-from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts
 from pipeline.schemes import block_formats
 
@@ -106,7 +112,10 @@ def _quantize_linear(path: str, key: str, stored: torch.Tensor, fmt: AffineForma
     wraps = 0
     for r in range(0, out_features, step):
         weight = stored[r:r + step].to(compute_dtype)
-        _fake, codes, qparams = rtn_quantize(weight, fmt, scale_dtype=dtype)
+        # rtn_quantize's parameters and codes, without its dequantized copy (unused here)
+        found = choose_qparams(weight, fmt)
+        qparams = QuantParams(found.scale.to(dtype).float(), found.zero_point)
+        codes = quantize(weight, qparams, fmt)
         q = QuantizedLinear(codes, qparams, fmt)
         if ExportFormat.GPTQ in layouts:
             wraps += gptq_zero_overflow(qparams, fmt)
@@ -114,7 +123,7 @@ def _quantize_linear(path: str, key: str, stored: torch.Tensor, fmt: AffineForma
             named = block_tensors(path, {key: weight}, {linear: q}, {key: dtype}, layout)
             slices[layout].append({n.removeprefix(f"{path}.{linear}."): t
                                    for n, t in named.items()})
-        del weight, _fake, codes
+        del weight, codes
     return {layout: {f"{path}.{linear}.{s}": t
                      for s, t in JOIN[layout](slices[layout], (out_features, in_features)).items()}
             for layout in layouts}, wraps

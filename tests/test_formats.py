@@ -112,3 +112,20 @@ def test_packing_in_slices_gives_the_same_words(monkeypatch, bits, dim):
     sliced = packing.pack_dense(values, bits, dim)
     assert torch.equal(sliced, whole)
     assert torch.equal(packing.unpack_dense(sliced, bits, 70, dim), values)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [64, 70])
+def test_whole_word_rows_equal_the_general_bit_stream(bits, n):
+    """2/4/8-bit rows take a shortcut (no value straddles a word): the same words as the
+    general bit-stream packer, which handles the packed dimension first."""
+    from pipeline.formats import packing
+
+    values = torch.randint(0, 2**bits, (33, n), generator=torch.Generator().manual_seed(n),
+                           dtype=torch.int32)
+    fast = packing.pack_dense(values, bits, dim=1)
+    general = packing.pack_dense(values.t().contiguous(), bits, dim=0).t()
+    assert torch.equal(fast, general)
+    assert torch.equal(packing.unpack_dense(fast, bits, n, dim=1), values)
+    assert torch.equal(packing.unpack_dense(general.t().contiguous(), bits, n, dim=0).t(), values)

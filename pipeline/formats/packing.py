@@ -33,9 +33,14 @@ def _unsigned_int32(words: torch.Tensor) -> torch.Tensor:
 def pack_dense(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned `bits`-bit values [n, m] (dim 0) or [m, n] (dim 1) -> int32 words, the packed
     dimension shrunk to ceil(n * bits / 32)."""
+    if values.numel():
+        low, high = torch.aminmax(values)
+        if int(low) < 0 or int(high) >= 2**bits:
+            raise ValueError(f"pack_dense: values must lie in [0, {2**bits - 1}] for {bits} "
+                             "bits")
+    if 32 % bits == 0 and dim == 1:
+        return _pack_rows_whole_words(values, bits)
     v = values if dim == 0 else values.t()
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
-        raise ValueError(f"pack_dense: values must lie in [0, {2**bits - 1}] for {bits} bits")
     n, m = v.shape
     out = torch.empty(dense_words(n, bits), m, dtype=torch.int32)
     step = max(1, _SLICE_VALUES // max(n, 1))
@@ -46,7 +51,9 @@ def pack_dense(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def _pack_columns(v: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = v.shape
-    v = torch.nn.functional.pad(v, (0, 0, 0, -n % 32)).reshape(-1, 32, m)
+    if n % 32:
+        v = torch.nn.functional.pad(v, (0, 0, 0, -n % 32))
+    v = v.reshape(-1, 32, m)
     words = torch.zeros(v.shape[0], bits, m, dtype=torch.int64)
     for i in range(32):
         word, shift = divmod(i * bits, 32)
@@ -56,8 +63,43 @@ def _pack_columns(v: torch.Tensor, bits: int) -> torch.Tensor:
     return _unsigned_int32(words.reshape(-1, m)[: dense_words(n, bits)])
 
 
+def _pack_rows_whole_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The dense layout along each row when values never straddle words (2, 4, 8 bits): word w
+    of a row holds values k*w .. k*w + k - 1 (k = 32 // bits), value j of them at bit j*bits.
+    Rows are contiguous here, so this avoids the transposed copies of the general path."""
+    m, n = values.shape
+    k = 32 // bits
+    out = torch.empty(m, dense_words(n, bits), dtype=torch.int32)
+    step = max(1, _SLICE_VALUES // max(n, 1))
+    for r in range(0, m, step):
+        v = values[r:r + step].to(torch.int64)
+        if n % k:
+            v = torch.nn.functional.pad(v, (0, -n % k))
+        v = v.reshape(v.shape[0], -1, k)
+        words = v[..., 0].clone()
+        for j in range(1, k):
+            words |= v[..., j] << (j * bits)
+        out[r:r + step] = _unsigned_int32(words)
+    return out
+
+
+def _unpack_rows_whole_words(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    m = packed.shape[0]
+    k = 32 // bits
+    shifts = torch.arange(k, dtype=torch.int64) * bits
+    out = torch.empty(m, n, dtype=torch.int32)
+    step = max(1, _SLICE_VALUES // max(n, 1))
+    for r in range(0, m, step):
+        w = packed[r:r + step].to(torch.int64) & 0xFFFFFFFF
+        values = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        out[r:r + step] = values.reshape(w.shape[0], -1)[:, :n]
+    return out
+
+
 def unpack_dense(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_dense`: int32 values, `n` of them along `dim`."""
+    if 32 % bits == 0 and dim == 1:
+        return _unpack_rows_whole_words(packed, bits, n)
     w = packed if dim == 0 else packed.t()
     m = w.shape[1]
     out = torch.empty(n, m, dtype=torch.int32)
