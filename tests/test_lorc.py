@@ -2,6 +2,8 @@
 quantized stream through Ŵ + B·A, the budget's bits and the recipe fields."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from block_helpers import quantization, stream
@@ -41,7 +43,7 @@ def test_residual_is_the_svd_tail_and_falls_with_rank():
         residual = float((e.double() - f.product().double()).norm())
         assert residual == pytest.approx(tail(e, rank), rel=1e-5)
         residuals.append(residual)
-    assert all(b < a for a, b in zip(residuals, residuals[1:]))
+    assert all(b < a for a, b in itertools.pairwise(residuals))
     # the singular values are split evenly: A's rows and B's columns have equal norms
     f = low_rank_factors(e, 4)
     assert torch.allclose(f.a.norm(dim=1), f.b.norm(dim=0), rtol=1e-4)
@@ -138,8 +140,8 @@ def test_lorc_config_round_trip_and_off_by_default():
     ({"quantization": {"lorc": {"dtype": "fp8"}}},
      r"quantization.lorc.dtype: 'fp8' is not allowed; choose one of float16, bfloat16, int8"),
     ({"quantization": {"lorc": {"rnak": 8}}},
-     r"quantization.lorc.rnak: unknown key; allowed keys here: activation_aware, "
-     "count_in_budget, dtype, rank, targets"),
+     (r"quantization.lorc.rnak: unknown key; allowed keys here: activation_aware, "
+      "count_in_budget, dtype, rank, targets")),
     ({"quantization": {"lorc": {"targets": ["re:("]}}},
      r"quantization.lorc.targets: '\(' is not a valid regular expression"),
     ({"quantization": {"lorc": {"targets": []}}}, r"quantization.lorc.targets: empty"),

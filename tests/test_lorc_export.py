@@ -70,7 +70,8 @@ def test_adapter_loads_in_peft_and_matches_both_schedules(tiny_model, corpus_fil
         report["bits_per_weight"]["weights"] + lorc["adapter_bits_per_weight"])
     ppl = report["perplexity"]
     assert ppl["quantized"] < ppl["quantized_without_lorc"]
-    adapter_config = json.load(open(os.path.join(out, "lorc", "adapter_config.json")))
+    with open(os.path.join(out, "lorc", "adapter_config.json")) as f:
+        adapter_config = json.load(f)
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 4)
     assert sorted(adapter_config["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -1,0 +1,154 @@
+"""Protocol P1 with LoRC (ZeroQuant-V2's low-rank compensation, issue 17): RTN, GPTQ and the best
+recipe (p1-signround-*) at W3 g64 and W2 g64 asymmetric, each without LoRC and with rank 8 and
+16 in fp16 and int8 factors; the total bits per weight of every row (codes, scales and zero
+points, and the adapter); the perplexity with and without the adapter on all 292 SOTU test
+windows; and, per scheme, the CVXQ allocation without LoRC at the total bits of the best LoRC
+row, so the table says whether LoRC's bits buy more than the same bits spent on width.
+
+    python benchmarks/p1_lorc.py [--rows w3g64:gptq:r8fp16 w2g64:rtn:none ...] [--workers 2]
+    python benchmarks/p1_lorc.py --rows w3g64:cvxq:matched   # after that scheme's LoRC rows
+
+Row `SCHEME:METHOD:LORC`: METHOD rtn (p1-rtn-w4 at the scheme; data-free, LoRC needs no
+data), gptq (p1-gptq-*), signround (p1-signround-*); LORC none, r8fp16, r8int8, r16fp16,
+r16int8. `SCHEME:cvxq:matched` is the method of that scheme's best LoRC row, no LoRC, widths
+{2,3,4} (W2) or {3,4} (W3) and group sizes {32, 64, 96, 192, per-channel} allocated by CVXQ
+(measured distortion) at that row's total bits per weight, side information counted.
+
+Rows are merged into benchmarks/results/p1_lorc.json as they finish (default: every row not
+there yet, the cvxq rows last; --redo to run them again). The FP perplexity comes from the
+pipeline's FP cache after the first row. `--set KEY=VALUE` changes every row's recipe (a smoke
+run: `--set model.path=/tiny eval.max_windows=4 calibration.num_samples=4 ...`). Needs
+`relayquant assets prepare`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from cluster.coordinator import quantize
+from jobs.recipes import load_recipe, parse_overrides
+
+sys.path.insert(0, os.path.dirname(__file__))
+from results_file import RESULTS, write_result
+
+SCHEMES = {"w3g64": (3, 64), "w2g64": (2, 64)}
+METHODS = {"rtn": "p1-rtn-w4", "gptq": "p1-gptq-{scheme}", "signround": "p1-signround-{scheme}"}
+LORC: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "r8fp16": {"rank": 8, "dtype": "float16"}, "r8int8": {"rank": 8, "dtype": "int8"},
+    "r16fp16": {"rank": 16, "dtype": "float16"}, "r16int8": {"rank": 16, "dtype": "int8"},
+}
+CVXQ_CHOICES = {"w3g64": [3, 4], "w2g64": [2, 3, 4]}
+CVXQ_GROUPS = [32, 64, 96, 192, None]
+
+
+def recipe_config(scheme: str, method: str, work: str, workers: int,
+                  extra: dict[str, Any]) -> Any:
+    bits, group = SCHEMES[scheme]
+    name = METHODS[method].format(scheme=scheme)
+    return name, load_recipe(name, {
+        "output": os.path.join(work, f"{scheme}-{method}-{time.time_ns()}"),
+        "cluster.workers": workers, "quantization.bits": bits,
+        "quantization.group_size": group, "quantization.symmetric": False, **extra})
+
+
+def run_row(row: str, result: dict[str, Any], work: str, workers: int,
+            overrides: dict[str, Any]) -> dict[str, Any]:
+    scheme, method, lorc = row.split(":")
+    extra: dict[str, Any] = {}
+    target = None
+    if method == "cvxq":
+        best = best_lorc_row(result, scheme)
+        if best is None:
+            raise SystemExit(f"{row}: run the LoRC rows of {scheme} first (the allocation "
+                             "matches the best one's total bits per weight)")
+        method, target = best["method"], best["bits_per_weight"]["total"]
+        extra.update({"quantization.budget": {
+            "average_bits": target, "choices": CVXQ_CHOICES[scheme], "count_side_info": True,
+            "distortion": "measured", "group_sizes": CVXQ_GROUPS}})
+    else:
+        extra["quantization.lorc"] = LORC[lorc]
+    extra.update(overrides)  # --set last: it may change the budget's fields too
+    recipe, config = recipe_config(scheme, method, work, workers, extra)
+    start = time.perf_counter()
+    report = quantize(config)
+    ppl = report["perplexity"] or {}
+    out = {"row": row, "scheme": scheme, "method": method, "lorc": lorc, "recipe": recipe,
+           "bits_per_weight": report["bits_per_weight"],
+           "perplexity": ppl.get("quantized"),
+           "perplexity_without_lorc": ppl.get("quantized_without_lorc"),
+           "fp_perplexity": ppl.get("fp"), "windows": ppl.get("windows"),
+           "wall_seconds": time.perf_counter() - start,
+           "quantize_seconds": sum(b["seconds"] for b in report["blocks"]),
+           "workers": workers}
+    if "lorc" in report:
+        out["lorc_report"] = report["lorc"]
+    if target is not None:
+        out["matched_bits"] = target
+        out["allocation"] = {k: report["allocation"][k] for k in ("achieved_bits", "target_bits")}
+        out["allocation"]["widths"] = [[u["bits"], u.get("group_size")]
+                                       for u in report["allocation"]["units"]]
+    return out
+
+
+def best_lorc_row(result: dict[str, Any], scheme: str) -> dict[str, Any] | None:
+    rows = [r for r in result["rows"] if r["scheme"] == scheme
+            and r["lorc"] not in ("none", "matched") and r["perplexity"] is not None]
+    return min(rows, key=lambda r: r["perplexity"], default=None)
+
+
+def every_row() -> list[str]:
+    rows = [f"{s}:{m}:{lo}" for s in SCHEMES for m in METHODS for lo in LORC]
+    return rows + [f"{s}:cvxq:matched" for s in SCHEMES]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=every_row(), choices=every_row())
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",
+                        help="recipe changes for every row (e.g. a smoke run on a tiny model)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "p1_lorc.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
+    overrides = parse_overrides(args.set)
+    result: dict[str, Any] = {"benchmark": "p1_lorc", "fp": None, "rows": []}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    done = {r["row"] for r in result["rows"]}
+    with tempfile.TemporaryDirectory(prefix="relayquant-p1l-") as work:
+        for row in sorted(args.rows, key=lambda r: r.endswith(":cvxq:matched")):
+            if row in done and not args.redo:
+                continue
+            out = run_row(row, result, work, args.workers, overrides)
+            result["fp"] = out["fp_perplexity"] or result["fp"]
+            result["rows"] = [r for r in result["rows"] if r["row"] != row] + [out]
+            write_result(args.out, result)
+    print(table(result))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| scheme | method | LoRC | total bits/weight | adapter bits/weight | PPL | "
+             "PPL without adapter |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: r["row"]):
+        bits = r["bits_per_weight"]
+        without = r.get("perplexity_without_lorc")
+        ppl = r["perplexity"]
+        lines.append(f"| {r['scheme']} | {r['method']}{' (cvxq)' if 'matched_bits' in r else ''}"
+                     f" | {r['lorc']} | {bits['total']:.4f} | {bits['lorc']:.4f} | "
+                     f"{'-' if ppl is None else f'{ppl:.3f}'} | "
+                     f"{'-' if without is None else f'{without:.3f}'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
