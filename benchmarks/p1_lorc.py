@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| scheme | method | LoRC | total bits/weight | adapter bits/weight | PPL | "
-             "PPL without adapter |", "|---|---|---|---|---|---|---|"]
+    lines = [("| scheme | method | LoRC | total bits/weight | adapter bits/weight | PPL | "
+              "PPL without adapter |"), "|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["row"]):
         bits = r["bits_per_weight"]
         without = r.get("perplexity_without_lorc")
