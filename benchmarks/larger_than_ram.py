@@ -150,6 +150,7 @@ def _role(p: psutil.Process, driver: int) -> str:
     except (psutil.Error, OSError):
         return "gone"
     for key, role in (("StageActor", "stage actor"), ("raylet", "raylet (object store)"),
+                      ("ray::IDLE", "ray::IDLE"),
                       ("gcs_server", "gcs"), ("dashboard", "dashboard"),
                       ("default_worker", "ray worker"), ("log_monitor", "ray monitor")):
         if key in cmd:
@@ -158,16 +159,16 @@ def _role(p: psutil.Process, driver: int) -> str:
 
 
 class MemorySampler:
-    """Peaks of every process under the driver (resident set), of their sum, and of the
-    machine's used memory above what it was at the start (page cache excluded)."""
+    """Every process under the driver (resident set), their sum, and the machine's used memory
+    above what it was at the start (page cache excluded), sampled every `period` seconds; peaks
+    over the whole run or over a time window (a phase)."""
 
     def __init__(self, period: float = 0.5):
         self.period, self.stop_event = period, threading.Event()
         self.driver = psutil.Process()
         self.idle_used = self._used()
-        self.peaks: dict[int, dict[str, Any]] = {}
-        self.peak_sum = 0
-        self.peak_used_above_idle = 0
+        self.roles: dict[int, str] = {}
+        self.samples: list[tuple[float, int, int, dict[str, int]]] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     @staticmethod
@@ -179,38 +180,48 @@ class MemorySampler:
         while not self.stop_event.wait(self.period):
             self.sample()
 
+    def _role(self, p: psutil.Process) -> str:
+        role = self.roles.get(p.pid)
+        if role is None or role in ("ray worker", "ray::IDLE"):  # pooled, may become an actor
+            role = self.roles[p.pid] = _role(p, self.driver.pid)
+        return role
+
     def sample(self) -> None:
-        total = 0
+        total, by_role = 0, {}
         for p in [self.driver, *self.driver.children(recursive=True)]:
             try:
                 rss = p.memory_info().rss
+                role = self._role(p)
             except psutil.Error:
                 continue
             total += rss
-            entry = self.peaks.setdefault(p.pid, {"role": _role(p, self.driver.pid), "rss": 0})
-            if entry["role"] == "ray worker":  # a pooled worker that became an actor
-                entry["role"] = _role(p, self.driver.pid)
-            entry["rss"] = max(entry["rss"], rss)
-        self.peak_sum = max(self.peak_sum, total)
-        self.peak_used_above_idle = max(self.peak_used_above_idle, self._used() - self.idle_used)
+            key = f"{role} {p.pid}" if role == "stage actor" else role
+            by_role[key] = by_role.get(key, 0) + rss
+        self.samples.append((time.perf_counter(), total, self._used() - self.idle_used,
+                             by_role))
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> MemorySampler:  # noqa: PYI034
+        self.start = time.perf_counter()
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
         self.thread.join()
         self.sample()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
+        """Peaks over the samples taken `since`..`until` seconds after the start."""
+        chosen = [s for s in self.samples if since <= s[0] - self.start <= until]
         by_role: dict[str, int] = {}
-        for entry in self.peaks.values():
-            by_role[entry["role"]] = max(by_role.get(entry["role"], 0), entry["rss"])
-        stages = [e["rss"] for e in self.peaks.values() if e["role"] == "stage actor"]
-        return {"peak_total_rss_bytes": self.peak_sum,
-                "peak_used_above_idle_bytes": self.peak_used_above_idle,
-                "peak_rss_by_role_bytes": by_role, "stage_peaks_bytes": sorted(stages)}
+        for _, _, _, roles in chosen:
+            for role, rss in roles.items():
+                by_role[role] = max(by_role.get(role, 0), rss)
+        stages = sorted(v for k, v in by_role.items() if k.startswith("stage actor"))
+        return {"samples": len(chosen),
+                "peak_total_rss_bytes": max((s[1] for s in chosen), default=0),
+                "peak_used_above_idle_bytes": max((s[2] for s in chosen), default=0),
+                "peak_rss_by_role_bytes": by_role, "stage_peaks_bytes": stages}
 
 
 # --- the runs ---------------------------------------------------------------------------------
@@ -224,8 +235,8 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int) -> di
         "model": {"path": model}, "output": out,
         "calibration": {"corpus": corpus, "num_samples": 4, "seq_len": 128},
         "quantization": {"method": method, "bits": 4, "group_size": 128},
-        "eval": {"corpus": corpus, "seq_len": 128, "max_windows": eval_windows, "fp": False,
-                 "enabled": eval_windows > 0},
+        "eval": {"corpus": corpus, "seq_len": 128, "max_windows": eval_windows or None,
+                 "fp": False, "enabled": eval_windows > 0},
         "cluster": {"workers": 2}})
     start = time.perf_counter()
     with MemorySampler() as sampler:
@@ -238,12 +249,22 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int) -> di
             "eval_windows": eval_windows,
             "block_seconds": [round(b["seconds"], 2) for b in blocks],
             "stage_reported_peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
-            "memory": sampler.summary()}
+            "memory": sampler.summary(), "memory_by_phase": phase_peaks(sampler, report)}
+
+
+def phase_peaks(sampler: MemorySampler, report: dict[str, Any]) -> dict[str, Any]:
+    """The peaks within each phase of the run (the report's phase seconds, in order)."""
+    out, at = {}, 0.0
+    for phase, seconds in (report.get("phase_seconds") or {}).items():
+        out[phase] = sampler.summary(at, at + seconds)
+        at += seconds
+    return out
 
 
 def independent_rtn_check(model: str, out: str, names: list[str]) -> list[dict[str, Any]]:
     """The output's 4-bit codes of `names` against min-max RTN (groups of 128, asymmetric,
-    scales rounded to bf16 as stored) computed here from the input weights."""
+    min clamped to <= 0 and max to >= 0, scales stored in bf16) computed here from the input
+    weights with plain torch and an unpacker written here."""
     from safetensors import safe_open
 
     def tensor(folder: str, name: str) -> torch.Tensor:
@@ -257,8 +278,11 @@ def independent_rtn_check(model: str, out: str, names: list[str]) -> list[dict[s
         w = tensor(model, f"{name}.weight").float()
         x = w.reshape(w.shape[0], -1, 128)
         lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-8).bfloat16().float()
-        zero = torch.round(-lo / scale)
+        exact = ((hi - lo) / 15).clamp(min=1e-8)
+        # relayquant's convention: the zero point from the exact scale, the codes from the
+        # scale as stored (bf16), so that (q - zero) * stored_scale is what loads
+        zero = torch.round(-lo / exact)
+        scale = exact.bfloat16().float()
         codes = (torch.round(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15)
         packed = tensor(out, f"{name}.weight_packed").to(torch.int64) & 0xFFFFFFFF
         # 4 bits: eight values per int32 word, the first in the lowest bits (signed, offset 8)
@@ -341,16 +365,30 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
     return write_and_return(args.out, summarize(result))
 
 
+def _quantization_peak(run: dict[str, Any], key: str) -> int:
+    """The peak over every phase but the evaluation."""
+    phases = [m for phase, m in run["memory_by_phase"].items() if phase != "evaluate"]
+    return max((m[key] for m in phases), default=0)
+
+
+def _stage_peak(run: dict[str, Any]) -> int:
+    phases = [m for phase, m in run["memory_by_phase"].items() if phase != "evaluate"]
+    return max((max(m["stage_peaks_bytes"], default=0) for m in phases), default=0)
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     runs = result["runs"]
+    size = result["checkpoint_bytes"]
     if "rtn_deep" in runs:
-        peak = runs["rtn_deep"]["memory"]["peak_total_rss_bytes"]
-        result["rtn_peak_total_rss_over_checkpoint"] = peak / result["checkpoint_bytes"]
-        result["rtn_target_met"] = peak < 0.25 * result["checkpoint_bytes"]
+        deep = runs["rtn_deep"]
+        quantization = _quantization_peak(deep, "peak_total_rss_bytes")
+        result["rtn_quantization_peak_total_rss_over_checkpoint"] = quantization / size
+        result["rtn_target_met"] = quantization < 0.25 * size
+        result["rtn_whole_run_peak_total_rss_over_checkpoint"] = (
+            deep["memory"]["peak_total_rss_bytes"] / size)
     if "rtn_deep" in runs and "rtn_half_depth" in runs:
-        deep = max(runs["rtn_deep"]["memory"]["stage_peaks_bytes"])
-        shallow = max(runs["rtn_half_depth"]["memory"]["stage_peaks_bytes"])
-        result["stage_peak_ratio_deep_over_half"] = deep / shallow
+        result["stage_peak_ratio_deep_over_half"] = (_stage_peak(runs["rtn_deep"])
+                                                     / _stage_peak(runs["rtn_half_depth"]))
     if "gptq" in runs:
         used = runs["gptq"]["memory"]["peak_used_above_idle_bytes"]
         result["gptq_margin_under_ram_bytes"] = result["machine_ram_bytes"] - used

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import block_pass, budget, checkpoint, sensitivity
+from pipeline import block_pass, budget, checkpoint, data_free, sensitivity
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective, Solo, TorchCollective
@@ -105,7 +105,7 @@ class StageActor:
 
     def quantize_weights(self, path: str, index: int, quantization: QuantizationConfig,
                          layouts: list[ExportFormat], output: str) -> dict[str, Any]:
-        result = block_pass.quantize_block_weights(self._parts(path), index, quantization,
+        result = data_free.quantize_block_weights(self._parts(path), index, quantization,
                                                    layouts)
         return checkpoint.write_block(output, index, result.folder_exports(), result.schemes,
                                       {**result.metrics, "worker": self.stage})

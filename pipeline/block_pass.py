@@ -11,6 +11,7 @@ import resource
 import time
 from typing import Any
 
+import psutil
 import torch
 
 from pipeline import compensation
@@ -90,17 +91,35 @@ def forward_saved_block(output: str, index: int, files: dict[str, Any], config: 
 
 class ResidentBlocks:
     """A stage's blocks (and the head) kept loaded through a forward-only pass over many
-    chunks, so a pipelined pass reads each block once, not once per chunk."""
+    chunks, so a pipelined pass reads each block once, not once per chunk, as long as they fit
+    `budget_bytes` (default: a quarter of the memory available when the pass starts). Beyond
+    it the oldest loaded block is dropped and read again by the next chunk: a 70B-width stage
+    of 9 blocks would otherwise hold ~30 GB."""
 
-    def __init__(self, parts: ModelParts):
+    def __init__(self, parts: ModelParts, budget_bytes: int | None = None):
         self.parts = parts
         self.blocks: dict[int, torch.nn.Module] = {}
         self.head: list[torch.nn.Module] | None = None
         self.embedding: list[torch.nn.Module | None] | None = None
+        self.budget = (budget_bytes if budget_bytes is not None
+                       else psutil.virtual_memory().available // 4)
+        self.loads = 0
+
+    def _loaded_bytes(self, index: int) -> int:
+        block = self.blocks[index]
+        return sum(t.numel() * t.element_size()
+                   for t in [*block.parameters(), *block.buffers()])
 
     def block(self, index: int) -> torch.nn.Module:
         if index not in self.blocks:
             self.blocks[index] = self.parts.load_block(index)
+            self.loads += 1
+            held = {i: self._loaded_bytes(i) for i in self.blocks}
+            for oldest in list(self.blocks)[:-1]:
+                if sum(held.values()) <= self.budget:
+                    break
+                del self.blocks[oldest]
+                held.pop(oldest)
         return self.blocks[index]
 
     @torch.no_grad()

@@ -19,6 +19,8 @@ from pipeline.block_pass import (
     BlockResult,
     peak_rss_bytes,
     private_bytes,
+)
+from pipeline.block_pass import (
     quantize_block_weights as quantize_whole_block,
 )
 from pipeline.config import ExportFormat, QuantizationConfig
@@ -27,9 +29,11 @@ from pipeline.formats import (
     AffineFormat,
     QuantParams,
     choose_qparams,
-    compressed_tensors as ct,
     gptq,
     quantize,
+)
+from pipeline.formats import (
+    compressed_tensors as ct,
 )
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.model_parts import ModelParts

@@ -125,7 +125,9 @@ class ModelParts:
         names = self.tensor_names(path)
         packed = self.packed_tensor_names(path)
         tensors = self.reader.read(set(names.values()) | {n for v in packed.values() for n in v})
-        state = {k: tensors[n].to(self.compute_dtype) for k, n in names.items()}
+        # converted one at a time, each stored tensor dropped once converted: the peak is the
+        # block at the compute dtype plus one stored tensor, not both copies of the block
+        state = {k: tensors.pop(n).to(self.compute_dtype) for k, n in names.items()}
         for key, tensor_names in packed.items():
             linear = f"{path}.{key.removesuffix('.weight')}"
             local = {n.removeprefix(linear + "."): tensors[n] for n in tensor_names}

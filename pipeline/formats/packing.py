@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-
 # Values per slice of the unpacked dimension: packing works on int64 copies, so a 28672 x 8192
 # linear (Llama-70B's down_proj) done whole would hold several GB of temporaries; in slices they
 # stay near 64 MB per copy whatever the tensor, with the same words (slices are independent).
