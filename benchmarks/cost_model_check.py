@@ -1,82 +1,151 @@
-"""The cost model against measured runs on this machine: for every P1 row recorded by
-`benchmarks/p1_data_parallel.py` (learned W3 g64 and GPTQ W4, 1 worker x 1 thread, 2
-data-parallel workers x 1 thread, 1 worker x 2 threads) and `benchmarks/p1_rtn.py` (data-free
-RTN), the quantize phase predicted by `pipeline.cost_model` (rates measured now, per thread
-count) next to the measured one.
+"""The cost model against measured runs on this machine: the quantize phase that
+`pipeline.cost_model` predicts (device rates measured now by its own micro-benchmark, per
+thread count) next to the measured one, for
 
-    python benchmarks/cost_model_check.py
+- P1 data-free RTN W4, 1 and 2 workers: run here, now (about a minute each, no evaluation);
+- P1 learned (p1-signround-w3g64, 1 epoch) and GPTQ W4, 1 worker x 1 thread, 2 data-parallel
+  workers x 1 thread, 1 worker x 2 threads: `benchmarks/p1_data_parallel.py`'s rows;
+- P1 GPTQ and the learned recipe at W4 g64 symmetric on 2 workers:
+  `benchmarks/p1_reconstruct.py`'s rows, where present;
+- the larger-than-RAM runs at Llama-70B width (RTN W4 g128 at full and half depth, GPTQ over
+  its first blocks): `benchmarks/larger_than_ram.py`'s rows, where present.
 
-Writes benchmarks/results/cost_model_check.json (the ratio predicted / measured per row).
-Run it on an otherwise idle machine: the rates are measured when it runs.
+    python benchmarks/cost_model_check.py [--no-rtn-runs]
+
+Writes benchmarks/results/cost_model_check.json (predicted / measured per row; the target is
+every ratio within 0.75-1.25). Run it on an otherwise idle machine: the rates are measured when
+it runs.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import sys
+import tempfile
+from typing import Any
 
 import psutil
 
 from jobs.recipes import load_recipe
 from pipeline import storage
 from pipeline.assets import resolve_model_path
-from pipeline.config import Schedule
-from pipeline.cost_model import measure_device, model_shape, plan_run
+from pipeline.config import RunConfig, Schedule
+from pipeline.cost_model import Device, measure_device, model_shape, plan_run
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
 
 
-def main() -> dict:
-    model = resolve_model_path("asset:smollm2-135m")
-    config = storage.read_json(storage.join(model, "config.json"))
-    shape, _blocks, _ = model_shape(config)
-    devices = {t: measure_device(shape, 512, t, psutil.virtual_memory().total // 2)
-               for t in (1, 2)}
+def _load(name: str) -> dict[str, Any] | None:
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def compare(model_config: dict[str, Any], cfg: RunConfig, device: Device, label: str,
+            seconds: float) -> dict[str, Any]:
+    schedule = cfg.cluster.resolved_schedule
+    r = plan_run(model_config, cfg.quantization, cfg.calibration.num_samples,
+                 cfg.calibration.seq_len, cfg.cluster.workers, schedule,
+                 cfg.cluster.activation_memory_bytes, device)
+    return row(label, schedule.value if isinstance(schedule, Schedule) else schedule, r, seconds)
+
+
+def row(label: str, schedule: str, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The quantize phase as predicted (without the run's start) against the measured one."""
+    predicted = plan["predicted_quantize_phase_seconds"]
+    return {"run": label, "schedule": schedule, "predicted_seconds": predicted,
+            "measured_seconds": seconds, "ratio": predicted / seconds,
+            "block_seconds": plan["block_seconds"]}
+
+
+def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
+            ) -> list[dict[str, Any]]:
     rows = []
-    measured = {}
-    path = os.path.join(RESULTS, "p1_data_parallel.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            measured = json.load(f)
+    if rtn_runs:
+        from cluster.coordinator import quantize
+
+        for workers in (1, 2):
+            with tempfile.TemporaryDirectory(prefix="relayquant-cmc-") as out:
+                cfg = load_recipe("p1-rtn-w4", {"cluster.workers": workers, "output": out,
+                                                "eval.enabled": False})
+                report = quantize(cfg)
+            rows.append(compare(config, cfg, devices[1], f"p1-rtn-w4 data-free, {workers} "
+                                "worker(s) x 1 thread (run now)",
+                                report["phase_seconds"]["quantize"]))
+    measured = _load("p1_data_parallel.json") or {}
     for part in ("learned", "gptq"):
         if part not in measured:
             continue
-        recipe = measured[part]["recipe"]
-        epochs = measured[part].get("epochs")
+        recipe, epochs = measured[part]["recipe"], measured[part].get("epochs")
         for row in measured[part]["rows"]:
             changes = {"cluster.workers": row["workers"], "cluster.threads": row["threads"],
                        "cluster.schedule": row["schedule"]}
             if epochs is not None and part == "learned":
                 changes["quantization.omniquant.epochs"] = epochs
             cfg = load_recipe(recipe, changes)
-            rows.append(compare(config, cfg, devices[row["threads"]], f"{recipe} {row['setup']}",
-                                row["quantize_wall_seconds"]))
-    path = os.path.join(RESULTS, "p1_rtn.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            rtn = json.load(f)
-        for row in rtn["rows"]:
-            if row.get("data_free") and "quantize_seconds" in row:
-                cfg = load_recipe("p1-rtn-w4", {"cluster.workers": row["workers"]})
-                rows.append(compare(config, cfg, devices[1], f"p1-rtn {row['scheme']} "
-                                    f"data-free, {row['workers']} workers",
-                                    row["quantize_seconds"]))
+            rows.append(compare(config, cfg, devices[row["threads"]],
+                                f"{recipe} {row['setup']}", row["quantize_wall_seconds"]))
+    reconstruct = _load("p1_reconstruct.json") or {"rows": []}
+    for row in reconstruct["rows"]:
+        if row["scheme"] != "w4_g64_sym" or row["method"] == "rtn":
+            continue
+        changes = {"cluster.workers": row["workers"], "quantization.bits": 4,
+                   "quantization.group_size": 64, "quantization.symmetric": True}
+        recipe = "p1-gptq-w4" if row["method"] == "gptq" else "p1-signround-w4g64-sym"
+        cfg = load_recipe(recipe, changes)
+        # blocks run one after another on every worker: the sum of block seconds is the phase
+        rows.append(compare(config, cfg, devices[1], f"{recipe} w4 g64 sym, "
+                            f"{row['workers']} workers", row["quantize_seconds"]))
+    return rows
+
+
+def larger_than_ram_rows(devices: dict[int, Device]) -> list[dict[str, Any]]:
+    from larger_than_ram import synthetic_config
+
+    result = _load("larger_than_ram.json")
+    if not result:
+        return []
+    rows = []
+    for label, run in result["runs"].items():
+        seconds = (run.get("phase_seconds") or {}).get("quantize")
+        if not seconds:
+            continue
+        config = synthetic_config(run["blocks"])
+        windows = 0 if run["method"] == "rtn" else 4
+        cfg_q = load_recipe("p1-rtn-w4", {"quantization.method": run["method"],
+                                          "quantization.group_size": 128}).quantization
+        r = plan_run(config, cfg_q, windows, 128, 2, Schedule.DATA_PARALLEL, None, devices[1])
+        rows.append(row(f"70B width {label} ({run['blocks']} blocks, 2 workers)",
+                        "data_parallel", r, seconds))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-rtn-runs", action="store_true",
+                        help="skip the two P1 RTN runs (use only recorded rows)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    model = resolve_model_path("asset:smollm2-135m")
+    config = storage.read_json(storage.join(model, "config.json"))
+    shape, _blocks, _ = model_shape(config)
+    devices = {t: measure_device(shape, 512, t, psutil.virtual_memory().total // 2)
+               for t in (1, 2)}
+    rows = p1_rows(config, devices, not args.no_rtn_runs) + larger_than_ram_rows(devices)
     result = {"benchmark": "cost_model_check", "rows": rows,
               "devices": {t: d.to_dict() for t, d in devices.items()},
+              "within_25_percent": [abs(r["ratio"] - 1) <= 0.25 for r in rows],
               "all_within_25_percent": all(abs(r["ratio"] - 1) <= 0.25 for r in rows)}
     write_result(os.path.join(RESULTS, "cost_model_check.json"), result)
+    for r in rows:
+        print(f"{r['run']:70s} predicted {r['predicted_seconds']:8.1f} s  measured "
+              f"{r['measured_seconds']:8.1f} s  ratio {r['ratio']:.2f}")
     return result
-
-
-def compare(model_config: dict, cfg, device, label: str, seconds: float) -> dict:
-    schedule = cfg.cluster.resolved_schedule
-    r = plan_run(model_config, cfg.quantization, cfg.calibration.num_samples,
-                 cfg.calibration.seq_len, cfg.cluster.workers, schedule,
-                 cfg.cluster.activation_memory_bytes, device)
-    return {"run": label, "schedule": schedule.value if isinstance(schedule, Schedule) else
-            schedule, "predicted_seconds": r["predicted_seconds"], "measured_seconds": seconds,
-            "ratio": r["predicted_seconds"] / seconds, "block_seconds": r["block_seconds"]}
 
 
 if __name__ == "__main__":

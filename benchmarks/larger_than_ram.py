@@ -78,6 +78,15 @@ def _weight(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+def synthetic_config(blocks: int) -> dict[str, Any]:
+    """config.json's fields for the synthetic model (Llama-2-70B's, at `blocks` blocks)."""
+    return {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+            "intermediate_size": INTERMEDIATE, "num_hidden_layers": blocks,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}
+
+
 def build_model(folder: str, blocks: int, seed: int = 0) -> int:
     """The checkpoint under `folder`, a shard per block; returns its bytes."""
     from safetensors.torch import save_file
@@ -85,11 +94,7 @@ def build_model(folder: str, blocks: int, seed: int = 0) -> int:
     from transformers import LlamaConfig
 
     os.makedirs(folder, exist_ok=True)
-    LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                num_hidden_layers=blocks, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                head_dim=HEAD_DIM, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-                torch_dtype="bfloat16").save_pretrained(folder)
+    LlamaConfig(**synthetic_config(blocks)).save_pretrained(folder)
     generator = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     total = 0

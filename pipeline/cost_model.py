@@ -29,6 +29,9 @@ QUANTIZER_PASSES = 64
 # saved activations per token of one block for backward, in hidden-size units (norms, q/k/v/o
 # inputs and outputs, the residuals) plus intermediate-size units (gate, up, act, product)
 SAVED_HIDDEN_UNITS, SAVED_INTERMEDIATE_UNITS = 12, 5
+# Ray's start, the actors' creation and the first reads before the first block (a run's
+# "prepare" phase), counted in a run's prediction but not in its quantize phase
+STARTUP_SECONDS = 15.0
 # the data-free path's float32 slice of rows and its quantizer temporaries (codes, scaled copy,
 # packing's int64 words): pipeline/data_free.SLICE_VALUES weights, about 6 words each
 DATA_FREE_SLICE_BYTES = (1 << 24) * 4 * 6
@@ -48,6 +51,8 @@ class Device:
     memory_bytes: int  # what one worker may use (host share, or the GPU's memory)
     gptq_float64: bool = True  # GPTQ's sums in float64 (CPU) or float32 (GPU)
     column_seconds: float = 60e-6  # GPTQ's fixed cost per column (a few small kernels)
+    # weights/s through the data-free path (read slice, min-max, codes, packing; on the host)
+    rtn_params: float = 100e6
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,7 +127,7 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
     tokens = share * work.seq_len
     load = shape.params * shape.stored_bytes_per_param / device.disk_bytes
     out = {"load": load}
-    quantize_weights = shape.linear_params * 4 * 6 / device.elementwise_bytes
+    quantize_weights = shape.linear_params / device.rtn_params
     if work.windows == 0:  # data-free RTN
         out["quantize"] = quantize_weights
         return out
@@ -261,7 +266,7 @@ class Estimate:
 
 def estimate(shape: BlockShape, blocks: int, q: QuantizationConfig, work: Workload,
              device: Device, shared_hessians: list[list[str]],
-             startup_seconds: float = 15.0) -> Estimate:
+             startup_seconds: float = STARTUP_SECONDS) -> Estimate:
     """The run's quantize phase: blocks one after another (every worker on each block under
     data_parallel; one stage at a time under sequential); data-free blocks spread over the
     workers."""
@@ -303,11 +308,25 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
         v = torch.randn(4 * 2**20)
         elementwise = _rate(lambda: torch.mul(v, 1.0001), 8.0 * v.numel(), seconds / 2)
         column = _gptq_column_seconds()
+        rtn = _rtn_params_per_second(seconds)
     finally:
         torch.set_num_threads(previous)
     return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
                   fp64, elementwise, disk_bytes=1e9, network_bytes=2e9,
-                  memory_bytes=memory_bytes, column_seconds=column)
+                  memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn)
+
+
+def _rtn_params_per_second(seconds: float) -> float:
+    """The data-free path on one bf16 linear (4-bit, groups of 128, compressed-tensors)."""
+    from pipeline.config import ExportFormat
+    from pipeline.data_free import quantize_linear
+    from pipeline.formats import AffineFormat
+
+    w = torch.randn(2048, 4096).to(torch.bfloat16)
+    fmt = AffineFormat(4, 128, False)
+    return _rate(lambda: quantize_linear("m", "w.weight", w, fmt, torch.float32, torch.bfloat16,
+                                         [ExportFormat.COMPRESSED_TENSORS]),
+                 float(w.numel()), seconds / 2)
 
 
 def _gptq_column_seconds() -> float:
@@ -396,7 +415,9 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     memory = sum(v for k, v in est.memory.items() if k != "streams_on_disk")
     return {"blocks": blocks, "workers": workers, "schedule": schedule.value,
             "data_free": windows == 0, "linear_params_per_block": shape.linear_params,
-            "predicted_seconds": est.seconds, "block_seconds": est.block_seconds[0],
+            "predicted_seconds": est.seconds,
+            "predicted_quantize_phase_seconds": est.seconds - STARTUP_SECONDS,
+            "block_seconds": est.block_seconds[0],
             "memory_per_worker": est.memory, "memory_per_worker_bytes": memory,
             "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
             "device": device.to_dict()}

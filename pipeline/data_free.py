@@ -88,7 +88,7 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
             for layout in layouts:
                 exports[layout][f"{path}.{key}"] = value
             continue
-        tensors, wrapped = _quantize_linear(path, key, stored, fmt, parts.compute_dtype,
+        tensors, wrapped = quantize_linear(path, key, stored, fmt, parts.compute_dtype,
                                             dtypes[key], layouts)
         wraps += wrapped
         for layout in layouts:
@@ -104,7 +104,7 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
     return BlockResult([], [], exports, schemes, metrics)
 
 
-def _quantize_linear(path: str, key: str, stored: torch.Tensor, fmt: AffineFormat,
+def quantize_linear(path: str, key: str, stored: torch.Tensor, fmt: AffineFormat,
                      compute_dtype: torch.dtype, dtype: torch.dtype, layouts: list[ExportFormat]
                      ) -> tuple[dict[ExportFormat, dict[str, torch.Tensor]], int]:
     """One linear's tensors in every layout (full names), quantized a slice of rows at a time,
