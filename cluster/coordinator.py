@@ -522,6 +522,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                  "measure each block's output error)", config.quantization.method.value)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
+    runtime.check_cluster_address(config.cluster)  # before anything is written
     manifest = prepare_output(config, parts, plan, calib, restart)
     allocation = None
     with runtime.ray_session(config.cluster):

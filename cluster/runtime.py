@@ -6,13 +6,14 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from pipeline.config import ClusterConfig, ConfigError, Device, Schedule
+from pipeline.config import ClusterConfig, ConfigError, Device, Schedule, check_ray_address
 
 log = logging.getLogger(__name__)
 RESERVE_TIMEOUT_S = 120
@@ -32,6 +33,7 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     if not ray.is_initialized():
         address = cluster.address or os.environ.get("RAY_ADDRESS")
         if address:
+            check_cluster_address(cluster)
             log.info("connecting to Ray at %s", address)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
@@ -46,6 +48,29 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def check_cluster_address(cluster: ClusterConfig) -> None:
+    """`cluster.address`, or RAY_ADDRESS without it: well formed and answering (when Ray is not
+    already initialized in this process)."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address or ray.is_initialized():
+        return
+    field = "cluster.address" if cluster.address else "RAY_ADDRESS"
+    check_ray_address(address, field)
+    check_reachable(address, field)
+
+
+def check_reachable(address: str, field: str, timeout: float = 5.0) -> None:
+    """A head that does not answer is refused at once, not after Ray's minute of retries."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"{field}: nothing answers at {address} ({e.strerror or e}); start "
+                          "the head with `ray start --head` there, or fix the address") from e
 
 
 def plan_resources(cluster: ClusterConfig) -> Resources:

@@ -398,6 +398,20 @@ class ClusterConfig:
         allowed = ("float32", "bfloat16", "float16")
         _require(self.compute_dtype in allowed,
                  f"cluster.compute_dtype: {self.compute_dtype!r}; choose one of {', '.join(allowed)}")
+        if self.address is not None:
+            check_ray_address(self.address, "cluster.address")
+
+
+# what ray.init accepts as an address: a running cluster found on this node, a fresh local
+# one, the head's GCS (host:port) or a Ray Client server (ray://host:port)
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def check_ray_address(address: str, field: str) -> None:
+    _require(isinstance(address, str) and (address in ("auto", "local") or bool(
+        (m := _RAY_ADDRESS.match(address)) and 0 < int(m.group(3)) < 65536)),
+        f"{field}: {address!r} is not a Ray address; give auto, local, HOST:PORT (the head's "
+        "GCS, e.g. 10.0.0.1:6379) or ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.1:10001)")
 
 
 @dataclasses.dataclass(frozen=True)

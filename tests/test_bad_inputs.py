@@ -236,3 +236,24 @@ def test_nothing_is_left_behind_by_a_refusal(capsys, tmp_path, tiny_model, corpu
                                             quantization=STREAMED),
             "calibration.seq_len: 32 exceeds the model's context of 16 tokens")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("address, pattern", [
+    ("10.0.0.1", "cluster.address: '10.0.0.1' is not a Ray address"),
+    ("http://10.0.0.1:8265", "is not a Ray address"),
+    ("host:99999", "is not a Ray address"),
+    ("127.0.0.1:1", "cluster.address: nothing answers at 127.0.0.1:1"),
+])
+def test_ray_address_that_cannot_work(capsys, tmp_path, tiny_model, corpus_files, address,
+                                      pattern):
+    """A malformed address is refused by the recipe's validation; one where nothing listens,
+    before Ray spends a minute retrying."""
+    refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0],
+                                            cluster={"address": address}), pattern)
+
+
+def test_ray_address_from_the_environment_is_checked(capsys, tmp_path, tiny_model, corpus_files,
+                                                     monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0]),
+            "RAY_ADDRESS: nothing answers at 127.0.0.1:1")
