@@ -1,0 +1,155 @@
+"""Forward-only passes through the stages: perplexity (data-parallel shares or chunks pipelined
+through the stages), the FP perplexity from the user cache, and `relayquant eval`."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import ray
+import torch
+
+from cluster import runtime
+from cluster.stages import Stages, absolute, gather, progress, start_stages
+from pipeline import calibration, perplexity_cache
+from pipeline.assets import resolve_model_path
+from pipeline.config import (
+    ClusterConfig,
+    EvalConfig,
+    RunConfig,
+)
+from pipeline.peft_adapter import adapter_folder
+from pipeline.plan import make_plan, open_model
+from pipeline.streams import split_windows
+
+log = logging.getLogger(__name__)
+
+
+def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
+                      label: str, abits: int = 16, lorc: str | None = None) -> dict[str, Any]:
+    """Perplexity, forward only (with abits < 16, the quantized linears' inputs fake-quantized
+    per token; with `lorc`, that LoRA adapter folder merged into the weights). Data-parallel:
+    each worker takes a contiguous share of the windows through every block; sequential: the
+    chunks are pipelined through the stages (stage k works on chunk c while stage k+1 works on
+    chunk c-1)."""
+    start = time.perf_counter()
+    if stages.data_parallel:
+        shares = torch.tensor_split(windows, len(stages.actors))
+        parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits, lorc)
+                        for a, share in zip(stages.actors, shares, strict=True)])
+    else:
+        parts = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
+    nll = sum(p[0] for p in parts)
+    count = sum(p[1] for p in parts)
+    seconds = time.perf_counter() - start
+    log.info("eval %s: %d windows in %.1fs", label, windows.shape[0], seconds)
+    return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
+            "tokens": count, "seconds": seconds}
+
+
+def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abits: int,
+                     label: str, start: float, lorc: str | None = None
+                     ) -> list[tuple[float, int]]:
+    """Each chunk through every stage and scored on the last; all chunks submitted at once, so
+    Ray runs stage k's chunk c beside stage k+1's chunk c-1 (an actor runs its tasks in
+    submission order). Each stage keeps its blocks loaded for the pass."""
+    ids_chunks = split_windows(windows, stages.chunk_size)
+    refs = []
+    try:
+        for ids in ids_chunks:
+            h = stages.actors[0].embed_chunk.remote(model_path, ids, lorc)
+            for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
+                h = actor.forward_chunk.remote(model_path, a, b, h, abits, lorc)
+            refs.append(stages.actors[-1].score_chunk.remote(model_path, h, ids, lorc))
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
+        return ray.get(refs)
+    finally:
+        gather([a.release_blocks.remote() for a in stages.actors])
+
+
+def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Tensor],
+                      start: float) -> tuple[list[list[Any]], list[Any]]:
+    """The chunks through every stage, pipelined as in `pipelined_scores`; returns the stream
+    entering each stage and the stream leaving the last (object refs, chunk by chunk)."""
+    inputs: list[list[Any]] = [[] for _ in stages.actors]
+    stream = []
+    try:
+        for ids in ids_chunks:
+            h = stages.actors[0].embed_chunk.remote(model_path, ids)
+            for s, (actor, (a, b)) in enumerate(zip(stages.actors, stages.plan.stages,
+                                                    strict=True)):
+                inputs[s].append(h)
+                h = actor.forward_chunk.remote(model_path, a, b, h)
+            stream.append(h)
+        pending = list(stream)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            progress("sensitivity forward", len(stream) - len(pending), len(stream), start,
+                      "chunks")
+    finally:
+        gather([a.release_blocks.remote() for a in stages.actors])
+    return inputs, stream
+
+
+def evaluate_run(stages: Stages, config: RunConfig, model_path: str,
+                   windows: torch.Tensor | None) -> dict[str, Any] | None:
+    if windows is None:
+        return None
+    fp = cached_fp_perplexity(stages, model_path, windows, config.eval) if config.eval.fp \
+        else None
+    adapter = (adapter_folder(config.output) if config.quantization.lorc is not None
+               else None)
+    quant = stream_perplexity(stages, config.output, windows, "quantized",
+                              config.quantization.abits, adapter)
+    # LoRC: "quantized" is the model as it runs (with the adapter); this is without it
+    bare = (stream_perplexity(stages, config.output, windows, "quantized without lorc",
+                              config.quantization.abits) if adapter is not None else None)
+    return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
+            **({"quantized_without_lorc": bare["perplexity"]} if bare is not None else {}),
+            "corpus": config.eval.corpus, "windows": quant["windows"],
+            "seq_len": config.eval.seq_len, "tokens": quant["tokens"],
+            "fp_from_cache": fp["cache"] if fp and "cache" in fp else None,
+            "seconds": {"fp": fp["seconds"] if fp else None, "quantized": quant["seconds"]}}
+
+
+def cached_fp_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
+                         eval_config: EvalConfig) -> dict[str, Any]:
+    """The FP perplexity from the user cache when this model, these windows and this code
+    were evaluated before; computed and cached otherwise."""
+    key = perplexity_cache.cache_key(model_path, windows, eval_config.seq_len)
+    cached = perplexity_cache.read_cached(key)
+    if cached is not None:
+        log.info("eval fp: %.4f reused from %s (same model files, windows and code)",
+                 cached["perplexity"], perplexity_cache.cache_path(key))
+        return {**cached, "seconds": 0.0, "cache": perplexity_cache.cache_path(key)}
+    fp = stream_perplexity(stages, model_path, windows, "fp")
+    perplexity_cache.write_cached(key, {k: fp[k] for k in ("perplexity", "windows", "tokens")}
+                                  | {"computed_seconds": fp["seconds"]})
+    return fp
+
+
+def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,
+             abits: int = 16, lorc: bool = True) -> dict[str, Any]:
+    """`relayquant eval`: perplexity of a model folder, streamed through stage actors; with
+    its LoRC adapter (MODEL/lorc/) merged into the weights when it has one, unless `lorc` is
+    false."""
+    model_path = absolute(resolve_model_path(model_path))
+    adapter = adapter_folder(model_path) if lorc else None
+    parts = open_model(model_path, cluster.compute_dtype)
+    plan = make_plan(parts, model_path, cluster.workers)
+    windows = calibration.eval_windows_for(model_path, eval_config)
+    with runtime.ray_session(cluster):
+        stages, group = start_stages(plan, cluster)
+        try:
+            result = stream_perplexity(stages, model_path, windows, "model", abits, adapter)
+        finally:
+            runtime.release(stages.actors, group)
+    return {"model": model_path, "corpus": eval_config.corpus, "seq_len": eval_config.seq_len,
+            "lorc": adapter,
+            **result}

@@ -1,0 +1,89 @@
+"""The stage actors of one run: started on their reserved resources (joined into one process
+group under the data-parallel schedule), the blocks each owns, and waiting on their tasks."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+
+from cluster import runtime
+from cluster.stage import StageActor
+from pipeline.config import (
+    ClusterConfig,
+    Schedule,
+)
+from pipeline.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Stages:
+    plan: Plan
+    actors: list[Any]
+    chunk_size: int
+    data_parallel: bool = False
+
+    def owner(self, index: int) -> Any:
+        for actor, (start, end) in zip(self.actors, self.plan.stages, strict=True):
+            if start <= index < end:
+                return actor
+        raise IndexError(index)
+
+
+def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
+    resources = runtime.plan_resources(cluster)
+    group = runtime.reserve(resources, len(plan.stages))
+    strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    device = "cuda" if resources.gpus_per_worker else "cpu"
+    actors = [
+        StageActor.options(  # type: ignore[attr-defined]
+            num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+            scheduling_strategy=strategy(placement_group=group, placement_group_bundle_index=i),
+            name=None,
+        ).remote(i, stage, cluster.compute_dtype, resources.threads, device)
+        for i, stage in enumerate(plan.stages)
+    ]
+    log.info("placed %d blocks on %d stage(s): %s (%s per stage, device %s)", plan.num_blocks,
+             len(actors), ", ".join(f"[{a}, {b})" for a, b in plan.stages),
+             f"{resources.cpus_per_worker} CPU", device)
+    stages = Stages(plan, actors, cluster.chunk_size,
+                    cluster.resolved_schedule is Schedule.DATA_PARALLEL)
+    if stages.data_parallel:
+        try:
+            address = (ray.get(actors[0].rendezvous_address.remote()) if len(actors) > 1
+                       else None)
+            gather([a.join.remote(address, r, len(actors), cluster.activation_memory_bytes)
+                    for r, a in enumerate(actors)])
+        except BaseException:
+            runtime.release(actors, group)
+            raise
+        log.info("data_parallel: %d workers joined one process group (%s)", len(actors),
+                 "nccl" if device == "cuda" else "gloo")
+    return stages, group
+
+
+def gather(refs: list[Any]) -> list[Any]:
+    """Every result, but fail as soon as any one task fails (a dead data-parallel worker
+    leaves the others waiting in a collective: never wait for them)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
+def progress(phase: str, done: int, total: int, start: float, unit: str = "blocks") -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        elapsed = time.perf_counter() - start
+        log.info("%s: %d/%d %s, %.1fs elapsed, ~%.1fs left", phase, done, total, unit, elapsed,
+                 elapsed / done * (total - done))
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute, so stage actors in other working directories agree."""
+    return path if "://" in path else os.path.abspath(path)
