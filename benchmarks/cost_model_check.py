@@ -109,12 +109,23 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
     return rows
 
 
-def larger_than_ram_rows(devices: dict[int, Device]) -> list[dict[str, Any]]:
+def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str, Any]]:
+    """The 70B-width runs, the disk rate measured on that model's own shards when they are
+    still in `work` (`--work` of larger_than_ram.py); the P1 rate otherwise."""
+    import dataclasses
+
     from larger_than_ram import synthetic_config
+
+    from jobs.plan import local_shards
+    from pipeline.cost_model import disk_read_bytes_per_second
 
     result = _load("larger_than_ram.json")
     if not result:
         return []
+    shards = local_shards(os.path.join(work, f"llama70b-width-{result['blocks']}"))
+    device = devices[1]
+    if shards:
+        device = dataclasses.replace(device, disk_bytes=disk_read_bytes_per_second(shards))
     rows = []
     for label, run in result["runs"].items():
         seconds = (run.get("phase_seconds") or {}).get("quantize")
@@ -124,7 +135,7 @@ def larger_than_ram_rows(devices: dict[int, Device]) -> list[dict[str, Any]]:
         windows = 0 if run["method"] == "rtn" else 4
         cfg_q = load_recipe("p1-rtn-w4", {"quantization.method": run["method"],
                                           "quantization.group_size": 128}).quantization
-        r = plan_run(config, cfg_q, windows, 128, 2, Schedule.DATA_PARALLEL, None, devices[1])
+        r = plan_run(config, cfg_q, windows, 128, 2, Schedule.DATA_PARALLEL, None, device)
         rows.append(row(f"70B width {label} ({run['blocks']} blocks, 2 workers)",
                         "data_parallel", r, seconds))
     return rows
@@ -134,14 +145,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-rtn-runs", action="store_true",
                         help="skip the two P1 RTN runs (use only recorded rows)")
+    parser.add_argument("--ltr-work", default="/tmp/ltr",
+                        help="larger_than_ram.py's --work, for its model's disk rate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = resolve_model_path("asset:smollm2-135m")
     config = storage.read_json(storage.join(model, "config.json"))
     shape, _blocks, _ = model_shape(config)
-    devices = {t: measure_device(shape, 512, t, psutil.virtual_memory().total // 2)
-               for t in (1, 2)}
-    rows = p1_rows(config, devices, not args.no_rtn_runs) + larger_than_ram_rows(devices)
+    from jobs.plan import local_shards
+
+    devices = {t: measure_device(shape, 512, t, psutil.virtual_memory().total // 2,
+                                 disk_files=local_shards(model)) for t in (1, 2)}
+    rows = (p1_rows(config, devices, not args.no_rtn_runs)
+            + larger_than_ram_rows(devices, args.ltr_work))
     result = {"benchmark": "cost_model_check", "rows": rows,
               "devices": {t: d.to_dict() for t, d in devices.items()},
               "within_25_percent": [abs(r["ratio"] - 1) <= 0.25 for r in rows],

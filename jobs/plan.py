@@ -40,7 +40,17 @@ def load_cluster(path: str | None) -> Any:
         raise ConfigError(f"--cluster: {e}") from e
 
 
-def device_for(spec: Any, config: RunConfig, workers: int, shape: Any) -> Any:
+def local_shards(model_path: str) -> list[str]:
+    """The model's weight files when it is a local folder that holds them (the disk probe
+    reads a sample of them); none for a URL or a folder of config and index only."""
+    if "://" in model_path or not os.path.isdir(model_path):
+        return []
+    return [os.path.join(model_path, f) for f in sorted(os.listdir(model_path))
+            if f.endswith(".safetensors")]
+
+
+def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
+               model_path: str = "") -> Any:
     from pipeline.cost_model import PRESETS, measure_device
 
     if spec.device != "this machine":
@@ -51,7 +61,8 @@ def device_for(spec: Any, config: RunConfig, workers: int, shape: Any) -> Any:
         cores = len(os.sched_getaffinity(0))
         threads = config.cluster.threads or max(1, cores // workers)
         device = measure_device(shape, config.calibration.seq_len, threads,
-                                psutil.virtual_memory().total // workers)
+                                psutil.virtual_memory().total // workers,
+                                disk_files=local_shards(model_path))
     if spec.network_bytes_per_s:
         device = dataclasses.replace(device, network_bytes=spec.network_bytes_per_s)
     return device
@@ -73,7 +84,7 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     if workers > blocks and config.cluster.resolved_schedule.value == "sequential":
         raise ConfigError(f"cluster.workers: {workers} exceeds the model's {blocks} blocks")
     schedule = dataclasses.replace(config.cluster, workers=workers).resolved_schedule
-    device = device_for(spec, config, workers, shape)
+    device = device_for(spec, config, workers, shape, model_path)
     result = plan_run(model_config, config.quantization, config.calibration.num_samples,
                       config.calibration.seq_len, workers, schedule,
                       config.cluster.activation_memory_bytes, device)

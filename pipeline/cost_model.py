@@ -125,7 +125,11 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
     dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
     share = math.ceil(work.windows / work.workers) if dp else work.windows
     tokens = share * work.seq_len
-    load = shape.params * shape.stored_bytes_per_param / device.disk_bytes
+    # data-free workers read different blocks at once and share the node's disk; under the
+    # other schedules every worker reads the same block (the page cache serves all but one)
+    # or one stage reads at a time
+    readers = work.workers if work.windows == 0 else 1
+    load = shape.params * shape.stored_bytes_per_param * readers / device.disk_bytes
     out = {"load": load}
     quantize_weights = shape.linear_params / device.rtn_params
     if work.windows == 0:  # data-free RTN
@@ -281,7 +285,7 @@ def estimate(shape: BlockShape, blocks: int, q: QuantizationConfig, work: Worklo
 
 
 def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: int,
-                   seconds: float = 1.0) -> Device:
+                   seconds: float = 1.0, disk_files: list[str] | None = None) -> Device:
     """This machine's rates for one worker of `threads` threads, measured now on a stand-in of
     the block (its linears' shapes, causal attention, norms; random weights, one window of
     `seq_len` tokens, forward and forward + backward)."""
@@ -312,8 +316,58 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
     finally:
         torch.set_num_threads(previous)
     return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
-                  fp64, elementwise, disk_bytes=1e9, network_bytes=2e9,
+                  fp64, elementwise, disk_bytes=disk_read_bytes_per_second(disk_files),
+                  network_bytes=2e9,
                   memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn)
+
+
+def disk_read_bytes_per_second(files: list[str] | None = None, folder: str | None = None,
+                               size: int = 256 * 2**20) -> float:
+    """Read throughput past the page cache. With `files` (a local model's shards): 32 MB from
+    the middle of up to 8 of them, spread over the list, read with O_DIRECT, which is what
+    the run will see (a virtual disk may serve recently written files from the host's cache
+    and older ones at its own speed, so the sample spans the model). Without: a temporary
+    file under `folder`, flushed and dropped from the cache, read back."""
+    import mmap
+    import os
+    import tempfile
+
+    if files and hasattr(os, "O_DIRECT"):
+        chosen = [files[round(i * (len(files) - 1) / 7)] for i in range(min(8, len(files)))]
+        buffer = mmap.mmap(-1, 32 * 2**20)
+        total, seconds = 0, 0.0
+        for path in dict.fromkeys(chosen):
+            length = os.path.getsize(path)
+            if length < 2 * len(buffer):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                start = time.perf_counter()
+                total += os.preadv(fd, [buffer], (length // 2) // 4096 * 4096)
+                seconds += time.perf_counter() - start
+            finally:
+                os.close(fd)
+        if total:
+            return total / max(seconds, 1e-9)
+    fd, path = tempfile.mkstemp(prefix="relayquant-disk-", dir=folder)
+    try:
+        piece = os.urandom(1 << 20) * 64
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(max(1, size // len(piece))):
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        written = os.path.getsize(path)
+        with open(path, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            into = bytearray(len(piece))
+            start = time.perf_counter()
+            while f.readinto(into):
+                pass
+            return written / max(time.perf_counter() - start, 1e-9)
+    finally:
+        os.remove(path)
 
 
 def _rtn_params_per_second(seconds: float) -> float:
