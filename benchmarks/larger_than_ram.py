@@ -148,19 +148,24 @@ def shallower(deep: str, folder: str, blocks: int) -> int:
 # --- memory of every process ------------------------------------------------------------------
 
 def _role(p: psutil.Process, driver: int) -> str:
+    """What the process is, from its name and its current command line (Ray rewrites a
+    worker's to `ray::StageActor.method` once it hosts the actor; its start-up arguments
+    mention the raylet, so the raylet is known by its executable's name)."""
     if p.pid == driver:
         return "driver"
+    name = p.name()
+    if name in ("raylet", "gcs_server"):
+        return "raylet (object store)" if name == "raylet" else "gcs"
     try:
         cmd = " ".join(p.cmdline())
     except (psutil.Error, OSError):
-        return "gone"
-    for key, role in (("StageActor", "stage actor"), ("raylet", "raylet (object store)"),
-                      ("ray::IDLE", "ray::IDLE"),
-                      ("gcs_server", "gcs"), ("dashboard", "dashboard"),
-                      ("default_worker", "ray worker"), ("log_monitor", "ray monitor")):
+        return name
+    for key, role in (("StageActor", "stage actor"), ("ray::IDLE", "idle ray worker"),
+                      ("dashboard", "dashboard"), ("log_monitor", "ray monitor"),
+                      ("monitor.py", "ray monitor")):
         if key in cmd:
             return role
-    return p.name()
+    return name
 
 
 class MemorySampler:
@@ -172,7 +177,6 @@ class MemorySampler:
         self.period, self.stop_event = period, threading.Event()
         self.driver = psutil.Process()
         self.idle_used = self._used()
-        self.roles: dict[int, str] = {}
         self.samples: list[tuple[float, int, int, dict[str, int]]] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -186,10 +190,7 @@ class MemorySampler:
             self.sample()
 
     def _role(self, p: psutil.Process) -> str:
-        role = self.roles.get(p.pid)
-        if role is None or role in ("ray worker", "ray::IDLE"):  # pooled, may become an actor
-            role = self.roles[p.pid] = _role(p, self.driver.pid)
-        return role
+        return _role(p, self.driver.pid)  # a pooled worker may become an actor: ask each time
 
     def sample(self) -> None:
         total, by_role = 0, {}
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="GPTQ on the first N blocks (0: skip)")
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for the model and outputs")
+    parser.add_argument("--keep", nargs="*", default=[],
+                        help="runs already in --out to keep instead of redoing (rtn_deep ...)")
     parser.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(RESULTS, "larger_than_ram.json"))
     args = parser.parse_args(argv)
@@ -345,6 +348,11 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
         "checkpoint_bytes": checkpoint_bytes, "machine_ram_bytes": ram,
         "checkpoint_over_ram": checkpoint_bytes / ram, "cpus": psutil.cpu_count(),
         "build_seconds": build_seconds, "runs": {}}
+    if args.keep and os.path.exists(args.out):
+        with open(args.out) as f:
+            kept = json.load(f)
+        result["runs"] = {k: v for k, v in kept.get("runs", {}).items() if k in args.keep}
+        result.update({k: v for k, v in kept.items() if k in ("rtn_check", "build_seconds")})
     half = args.blocks // 2
     shallow = os.path.join(work, f"llama70b-width-{half}")
     if not os.path.exists(shallow):
@@ -352,6 +360,8 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
     for label, model, method, windows in (
             ("rtn_deep", deep, "rtn", args.eval_windows),
             ("rtn_half_depth", shallow, "rtn", 0)):
+        if label in result["runs"]:
+            continue
         out = os.path.join(work, f"out-{label}")
         result["runs"][label] = run(model, out, corpus, method, windows)
         if label == "rtn_deep":
@@ -393,8 +403,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         result["rtn_whole_run_peak_total_rss_over_checkpoint"] = (
             deep["memory"]["peak_total_rss_bytes"] / size)
     if "rtn_deep" in runs and "rtn_half_depth" in runs:
-        result["stage_peak_ratio_deep_over_half"] = (_stage_peak(runs["rtn_deep"])
-                                                     / _stage_peak(runs["rtn_half_depth"]))
+        # each stage's own peak (ru_maxrss) over its blocks, as its block markers report it
+        result["stage_peak_ratio_deep_over_half"] = (
+            runs["rtn_deep"]["stage_reported_peak_rss_bytes"]
+            / runs["rtn_half_depth"]["stage_reported_peak_rss_bytes"])
+        sampled = [_stage_peak(runs[k]) for k in ("rtn_deep", "rtn_half_depth")]
+        if all(sampled):
+            result["sampled_stage_peak_ratio_deep_over_half"] = sampled[0] / sampled[1]
     if "gptq" in runs:
         used = runs["gptq"]["memory"]["peak_used_above_idle_bytes"]
         result["gptq_margin_under_ram_bytes"] = result["machine_ram_bytes"] - used
