@@ -10,9 +10,10 @@ stage actor, Ray's raylet / GCS / object store) sampled twice a second:
 - RTN W4 g128 (data-free) on the whole model, then a few evaluation windows on the output;
 - the same at half the depth (the same shards, a shorter index), for the stage peak's growth
   with depth (target: deep / shallow <= 1.15);
-- GPTQ W4 g128 on a few calibration windows, over the first `--gptq-blocks` blocks (its
-  28672 x 28672 Hessian solve takes ~10-20 min per block on 2 cores; the whole 70B-width stack
-  would take hours, so the run says how many blocks it covered);
+- GPTQ W4 g128 on a few calibration windows, over the first `--gptq-blocks` blocks, on
+  min(2, blocks) workers (its 28672 x 28672 Hessian solve takes ~10-20 min per block on 2
+  cores; the whole 70B-width stack would take hours, so the run says how many blocks it
+  covered);
 - the output's codes for sampled linears against an independent RTN written here.
 
     python benchmarks/larger_than_ram.py [--blocks 17] [--gptq-blocks 2] [--work DIR]
@@ -232,7 +233,8 @@ class MemorySampler:
 
 # --- the runs ---------------------------------------------------------------------------------
 
-def run(model: str, out: str, corpus: str, method: str, eval_windows: int) -> dict[str, Any]:
+def run(model: str, out: str, corpus: str, method: str, eval_windows: int,
+        workers: int = 2) -> dict[str, Any]:
     from cluster.coordinator import quantize
     from pipeline.config import RunConfig
     from pipeline.config_tree import build_config
@@ -243,12 +245,13 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int) -> di
         "quantization": {"method": method, "bits": 4, "group_size": 128},
         "eval": {"corpus": corpus, "seq_len": 128, "max_windows": eval_windows or None,
                  "fp": False, "enabled": eval_windows > 0},
-        "cluster": {"workers": 2}})
+        "cluster": {"workers": workers}})
     start = time.perf_counter()
     with MemorySampler() as sampler:
         report = quantize(config)
     blocks = report["blocks"]
-    return {"method": method, "blocks": len(blocks), "wall_seconds": time.perf_counter() - start,
+    return {"method": method, "blocks": len(blocks), "workers": workers,
+            "wall_seconds": time.perf_counter() - start,
             "quantize_seconds": report.get("phase_seconds", {}).get("quantize"),
             "phase_seconds": report.get("phase_seconds"),
             "perplexity": (report.get("perplexity") or {}).get("quantized"),
@@ -376,7 +379,9 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
         if not os.path.exists(cut):
             shallower(deep, cut, args.gptq_blocks)
         out = os.path.join(work, "out-gptq")
-        result["runs"]["gptq"] = run(cut, out, corpus, "gptq", 0)
+        # one worker per block at most (a plan never has more workers than blocks)
+        result["runs"]["gptq"] = run(cut, out, corpus, "gptq", 0,
+                                     workers=min(2, args.gptq_blocks))
         shutil.rmtree(out, ignore_errors=True)
     return write_and_return(args.out, summarize(result))
 
