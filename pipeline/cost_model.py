@@ -53,6 +53,14 @@ class Device:
     column_seconds: float = 60e-6  # GPTQ's fixed cost per column (a few small kernels)
     # weights/s through the data-free path (read slice, min-max, codes, packing; on the host)
     rtn_params: float = 100e6
+    # FLOP/s of GPTQ's three factorizations (Cholesky, its inverse, Cholesky again: ~5/3 n^3),
+    # which run well below the matmul rate, in float64 (CPU Hessians) and float32 (wide ones)
+    cholesky64_flops: float = 5e12
+    cholesky32_flops: float = 10e12
+    # bytes/s writing a block's shard and marker (checksummed, renamed into place), and the
+    # fixed cost per block of doing so
+    write_bytes: float = 500e6
+    block_write_seconds: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,7 +138,7 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
     # or one stage reads at a time
     readers = work.workers if work.windows == 0 else 1
     load = shape.params * shape.stored_bytes_per_param * readers / device.disk_bytes
-    out = {"load": load}
+    out = {"load": load, "write": write_seconds(shape, q.bits, device)}
     quantize_weights = shape.linear_params / device.rtn_params
     if work.windows == 0:  # data-free RTN
         out["quantize"] = quantize_weights
@@ -169,10 +177,21 @@ def hessian_seconds(shape: BlockShape, tokens: int, device: Device,
 
 
 def sweep_seconds(shape: BlockShape, device: Device) -> float:
-    """GPTQ's column sweep: the error feedback (2 x rows x columns^2) and the Cholesky steps
-    (about columns^3) per linear, plus a fixed cost per column (the loop's small kernels)."""
-    return sum((2.0 * o * i * i + 2.0 * i ** 3) / _gptq_rate(device, i) + i * device.column_seconds
-               for _, o, i in shape.linears)
+    """GPTQ's column sweep: the error feedback (2 x rows x columns^2) at the matmul rate, the
+    factorizations (5/3 columns^3) at the measured Cholesky rate, per linear, plus a fixed
+    cost per column (the loop's small kernels)."""
+    def cholesky_rate(i: int) -> float:
+        return (device.cholesky64_flops if hessian_float64(device, i)
+                else device.cholesky32_flops)
+
+    return sum(2.0 * o * i * i / _gptq_rate(device, i) + 5.0 / 3.0 * i ** 3 / cholesky_rate(i)
+               + i * device.column_seconds for _, o, i in shape.linears)
+
+
+def write_seconds(shape: BlockShape, bits: int, device: Device) -> float:
+    """Writing the finished block: its packed weights (plus scales) and the marker."""
+    packed = shape.linear_params * (bits / 8 + 0.1) + (shape.params - shape.linear_params) * 2
+    return device.block_write_seconds + packed / device.write_bytes
 
 
 def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, device: Device,
@@ -313,12 +332,46 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
         elementwise = _rate(lambda: torch.mul(v, 1.0001), 8.0 * v.numel(), seconds / 2)
         column = _gptq_column_seconds()
         rtn = _rtn_params_per_second(seconds)
+        chol64 = _cholesky_flops(torch.float64, 1024, seconds / 2)
+        chol32 = _cholesky_flops(torch.float32, 2048, seconds / 2)
+        write_rate, write_fixed = _write_rates()
     finally:
         torch.set_num_threads(previous)
     return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
                   fp64, elementwise, disk_bytes=disk_read_bytes_per_second(disk_files),
                   network_bytes=2e9,
-                  memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn)
+                  memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn,
+                  cholesky64_flops=chol64, cholesky32_flops=chol32, write_bytes=write_rate,
+                  block_write_seconds=write_fixed)
+
+
+def _cholesky_flops(dtype: torch.dtype, n: int, seconds: float) -> float:
+    """GPTQ's factorizations (`pipeline.methods.gptq._inverse_factor`) on an n x n Hessian."""
+    from pipeline.methods.gptq import _inverse_factor
+
+    x = torch.randn(4 * n, n, dtype=dtype)
+    h = x.T @ x / (4 * n)
+    return _rate(lambda: _inverse_factor(h, 0.01), 5.0 / 3.0 * n ** 3, seconds)
+
+
+def _write_rates() -> tuple[float, float]:
+    """(bytes/s, fixed seconds per block) of `checkpoint.write_block`: a tiny block and a 64 MB
+    one written to a temporary output."""
+    import tempfile
+
+    from pipeline import checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="relayquant-write-") as out:
+        def timed(index: int, numel: int) -> float:
+            tensors = {"w": torch.zeros(numel, dtype=torch.int32)}
+            start = time.perf_counter()
+            checkpoint.write_block(out, index, {"": tensors}, {}, {})
+            return time.perf_counter() - start
+
+        timed(0, 1)
+        small = min(timed(1, 1), timed(2, 1))
+        large = timed(3, 16 * 2**20)
+    return 64 * 2**20 / max(large - small, 1e-6), small
 
 
 def psutil_available() -> int:
