@@ -5,8 +5,6 @@ thread count) next to the measured one, for
 - P1 data-free RTN W4, 1 and 2 workers: run here, now (about a minute each, no evaluation);
 - P1 learned (p1-signround-w3g64, 1 epoch) and GPTQ W4, 1 worker x 1 thread, 2 data-parallel
   workers x 1 thread, 1 worker x 2 threads: `benchmarks/p1_data_parallel.py`'s rows;
-- P1 GPTQ and the learned recipe at W4 g64 symmetric on 2 workers:
-  `benchmarks/p1_reconstruct.py`'s rows, where present;
 - the larger-than-RAM runs at Llama-70B width (RTN W4 g128 at full and half depth, GPTQ over
   its first blocks): `benchmarks/larger_than_ram.py`'s rows, where present.
 
@@ -100,17 +98,6 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
             rows.append(compare(config, cfg, devices[row["threads"]],
                                 f"{recipe} {row['setup']}", row["quantize_wall_seconds"],
                                 whole_run=True))
-    reconstruct = _load("p1_reconstruct.json") or {"rows": []}
-    for row in reconstruct["rows"]:
-        if row["scheme"] != "w4_g64_sym" or row["method"] == "rtn":
-            continue
-        changes = {"cluster.workers": row["workers"], "quantization.bits": 4,
-                   "quantization.group_size": 64, "quantization.symmetric": True}
-        recipe = "p1-gptq-w4" if row["method"] == "gptq" else "p1-signround-w4g64-sym"
-        cfg = load_recipe(recipe, changes)
-        # blocks run one after another on every worker: the sum of block seconds is the phase
-        rows.append(compare(config, cfg, devices[1], f"{recipe} w4 g64 sym, "
-                            f"{row['workers']} workers", row["quantize_seconds"]))
     return rows
 
 
