@@ -170,11 +170,12 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| scheme | method | PPL (292 windows) | quantize s | peak RSS MB | beats every peer |",
              "|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["scheme"], r["method"])):
-        peers = result["peers"].get(r["scheme"]) or {"none measured": float("inf")}
-        best_peer = min(peers.values())
+        peers = result["peers"].get(r["scheme"])
+        beats = ("—" if not peers else
+                 "yes" if r["perplexity"] < min(peers.values()) else "no")
         lines.append(f"| {r['scheme']} | {r['method']} | {r['perplexity']:.3f} | "
                      f"{r['quantize_seconds']:.0f} | {r['stage_peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{'yes' if r['perplexity'] < best_peer else 'no'} |")
+                     f"{beats} |")
     return "\n".join(lines)
 
 
