@@ -30,7 +30,8 @@ from jobs.recipes import load_recipe
 from pipeline import storage
 from pipeline.assets import resolve_model_path
 from pipeline.config import RunConfig, Schedule
-from pipeline.cost_model import Device, measure_device, model_shape, plan_run
+from pipeline.cost_model import Device, model_shape, plan_run
+from pipeline.device_rates import measure_device
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
@@ -109,7 +110,7 @@ def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str
     from larger_than_ram import synthetic_config
 
     from jobs.plan import local_shards
-    from pipeline.cost_model import disk_read_bytes_per_second
+    from pipeline.device_rates import disk_read_bytes_per_second
 
     result = _load("larger_than_ram.json")
     if not result:

@@ -51,7 +51,8 @@ def local_shards(model_path: str) -> list[str]:
 
 def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
                model_path: str = "") -> Any:
-    from pipeline.cost_model import PRESETS, measure_device
+    from pipeline.cost_model import PRESETS
+    from pipeline.device_rates import measure_device
 
     if spec.device != "this machine":
         device = PRESETS[spec.device]
