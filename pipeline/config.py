@@ -73,6 +73,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_module_pattern(pattern: str, where: str) -> None:
+    """A module name, or `re:` and a regular expression that must compile."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"{where}: {pattern[3:]!r} is not a valid regular expression "
+                              f"({e}); write re: followed by a Python regex matched against "
+                              "the whole module name") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
@@ -244,13 +255,7 @@ class LorcConfig:
         _require(isinstance(self.rank, int) and self.rank >= 1,
                  f"{where}.rank: {self.rank!r}; must be an integer >= 1")
         for pattern in self.targets or []:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ConfigError(f"{where}.targets: {pattern[3:]!r} is not a valid regular "
-                                      f"expression ({e}); write re: followed by a Python regex "
-                                      "matched against the whole module name") from e
+            check_module_pattern(pattern, f"{where}.targets")
         _require(self.targets is None or bool(self.targets),
                  f"{where}.targets: empty; give module names or re: patterns, or null for "
                  "every quantized linear")
@@ -289,13 +294,7 @@ class QuantizationConfig:
                  "an integer from 4 to 8")
         for pattern, change in self.overrides.items():
             where = f"quantization.overrides[{pattern!r}]"
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ConfigError(f"{where}: {pattern[3:]!r} is not a valid regular "
-                                      f"expression ({e}); write re: followed by a Python regex "
-                                      "matched against the whole module name") from e
+            check_module_pattern(pattern, where)
             if change is None:
                 continue
             _require(isinstance(change, dict), f"{where}: expected a mapping of "
