@@ -104,22 +104,18 @@ class ResidentBlocks:
         self.budget = (budget_bytes if budget_bytes is not None
                        else psutil.virtual_memory().available // 4)
         self.loads = 0
-
-    def _loaded_bytes(self, index: int) -> int:
-        block = self.blocks[index]
-        return sum(t.numel() * t.element_size()
-                   for t in [*block.parameters(), *block.buffers()])
+        self.sizes: dict[int, int] = {}  # bytes of each loaded block
 
     def block(self, index: int) -> torch.nn.Module:
         if index not in self.blocks:
-            self.blocks[index] = self.parts.load_block(index)
+            block = self.blocks[index] = self.parts.load_block(index)
             self.loads += 1
-            held = {i: self._loaded_bytes(i) for i in self.blocks}
+            self.sizes[index] = sum(t.numel() * t.element_size()
+                                    for t in [*block.parameters(), *block.buffers()])
             for oldest in list(self.blocks)[:-1]:
-                if sum(held.values()) <= self.budget:
+                if sum(self.sizes.values()) <= self.budget:
                     break
-                del self.blocks[oldest]
-                held.pop(oldest)
+                del self.blocks[oldest], self.sizes[oldest]
         return self.blocks[index]
 
     @torch.no_grad()
