@@ -35,14 +35,20 @@ from jobs.recipes import load_recipe
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
 
-# scheme: (bits, group size, symmetric, the bundled recipes' scheme suffix)
-SCHEMES = {"w4": (4, None, False, "w4"), "w3g64": (3, 64, False, "w3g64"),
-           "w2g64": (2, 64, False, "w2g64"),
-           # symmetric: what vLLM serves at 2, 3 bits (issue 19); the peers were measured at W4
-           "w4g64s": (4, 64, True, "w4"), "w3g64s": (3, 64, True, "w3g64"),
-           "w2g64s": (2, 64, True, "w2g64")}
+# scheme: (bits, group size, symmetric, the bundled recipes' scheme suffix, symmetric_range)
+SCHEMES = {"w4": (4, None, False, "w4", None), "w3g64": (3, 64, False, "w3g64", None),
+           "w2g64": (2, 64, False, "w2g64", None),
+           # symmetric: what vLLM serves at 2, 3 bits (issue 19); the peers were measured at W4.
+           # "s": scale = absmax / (2^(b-1) - 1), llm-compressor's RTN grid; "sf": absmax /
+           # 2^(b-1), every code used (AutoRound's grid, the p1-signround-*-sym recipes')
+           "w4g64s": (4, 64, True, "w4", None), "w3g64s": (3, 64, True, "w3g64", None),
+           "w2g64s": (2, 64, True, "w2g64", None),
+           "w4g64sf": (4, 64, True, "w4", "full"), "w3g64sf": (3, 64, True, "w3g64", "full"),
+           "w2g64sf": (2, 64, True, "w2g64", "full")}
 PEER_SCHEME = {"w4": "w4_pc_asym", "w3g64": "w3_g64_asym", "w2g64": "w2_g64_asym",
-               "w4g64s": "w4_g64_sym", "w3g64s": "w3_g64_sym", "w2g64s": "w2_g64_sym"}
+               "w4g64s": "w4_g64_sym", "w3g64s": "w3_g64_sym", "w2g64s": "w2_g64_sym",
+               "w4g64sf": "w4_g64_sym_full", "w3g64sf": "w3_g64_sym_full",
+               "w2g64sf": "w2_g64_sym_full"}
 # ../shared/research/p1_baselines.md (reference evaluator, 292 windows)
 PEERS = {
     "w4_pc_asym": {"rtn": 42.016, "llm-compressor gptq": 31.134, "autoround (50 iters)": 27.663},
@@ -53,6 +59,8 @@ PEERS = {
     "w3_g64_sym": {},  # no peer measured
     "w2_g64_sym": {},
 }
+for _name in ("w4_g64_sym", "w3_g64_sym", "w2_g64_sym"):  # the same scheme on the full grid
+    PEERS[_name + "_full"] = PEERS[_name]
 SIGNROUND = {"quantization.omniquant.rounding": "learned",
              "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
              "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}
@@ -89,12 +97,13 @@ TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signrou
 
 
 def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
-    bits, group, symmetric, recipe_scheme = SCHEMES[scheme]
+    bits, group, symmetric, recipe_scheme, symmetric_range = SCHEMES[scheme]
     recipe, changes = VARIANTS[variant]
     config = load_recipe(recipe.format(scheme=recipe_scheme), {
         **changes, "output": os.path.join(work, f"{scheme}-{variant}"),
         "cluster.workers": workers, "quantization.bits": bits, "quantization.group_size": group,
-        "quantization.symmetric": symmetric, "eval.fp": fp})
+        "quantization.symmetric": symmetric, "quantization.symmetric_range": symmetric_range,
+        "eval.fp": fp})
     start = time.perf_counter()
     report = quantize(config)
     ppl = report["perplexity"]
@@ -102,7 +111,8 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dic
     omni = config.quantization.omniquant
     return {
         "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=recipe_scheme),
-        "symmetric": symmetric,
+        "symmetric": symmetric, "symmetric_range": config.quantization.symmetric_range or
+        ("restricted" if symmetric else None),
         "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,
                       "let": omni.let, "lwc_lr": omni.lwc_lr, "let_lr": omni.let_lr,
                       "aug_loss": omni.aug_loss, "rounding": omni.rounding.value,

@@ -12,7 +12,6 @@ from pipeline import storage
 from pipeline.allocation import Allocation, Unit, allocate, allocate_options
 from pipeline.compensation import model_bits
 from pipeline.config import ConfigError, Distortion, QuantizationConfig
-from pipeline.formats import AffineFormat
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts
 from pipeline.plot import bars_png
@@ -72,7 +71,8 @@ def weight_errors(parts: ModelParts, blocks: tuple[int, int], quantization: Quan
             scale_dtype = dtype if dtype.is_floating_point else torch.float32
             out[linear] = {
                 option_key(bits, group): float(
-                    (rtn_quantize(w, AffineFormat(bits, group, fmt.symmetric), scale_dtype)[0]
+                    (rtn_quantize(w, dataclasses.replace(fmt, bits=bits, group_size=group),
+                                  scale_dtype)[0]
                      - w).double().pow(2).sum())
                 for bits, group in unit_options(linear, quantization)}
     return out

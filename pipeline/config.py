@@ -106,6 +106,7 @@ class CalibrationConfig:
 
 
 OVERRIDE_KEYS = ("bits", "group_size", "symmetric")
+SYMMETRIC_RANGES = (None, "restricted", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,10 @@ class QuantizationConfig:
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = False
+    # symmetric grids: null (or "restricted"): scale = absmax / (2^(b-1) - 1), the largest
+    # weight exact and code -2^(b-1) unused (llm-compressor's RTN); "full": scale =
+    # absmax / 2^(b-1), every code used (AutoRound's; 4 levels instead of 3 at 2 bits)
+    symmetric_range: str | None = None
     # per-linear exceptions, first match wins: exact module name or `re:` regex -> a mapping
     # of the keys to change (bits, group_size, symmetric), or null to keep it in full precision
     overrides: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
@@ -286,6 +291,11 @@ class QuantizationConfig:
     lorc: LorcConfig | None = None
 
     def __post_init__(self) -> None:
+        _require(self.symmetric_range in SYMMETRIC_RANGES,
+                 f"quantization.symmetric_range: {self.symmetric_range!r} is not allowed; choose "
+                 "restricted (or null) or full")
+        if self.symmetric_range == "restricted":  # the default's explicit name
+            object.__setattr__(self, "symmetric_range", None)
         _require(self.lorc is None or not self.lorc.count_in_budget
                  or self.budget.average_bits is not None,
                  "quantization.lorc.count_in_budget: needs quantization.budget.average_bits")

@@ -34,22 +34,6 @@ class MemoryStore:
         return handle
 
 
-class DiskStore:
-    """Chunks written to files under `folder`; the handle is the file path."""
-
-    def __init__(self, folder: str | None = None):
-        self.folder = folder or tempfile.mkdtemp(prefix="relayquant-stream-")
-        os.makedirs(self.folder, exist_ok=True)
-
-    def put(self, chunk: torch.Tensor) -> str:
-        path = os.path.join(self.folder, f"{uuid.uuid4().hex}.pt")
-        torch.save(chunk.contiguous(), path)
-        return path
-
-    def get(self, handle: str) -> torch.Tensor:
-        return torch.load(handle, weights_only=True)
-
-
 @dataclasses.dataclass
 class SpillStats:
     """What a `BudgetStore` did: bytes it holds now and at most, bytes it spilled and read."""
@@ -98,17 +82,26 @@ class BudgetStore:
 
     def __init__(self, limit_bytes: int, folder: str | None = None):
         self.limit = limit_bytes
-        self.folder = folder or tempfile.mkdtemp(prefix="relayquant-spill-")
-        os.makedirs(self.folder, exist_ok=True)
-        self.stats = SpillStats()
-        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._given_folder = folder
+        self.folder: str | None = None  # made at the first spill: a store that never spills
+        self.stats = SpillStats()       # leaves nothing on disk, even if its process is killed
+
+    def _spill_folder(self) -> str:
+        if self.folder is None:
+            if self._given_folder:
+                os.makedirs(self._given_folder, exist_ok=True)
+                self.folder = self._given_folder
+            else:
+                self.folder = tempfile.mkdtemp(prefix="relayquant-spill-")
+            weakref.finalize(self, shutil.rmtree, self.folder, True)
+        return self.folder
 
     def put(self, chunk: torch.Tensor) -> Held | Spilled:
         chunk = chunk.detach()
         nbytes = chunk.numel() * chunk.element_size()
         if self.stats.held + nbytes <= self.limit:
             return Held(chunk, self.stats)
-        path = os.path.join(self.folder, f"{uuid.uuid4().hex}.safetensors")
+        path = os.path.join(self._spill_folder(), f"{uuid.uuid4().hex}.safetensors")
         self.stats.spilled += storage.write_scratch_tensor(path, chunk.cpu())
         self.stats.spilled_chunks += 1
         return Spilled(path, nbytes)

@@ -33,6 +33,30 @@ def test_symmetric_known_answer():
     assert quantize(w, qp, fmt).tolist() == [[-3, -1, 1, 3]]
 
 
+def test_full_range_symmetric_uses_every_code():
+    # AutoRound's grid: scale = absmax / 2^(b-1); at 2 bits four levels {-2, -1, 0, 1} * 1.5
+    w = torch.tensor([[-3.0, -1.4, 1.6, 3.0]])
+    fmt = AffineFormat(bits=2, symmetric=True, full_range=True)
+    qp = choose_qparams(w, fmt)
+    assert qp.scale.item() == pytest.approx(1.5)
+    assert quantize(w, qp, fmt).tolist() == [[-2, -1, 1, 1]]  # +3.0 clipped to the top code
+    restricted = AffineFormat(bits=2, symmetric=True)  # three levels {-1, 0, 1} * 3
+    assert quantize(w, choose_qparams(w, restricted), restricted).tolist() == [[-1, 0, 1, 1]]
+    assert restricted == fmt  # same stored layout
+
+
+def test_symmetric_range_reaches_the_format_from_the_recipe():
+    from pipeline.config import ConfigError, QuantizationConfig
+    from pipeline.schemes import format_for
+    full = QuantizationConfig(bits=3, symmetric=True, symmetric_range="full")
+    assert format_for("model.layers.0.mlp.up_proj", full).scale_divisor == 4
+    explicit = QuantizationConfig(bits=3, symmetric=True, symmetric_range="restricted")
+    assert explicit.symmetric_range is None  # the default, by its name
+    assert format_for("x", explicit).scale_divisor == 3
+    with pytest.raises(ConfigError, match="quantization.symmetric_range: 'wide'.*full"):
+        QuantizationConfig(symmetric_range="wide")
+
+
 def test_positive_only_row_keeps_zero_exact():
     w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # min clamped to 0
     fmt = AffineFormat(bits=2)

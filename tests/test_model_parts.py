@@ -6,7 +6,7 @@ import torch
 
 from pipeline import block_pass
 from pipeline.plan import open_model
-from pipeline.streams import DiskStore, MemoryStore, split_windows
+from pipeline.streams import BudgetStore, MemoryStore, split_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_streamed_perplexity_equals_transformers(tiny_model, arch, tmp_path):
     path = tiny_model(arch)
     windows = torch.randint(0, 320, (7, 48), generator=torch.Generator().manual_seed(1))
     ref, n_ref = reference_nll(path, windows)
-    for store in (MemoryStore(), DiskStore(str(tmp_path / "stream"))):
+    for store in (MemoryStore(), BudgetStore(0, str(tmp_path / "stream"))):
         nll, n = streamed_nll(path, windows, store)
         assert n == n_ref
         assert math.exp(nll / n) == pytest.approx(math.exp(ref / n_ref), rel=1e-5)

@@ -30,3 +30,16 @@ def test_zero_budget_keeps_everything_on_disk(tmp_path):
     h = store.put(x)
     assert isinstance(h, Spilled) and store.get(h).dtype == torch.bfloat16
     assert torch.equal(store.get(h), x)
+
+
+def test_a_store_that_never_spills_leaves_no_folder(tmp_path, monkeypatch):
+    # actors are killed without running finalizers: a folder made up front would stay behind
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = BudgetStore(10_000)
+    store.put(torch.ones(10, 10))
+    assert os.listdir(tmp_path) == []
+    kept = store.put(torch.ones(60, 60))  # 14.4 kB: over the budget
+    (spill,) = os.listdir(tmp_path)
+    assert spill.startswith("relayquant-spill-")
+    del store, kept
+    assert os.listdir(tmp_path) == []

@@ -3,7 +3,10 @@
 
 Asymmetric: q in [0, 2^b - 1], scale = (max - min) / (2^b - 1) with min clamped to <= 0 and max
 to >= 0 (so 0.0 is exact, as in the GPTQ reference quantizer), zero_point = round(-min / scale).
-Symmetric: q in [-2^(b-1), 2^(b-1) - 1], scale = absmax / (2^(b-1) - 1), zero_point = 0.
+Symmetric: q in [-2^(b-1), 2^(b-1) - 1], zero_point = 0, and scale = absmax / (2^(b-1) - 1)
+(the largest weight exact, code -2^(b-1) unused: llm-compressor's RTN grid) or, with
+`full_range`, absmax / 2^(b-1) (every code used, the positive extreme clipped by one step:
+AutoRound's grid). The scale is stored, so readers never need to know which.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ class AffineFormat:
     bits: int
     group_size: int | None = None  # None: one group per output channel
     symmetric: bool = False
+    # symmetric only: scale = absmax / 2^(b-1) instead of absmax / (2^(b-1) - 1). Not part of
+    # equality: the stored layout (codes, scales) is the same either way.
+    full_range: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -33,6 +39,13 @@ class AffineFormat:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def scale_divisor(self) -> int:
+        """What the clipping range (absmax when symmetric, max - min otherwise) is divided by."""
+        if self.symmetric and self.full_range:
+            return 2 ** (self.bits - 1)
+        return self.qmax
 
     def groups(self, in_features: int) -> int:
         if self.group_size is None:
@@ -60,7 +73,7 @@ def choose_qparams(w: torch.Tensor, fmt: AffineFormat) -> QuantParams:
     """Min-max parameters for a [out, in] weight."""
     x = _grouped(w, fmt)
     if fmt.symmetric:
-        scale = (x.abs().amax(-1) / fmt.qmax).clamp(min=_MIN_SCALE)
+        scale = (x.abs().amax(-1) / fmt.scale_divisor).clamp(min=_MIN_SCALE)
         return QuantParams(scale, torch.zeros_like(scale))
     lo = x.amin(-1).clamp(max=0)
     hi = x.amax(-1).clamp(min=0)

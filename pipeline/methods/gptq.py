@@ -117,7 +117,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: AffineFormat
     if group is not None:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
     codes = torch.zeros_like(w)
-    one_group = AffineFormat(fmt.bits, None, fmt.symmetric)
+    one_group = dataclasses.replace(fmt, group_size=None)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         w1 = w[:, i1:i2].clone()

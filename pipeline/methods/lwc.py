@@ -85,7 +85,7 @@ class ClippingFactors(nn.Module):
         hi = x.amax(-1).clamp(min=0) * up
         lo = x.amin(-1).clamp(max=0) * low
         if fmt.symmetric:
-            scale = (torch.maximum(hi, -lo) / fmt.qmax).clamp(min=_MIN_SCALE)
+            scale = (torch.maximum(hi, -lo) / fmt.scale_divisor).clamp(min=_MIN_SCALE)
             return scale, torch.zeros_like(scale).detach()
         scale = ((hi - lo) / fmt.qmax).clamp(min=_MIN_SCALE)
         return scale, torch.round(-lo / scale).detach()
