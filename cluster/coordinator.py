@@ -212,10 +212,12 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     config = dataclasses.replace(config, output=absolute(config.output))
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
+    parts.check_shapes()
     formats = validate_schemes(parts, config.quantization, config.export.formats)
     if config.quantization.lorc is not None:
-        compensation.require_targets_match(config.quantization.lorc,
-                                           [n for n, f in formats.items() if f is not None])
+        compensation.require_targets_match(config.quantization.lorc, {
+            n: tuple(parts.meta.get_submodule(n).get_parameter("weight").shape)
+            for n, f in formats.items() if f is not None})
     if config.quantization.budget.average_bits is not None:
         budget.check_feasible(parts, config.quantization)
         if config.quantization.budget.sensitivity_from is not None:

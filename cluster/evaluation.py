@@ -142,6 +142,7 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,
     model_path = absolute(resolve_model_path(model_path))
     adapter = adapter_folder(model_path) if lorc else None
     parts = open_model(model_path, cluster.compute_dtype)
+    parts.check_shapes()
     plan = make_plan(parts, model_path, cluster.workers)
     windows = calibration.eval_windows_for(model_path, eval_config)
     with runtime.ray_session(cluster):

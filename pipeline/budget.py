@@ -99,7 +99,7 @@ def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
     the units' sizes and side information are known from the config."""
     b = quantization.budget
     assert b.average_bits is not None
-    total = cost = 0.0
+    total = cost = widest = 0.0
     for i in range(parts.num_blocks):
         for name in parts.adapter.linears:
             linear = f"{parts.block_path(i)}.{name}"
@@ -112,9 +112,11 @@ def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
                     f"quantization.budget.group_sizes: {bad[0]} does not divide in_features "
                     f"{weight.shape[1]} of {linear}; use group sizes that divide every "
                     "quantized linear's in_features, or null for per-channel")
+            costs = [option_cost(parts, linear, quantization, bits, group)
+                     for bits, group in unit_options(linear, quantization)]
             total += weight.numel()
-            cost += weight.numel() * min(option_cost(parts, linear, quantization, bits, group)
-                                         for bits, group in unit_options(linear, quantization))
+            cost += weight.numel() * min(costs)
+            widest += weight.numel() * max(costs)
     lorc = lorc_bits(parts, quantization)
     if total and b.average_bits < cost / total + lorc - 1e-12:
         raise ConfigError(
@@ -123,6 +125,13 @@ def check_feasible(parts: ModelParts, quantization: QuantizationConfig) -> None:
             f"{' plus scales and zero points' if b.count_side_info else ''}"
             f"{' plus the LoRC adapter' if lorc else ''}) costs: at least "
             f"{cost / total + lorc:.4f} bits per weight")
+    if total and b.average_bits > widest / total + lorc + 1e-12:
+        raise ConfigError(
+            f"quantization.budget.average_bits: {b.average_bits} is above what the widest "
+            f"choice ({max(b.choices)} bits{' with side information' if b.count_side_info else ''}"
+            f"{' plus the LoRC adapter' if lorc else ''}) costs, {widest / total + lorc:.4f} bits "
+            "per weight: the budget would constrain nothing; give at most that, or drop the "
+            f"budget and set quantization.bits: {max(b.choices)}")
 
 
 def lorc_bits(parts: ModelParts, quantization: QuantizationConfig) -> float:

@@ -31,7 +31,10 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
     """The corpus as one string; records are joined with a blank line."""
     if ":" in spec and spec.split(":", 1)[0] in assets.CORPORA:
         name, split = spec.split(":", 1)
-        path = assets.corpus_file(name, split)
+        try:
+            path = assets.corpus_file(name, split)
+        except ConfigError as e:
+            raise ConfigError(f"{field}: {e}") from e
         if not os.path.exists(path):
             raise ConfigError(f"{field}: {spec} is not prepared yet; run `relayquant assets prepare`")
         return open(path, encoding="utf-8").read()
@@ -41,7 +44,12 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
     if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES:
         raise ConfigError(f"{field}: {spec!r} is not a known corpus; use sotu:train, sotu:test, "
                           "dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL")
-    if not storage.exists(spec):
+    try:
+        found = storage.exists(spec)
+    except (ValueError, ImportError) as e:  # fsspec: unknown protocol, or its package missing
+        raise ConfigError(f"{field}: cannot open {spec!r} ({e}); give a local file or an "
+                          "fsspec URL whose filesystem is installed") from e
+    if not found:
         raise ConfigError(f"{field}: {spec!r} does not exist")
     try:
         raw = storage.read_bytes(spec)

@@ -47,15 +47,23 @@ def is_target(name: str, lorc: LorcConfig) -> bool:
                for p in lorc.targets)
 
 
-def require_targets_match(lorc: LorcConfig, quantized: list[str]) -> None:
-    """A target that names no quantized linear is a typo, not a no-op."""
+def require_targets_match(lorc: LorcConfig, quantized: dict[str, tuple[int, int]]) -> None:
+    """A target that names no quantized linear is a typo, not a no-op; and the rank fits
+    every targeted linear (`quantized`: full name -> (out_features, in_features))."""
+    names = list(quantized)
     for pattern in lorc.targets or []:
-        if not any(is_target(n, LorcConfig(targets=[pattern])) for n in quantized):
-            example = quantized[0] if quantized else "(none)"
+        if not any(is_target(n, LorcConfig(targets=[pattern])) for n in names):
+            example = names[0] if names else "(none)"
             raise ConfigError(f"quantization.lorc.targets: {pattern!r} matches none of this "
-                              f"model's {len(quantized)} quantized linears (e.g. {example}); give "
+                              f"model's {len(names)} quantized linears (e.g. {example}); give "
                               "an exact module name or re: and a regex matched against the "
                               "whole name")
+    for name, shape in quantized.items():
+        if is_target(name, lorc) and lorc.rank > min(shape):
+            raise ConfigError(f"quantization.lorc.rank: {lorc.rank} exceeds the smaller side of "
+                              f"{name} ({shape[0]} x {shape[1]}); a correction of that rank is "
+                              f"no smaller than the weight: use at most {min(shape)}, or leave "
+                              "that linear out of quantization.lorc.targets")
 
 
 def storage_dtype(lorc: LorcConfig, weight_dtype: torch.dtype) -> torch.dtype:

@@ -439,6 +439,12 @@ class RunConfig:
         _require(ExportFormat.FAKE_QUANT_LORC not in self.export.formats
                  or self.quantization.lorc is not None,
                  "export.formats: fake_quant_lorc needs quantization.lorc (the factors it folds)")
+        omni = self.quantization.omniquant
+        _require(self.quantization.method is not Method.OMNIQUANT
+                 or omni.batch_size <= self.calibration.num_samples,
+                 f"quantization.omniquant.batch_size: {omni.batch_size} exceeds "
+                 f"calibration.num_samples {self.calibration.num_samples}; a step cannot take "
+                 "more windows than there are (lower it, or calibrate on more windows)")
         if self.export.target is ExportTarget.VLLM:
             _require_vllm_schemes(self.quantization)
 

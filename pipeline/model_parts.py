@@ -98,6 +98,24 @@ class ModelParts:
             out[key] = found
         return out
 
+    def check_shapes(self) -> None:
+        """config.json and the stored tensors describe the same model (headers only, no
+        weights read): otherwise the first block would fail to load minutes into a run."""
+        paths = [*self.adapter.embed_modules,
+                 *(self.block_path(i) for i in range(self.num_blocks)),
+                 *self.adapter.head_modules]
+        for path in paths:
+            if not self.has_module(path):
+                continue
+            expected = {k: tuple(v.shape) for k, v in self.meta.get_submodule(path).state_dict().items()}
+            for key, name in self.tensor_names(path).items():
+                stored = tuple(self.reader.entries[name].shape)
+                if stored != expected[key]:
+                    raise ConfigError(
+                        f"model.path: tensor {name} has shape {list(stored)} in the checkpoint, "
+                        f"but config.json makes {path}.{key} {list(expected[key])}; the config "
+                        "and the weights are of different models")
+
     def packed_tensor_names(self, path: str) -> dict[str, list[str]]:
         """Weight key -> the packed tensors it is read from, for packed linears under `path`."""
         out = {}

@@ -215,6 +215,10 @@ class CheckpointReader:
         self.folder = folder.rstrip("/")
         config_path = join(self.folder, "config.json")
         if config is None and not exists(config_path):
+            if exists(join(self.folder, "manifest.json")):
+                raise ConfigError(f"model.path: {folder!r} is an unfinished relayquant run (a "
+                                  "manifest, no config.json yet); finish it with relayquant "
+                                  "quantize (it resumes), or give a finished output or a model")
             raise ConfigError(f"model.path: no config.json in {folder!r}; give a Hugging Face "
                               "model folder (config.json + safetensors) or its fsspec URL")
         if config is None:

@@ -115,15 +115,42 @@ def test_model_without_a_tokenizer(capsys, tmp_path, tiny_model, corpus_files):
 
 
 def test_tokenizer_of_another_model(capsys, tmp_path, tiny_model, corpus_files):
+    from tiny_models import build_tokenizer
+
+    model = copied_model(tiny_model, tmp_path)
+    for name in os.listdir(model):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            os.remove(os.path.join(model, name))
+    build_tokenizer(model, 600)  # the model's embedding has 320 rows
+    refused(capsys, tmp_path, ["eval", "--model", model, "--corpus", corpus_files[1],
+                               "--seq-len", "32"],
+            "but config.json's vocab_size is 320; the tokenizer files must be the model's own")
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"hidden_size": 128}, "tensor model.embed_tokens.weight has shape [320, 64] in the "
+                           "checkpoint, but config.json makes model.embed_tokens.weight [320, 128]"),
+    ({"intermediate_size": 96}, "but config.json makes model.layers.0.mlp.gate_proj.weight [96, 64]"),
+    ({"num_hidden_layers": 6}, "tensor model.layers.4.self_attn.q_proj.weight is missing"),
+])
+def test_config_of_another_model_than_the_weights(capsys, tmp_path, tiny_model, corpus_files,
+                                                  change, pattern):
+    # refused from the shard headers, before any block is read
     model = copied_model(tiny_model, tmp_path)
     with open(os.path.join(model, "config.json")) as f:
         config = json.load(f)
-    config["vocab_size"] = 100  # the tiny tokenizer has 320 tokens
     with open(os.path.join(model, "config.json"), "w") as f:
-        json.dump(config, f)
-    refused(capsys, tmp_path, ["eval", "--model", model, "--corpus", corpus_files[1],
-                               "--seq-len", "32"],
-            "but config.json's vocab_size is 100; the tokenizer files must be the model's own")
+        json.dump({**config, **change}, f)
+    line = refused(capsys, tmp_path, quantize_args(tmp_path, model, corpus_files[0]), pattern)
+    assert line.startswith("relayquant: error: model.path:")
+
+
+def test_eval_of_an_unfinished_run(capsys, tmp_path, corpus_files):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "manifest.json").write_text("{}")
+    refused(capsys, tmp_path, ["eval", "--model", str(half), "--corpus", corpus_files[1]],
+            f"model.path: '{half}' is an unfinished relayquant run")
 
 
 def test_model_url_with_an_unknown_protocol(capsys, tmp_path, corpus_files):
@@ -181,7 +208,34 @@ def test_recipe_that_cannot_be_read(capsys, tmp_path, kind):
     refused(capsys, tmp_path, ["quantize", "--config", str(path)], pattern)
 
 
+@pytest.mark.parametrize("sections,pattern", [
+    ({"quantization": {"method": "omniquant", "omniquant": {"batch_size": 8}}},
+     "quantization.omniquant.batch_size: 8 exceeds calibration.num_samples 4"),
+    ({"quantization": {"method": "gptq", "lorc": {"rank": 65}}},
+     "quantization.lorc.rank: 65 exceeds the smaller side of model.layers.0.self_attn.q_proj "
+     "(64 x 64)"),
+    ({"quantization": {"bits": 4, "budget": {"average_bits": 9}}},
+     "quantization.budget.average_bits: 9.0 is above what the widest choice (8 bits) costs"),
+    ({"quantization": {"bits": 4, "symmetric": True, "symmetric_range": "wide"}},
+     "quantization.symmetric_range: 'wide' is not allowed; choose restricted (or null) or full"),
+])
+def test_settings_the_model_or_the_data_cannot_take(capsys, tmp_path, tiny_model, corpus_files,
+                                                    sections, pattern):
+    refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0],
+                                            **sections), pattern)
+
+
 # corpora
+
+@pytest.mark.parametrize("spec,pattern", [
+    ("sotu:nope", "calibration.corpus: corpus sotu:nope is not known; known: sotu:train"),
+    ("nosuchproto://bucket/train.txt", "calibration.corpus: cannot open "
+                                       "'nosuchproto://bucket/train.txt' (Protocol not known"),
+])
+def test_corpus_name_or_url_that_cannot_be_opened(capsys, tmp_path, tiny_model, spec, pattern):
+    refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), spec,
+                                            quantization=STREAMED), pattern)
+
 
 @pytest.mark.parametrize("name,content,pattern", [
     ("empty.txt", b"", ("calibration.corpus: too short: 0 tokens, but num_samples 4 x "

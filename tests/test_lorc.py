@@ -160,8 +160,18 @@ def test_targets_must_name_a_quantized_linear():
     lorc = quantization(lorc={"targets": ["model.layers.0.mlp.up_proj", "re:.*nope"]}).lorc
     with pytest.raises(ConfigError, match=r"quantization.lorc.targets: 're:.\*nope' matches "
                                           "none of this model's 2 quantized linears"):
-        compensation.require_targets_match(lorc, ["model.layers.0.mlp.up_proj",
-                                                  "model.layers.0.mlp.down_proj"])
+        compensation.require_targets_match(lorc, {"model.layers.0.mlp.up_proj": (128, 64),
+                                                  "model.layers.0.mlp.down_proj": (64, 128)})
+
+
+@pytest.mark.unit
+def test_rank_must_fit_every_targeted_linear():
+    lorc = quantization(lorc={"rank": 65}).lorc
+    shapes = {"model.layers.0.mlp.up_proj": (128, 64), "model.layers.0.mlp.down_proj": (64, 128)}
+    with pytest.raises(ConfigError, match=r"quantization.lorc.rank: 65 exceeds the smaller side "
+                                          r"of model.layers.0.mlp.up_proj \(128 x 64\)"):
+        compensation.require_targets_match(lorc, shapes)
+    compensation.require_targets_match(quantization(lorc={"rank": 64}).lorc, shapes)
 
 
 # --- a block: the quantized stream goes through Ŵ + B·A ---------------------------------------
