@@ -232,6 +232,10 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                  "measure each block's output error)", config.quantization.method.value)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
+    if config.eval.enabled and config.eval.corpus == config.calibration.corpus:
+        log.warning("eval.corpus is the calibration corpus (%s): perplexity on the text the "
+                    "method was fitted to flatters it; evaluate on held-out text",
+                    config.eval.corpus)
     runtime.check_cluster_address(config.cluster)  # before anything is written
     manifest = prepare_output(config, parts, plan, calib, restart)
     allocation = None

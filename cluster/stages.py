@@ -86,4 +86,4 @@ def progress(phase: str, done: int, total: int, start: float, unit: str = "block
 
 def absolute(path: str) -> str:
     """Local paths made absolute, so stage actors in other working directories agree."""
-    return path if "://" in path else os.path.abspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))

@@ -1,6 +1,7 @@
 """YAML recipes and `--set key.path=value` overrides to a typed `RunConfig`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -54,4 +55,21 @@ def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> RunConfig
         raise ConfigError(f"--config: cannot read {path} ({e.strerror}); give a YAML file") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections")
-    return build_config(RunConfig, apply_overrides(data, overrides or {}))
+    return expand_home(build_config(RunConfig, apply_overrides(data, overrides or {})))
+
+
+def expand_home(config: RunConfig) -> RunConfig:
+    """`~/...` in a local path means the home folder, as in a shell (a YAML value is never
+    expanded by one): otherwise `output: ~/runs/x` makes a folder named `~` here."""
+    def expand(path: str | None) -> str | None:
+        return os.path.expanduser(path) if path and path.startswith("~") else path
+
+    budget = config.quantization.budget
+    return dataclasses.replace(
+        config, output=expand(config.output),
+        model=dataclasses.replace(config.model, path=expand(config.model.path)),
+        calibration=dataclasses.replace(config.calibration,
+                                        corpus=expand(config.calibration.corpus)),
+        eval=dataclasses.replace(config.eval, corpus=expand(config.eval.corpus)),
+        quantization=dataclasses.replace(config.quantization, budget=dataclasses.replace(
+            budget, sensitivity_from=expand(budget.sensitivity_from))))

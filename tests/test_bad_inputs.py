@@ -311,3 +311,19 @@ def test_ray_address_from_the_environment_is_checked(capsys, tmp_path, tiny_mode
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0]),
             "RAY_ADDRESS: nothing answers at 127.0.0.1:1")
+
+
+def test_home_in_recipe_paths_is_the_home_folder(capsys, tmp_path, tiny_model, corpus_files,
+                                                 monkeypatch):
+    # a YAML value is never expanded by a shell: `output: ~/runs/x` must not make a folder `~`
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, tmp_path, quantize_args(tmp_path, "~/models/none", corpus_files[0]),
+            f"model.path: '{tmp_path}/home/models/none' does not exist")
+    from jobs.recipes import load_recipe
+    config = load_recipe(write_recipe(tmp_path, "~/m", "~/c.txt", output="~/runs/x",
+                                      eval={"corpus": "~/e.txt"}))
+    home = str(tmp_path / "home")
+    assert (config.output, config.model.path) == (f"{home}/runs/x", f"{home}/m")
+    assert (config.calibration.corpus, config.eval.corpus) == (f"{home}/c.txt", f"{home}/e.txt")
+    assert not os.path.exists(tmp_path / "~")
