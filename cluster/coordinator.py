@@ -273,6 +273,7 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
+    report["stages"] = stages.places  # which node and process held which blocks
     if any("workers" in m["metrics"] for m in markers):
         report["workers"] = worker_summary(markers)
     if allocation is not None:

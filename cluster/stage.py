@@ -134,6 +134,12 @@ class StageActor:
     def peak_rss_bytes(self) -> int:
         return block_pass.peak_rss_bytes()
 
+    def place(self) -> dict[str, Any]:
+        """Where this stage runs (for the report: which node holds which blocks)."""
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname(), "pid": os.getpid()}
+
     # --- the data-parallel schedule: this actor is one worker of all blocks ----------------------
 
     def rendezvous_address(self) -> str:

@@ -27,6 +27,7 @@ class Stages:
     actors: list[Any]
     chunk_size: int
     data_parallel: bool = False
+    places: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def owner(self, index: int) -> Any:
         for actor, (start, end) in zip(self.actors, self.plan.stages, strict=True):
@@ -53,6 +54,13 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
              f"{resources.cpus_per_worker} CPU", device)
     stages = Stages(plan, actors, cluster.chunk_size,
                     cluster.resolved_schedule is Schedule.DATA_PARALLEL)
+    try:
+        stages.places = [{"stage": i, "blocks": list(blocks), **place} for i, (blocks, place) in
+                         enumerate(zip(plan.stages, gather([a.place.remote() for a in actors]),
+                                       strict=True))]
+    except BaseException:
+        runtime.release(actors, group)
+        raise
     if stages.data_parallel:
         try:
             address = (ray.get(actors[0].rendezvous_address.remote()) if len(actors) > 1
