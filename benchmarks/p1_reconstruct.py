@@ -96,21 +96,33 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]
 
 
-def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+def row_recipe(scheme: str, variant: str) -> tuple[str, dict[str, Any]]:
+    """The bundled recipe a row starts from and the recipe keys it changes (the scheme's and
+    the variant's; not output, workers or eval.fp, which do not change the result)."""
     bits, group, symmetric, recipe_scheme, symmetric_range = SCHEMES[scheme]
     recipe, changes = VARIANTS[variant]
-    config = load_recipe(recipe.format(scheme=recipe_scheme), {
-        **changes, "output": os.path.join(work, f"{scheme}-{variant}"),
-        "cluster.workers": workers, "quantization.bits": bits, "quantization.group_size": group,
-        "quantization.symmetric": symmetric, "quantization.symmetric_range": symmetric_range,
-        "eval.fp": fp})
+    return recipe.format(scheme=recipe_scheme), {
+        **changes, "quantization.bits": bits, "quantization.group_size": group,
+        "quantization.symmetric": symmetric, "quantization.symmetric_range": symmetric_range}
+
+
+def scheme_key(row: dict[str, Any]) -> str:
+    """SCHEMES' key of a stored row (rows store the peers' scheme name)."""
+    return next(k for k, v in PEER_SCHEME.items() if v == row["scheme"])
+
+
+def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+    symmetric = SCHEMES[scheme][2]
+    recipe, changes = row_recipe(scheme, variant)
+    config = load_recipe(recipe, {**changes, "output": os.path.join(work, f"{scheme}-{variant}"),
+                                  "cluster.workers": workers, "eval.fp": fp})
     start = time.perf_counter()
     report = quantize(config)
     ppl = report["perplexity"]
     blocks = report["blocks"]
     omni = config.quantization.omniquant
     return {
-        "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe.format(scheme=recipe_scheme),
+        "scheme": PEER_SCHEME[scheme], "method": variant, "recipe": recipe,
         "symmetric": symmetric, "symmetric_range": config.quantization.symmetric_range or
         ("restricted" if symmetric else None),
         "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None,
                    help="YAML: device (h100-80g, a100-80g, a100-40g), nodes, devices_per_node")
     p.add_argument("--json", action="store_true")
+    r = sub.add_parser("recipes", help="the bundled recipes, one line each, with P1 figures")
+    r.add_argument("--json", action="store_true")
     a = sub.add_parser("assets", help="prepare or locate the P1 model and corpus")
     a.add_argument("action", choices=["prepare", "path"])
     a.add_argument("name", nargs="?", help="asset name for `path` (smollm2-135m, sotu)")
@@ -178,6 +180,12 @@ def assets_command(args: argparse.Namespace) -> int:
         f"  {k}: {v}" for k, v in r.items()))
 
 
+def recipes_command(args: argparse.Namespace) -> int:
+    from jobs.catalog import catalog, summarize
+
+    return run_guarded(catalog, args.json, summarize)
+
+
 def plan_command(args: argparse.Namespace) -> int:
     from jobs.plan import run_plan, summarize
 
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     commands = {"quantize": quantize_command, "eval": eval_command, "status": status_command,
-                "plan": plan_command, "assets": assets_command}
+                "plan": plan_command, "assets": assets_command, "recipes": recipes_command}
     return commands[args.command](args)
 
 

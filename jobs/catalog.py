@@ -1,0 +1,139 @@
+"""`relayquant recipes`: the bundled recipes, one line each (scheme, method, what P1 measured
+for them), so a user picks one without reading YAML.
+
+A recipe's measured figures are the benchmark rows (`benchmarks/results/`) whose settings give
+exactly the recipe's result-bearing config (model, calibration, quantization, export): each row is
+rebuilt from the recipe it started from and the keys it changed, as the benchmark ran it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.recipes import CONFIG_DIR, load_recipe
+from pipeline.config import ConfigError, Method, RunConfig
+from pipeline.config_tree import config_to_dict
+from pipeline.output_dir import RESULT_SECTIONS
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def result_key(config: RunConfig) -> str:
+    data = config_to_dict(config)
+    return json.dumps({"model": config.model.path, **{k: data[k] for k in RESULT_SECTIONS}},
+                      sort_keys=True, default=str)
+
+
+def describe_scheme(config: RunConfig) -> str:
+    q = config.quantization
+    if q.budget.average_bits is not None:
+        return f"{q.budget.average_bits:g} bits avg (CVXQ)"
+    group = f"g{q.group_size}" if q.group_size else "per-channel"
+    kind = ("sym" + ("-full" if q.symmetric_range == "full" else "")) if q.symmetric else "asym"
+    acts = f" A{q.abits}" if q.abits < 16 else ""
+    lorc = f" +LoRC r{q.lorc.rank}" if q.lorc is not None else ""
+    return f"W{q.bits}{acts} {group} {kind}{lorc}"
+
+
+def describe_method(config: RunConfig) -> str:
+    q = config.quantization
+    if q.method is not Method.OMNIQUANT:
+        return q.method.value
+    o = q.omniquant
+    parts = [p for p, on in (("LWC", o.lwc), ("LET", o.let)) if on]
+    rounding = {"learned": "learned rounding", "gptq": "GPTQ rounding"}.get(o.rounding.value)
+    if rounding:
+        parts.append(rounding)
+    optimizer = getattr(o, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "value", optimizer) == "signsgd":
+        parts.append("sign-SGD")
+    return f"omniquant ({', '.join(parts) or 'no learned parameters'}; {o.epochs} epochs)"
+
+
+def measured() -> dict[str, dict[str, Any]]:
+    """Result key -> the newest P1 figures measured for that exact config."""
+    out: dict[str, dict[str, Any]] = {}
+    results = BENCHMARKS / "results"
+    if not results.is_dir():
+        return out
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import p1_reconstruct  # the benchmark's own scheme and variant tables
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def add(source: str, recipe: str, changes: dict[str, Any], row: dict[str, Any]) -> None:
+        try:
+            config = load_recipe(recipe, changes)
+        except ConfigError:
+            return  # a row of a recipe that has since changed shape
+        out[result_key(config)] = {
+            "perplexity": row["perplexity"], "quantize_seconds": row.get("quantize_seconds"),
+            "workers": row.get("workers"), "source": f"benchmarks/results/{source}"}
+
+    for source, rows in _rows(results, "p1_reconstruct.json"):
+        for row in rows:
+            try:
+                recipe, changes = p1_reconstruct.row_recipe(p1_reconstruct.scheme_key(row),
+                                                            row["method"])
+            except (StopIteration, KeyError):
+                continue
+            add(source, recipe, changes, row)
+    for source, rows in _rows(results, "p1_cvxq.json"):
+        for row in rows:
+            if "changes" in row:
+                add(source, row["recipe"], row["changes"], row)
+    return out
+
+
+def _rows(results: Path, name: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    path = results / name
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [(name, json.load(f).get("rows", []))]
+
+
+def fp_perplexity() -> float | None:
+    for _, rows in _rows(BENCHMARKS / "results", "p1_reconstruct.json"):
+        with open(BENCHMARKS / "results" / "p1_reconstruct.json") as f:
+            return json.load(f).get("fp")
+    return None
+
+
+def catalog() -> dict[str, Any]:
+    figures = measured()
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        config = load_recipe(str(path))
+        out.append({"name": path.stem, "scheme": describe_scheme(config),
+                    "method": describe_method(config), "model": config.model.path,
+                    "export_target": config.export.target.value if config.export.target else None,
+                    "measured": figures.get(result_key(config))})
+    return {"recipes": out, "p1_fp_perplexity": fp_perplexity()}
+
+
+def summarize(result: dict[str, Any]) -> str:
+    rows = result["recipes"]
+    width = max(len(r["name"]) for r in rows)
+    scheme = max(len(r["scheme"]) for r in rows)
+    lines = []
+    for r in rows:
+        m = r["measured"]
+        if m is None:
+            figure = "not measured"
+        else:
+            seconds = (f", quantize {m['quantize_seconds']:.0f} s" if m.get("quantize_seconds")
+                       is not None else "")
+            if seconds and m.get("workers"):
+                seconds += f" on {m['workers']} worker{'s' if m['workers'] > 1 else ''}"
+            figure = f"P1 perplexity {m['perplexity']:.3f}{seconds}"
+        lines.append(f"{r['name']:<{width}}  {r['scheme']:<{scheme}}  {r['method']}; {figure}")
+    fp = result.get("p1_fp_perplexity")
+    lines.append(f"({len(rows)} recipes in {os.path.relpath(CONFIG_DIR)}; figures from "
+                 "benchmarks/results/, perplexity on P1's 292 test windows"
+                 + (f", where the unquantized model scores {fp:.3f})" if fp else ")"))
+    return "\n".join(lines)
