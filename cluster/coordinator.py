@@ -45,6 +45,7 @@ from pipeline.sensitivity import unit_statistics
 from pipeline.streams import split_windows
 
 log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = 1  # docs/report.md
 
 
 def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,
@@ -261,7 +262,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             phases["evaluate"] = time.time() - mark
         finally:
             runtime.release(stages.actors, group)
-    report = {"output": config.output, "method": config.quantization.method.value,
+    report = {"schema_version": REPORT_SCHEMA_VERSION,
+              "output": config.output, "method": config.quantization.method.value,
               **history,
               "perplexity": perplexity, "wall_seconds": time.time() - start,
               # prepare: plan, tokenize, open the output, start Ray (and the CVXQ allocation);

@@ -86,6 +86,7 @@ def check_module_pattern(pattern: str, where: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # model folder, fsspec URL (s3://..., memory://...) or asset:smollm2-135m (P1's model)
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -94,11 +95,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
+    # sotu:train, sotu:test, dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL
     corpus: str = "sotu:train"
-    num_samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    text_field: str = "text"
+    num_samples: int = 128  # calibration windows
+    seq_len: int = 512  # tokens per window (at most the model's context)
+    seed: int = 0  # which windows are drawn from the corpus
+    text_field: str = "text"  # the record field of a .jsonl/.parquet/dataset corpus
 
     def __post_init__(self) -> None:
         _require(self.num_samples >= 1, f"calibration.num_samples: {self.num_samples}; must be >= 1")
@@ -127,11 +129,11 @@ class GPTQConfig:
 class OmniQuantConfig:
     lwc: bool = True  # learnable weight clipping
     let: bool = False  # learnable equivalent transformation
-    epochs: int = 20
+    epochs: int = 20  # passes over the calibration windows per block
     batch_size: int = 1  # calibration windows per optimizer step
-    lwc_lr: float = 1e-2
-    let_lr: float = 5e-3
-    weight_decay: float = 0.0
+    lwc_lr: float = 1e-2  # learning rate of the clipping parameters
+    let_lr: float = 5e-3  # learning rate of the equivalent transforms
+    weight_decay: float = 0.0  # AdamW's, on every learned parameter
     alpha: float = 0.5  # SmoothQuant migration strength of the LET scale init
     aug_loss: bool = False  # also fit the FP block applied to the quantized stream
     # clipping factor init (sigmoid(4.0) = 0.982, the reference's)
@@ -144,11 +146,11 @@ class OmniQuantConfig:
     # the folded weights, Hessians from the quantized stream), or learned (a per-weight offset
     # in [-0.5, 0.5] trained with the other parameters on the block loss, as AutoRound does)
     rounding: Rounding = Rounding.NEAREST
-    round_lr: float = 5e-3
+    round_lr: float = 5e-3  # learning rate of the rounding offsets
     # where learned rounding starts: nearest (offsets 0, AutoRound's) or gptq (offsets that
     # reproduce GPTQ's codes on the initial grid, Hessians from the quantized stream)
     round_init: str = "nearest"
-    optimizer: Optimizer = Optimizer.ADAMW
+    optimizer: Optimizer = Optimizer.ADAMW  # signsgd: AutoRound's sign gradients, lr decayed to 0
     # keep the parameters of the step with the lowest training loss instead of the last ones
     # (AutoRound's rule; the loss of a step is that of the parameters before its update)
     keep_best: bool = False
@@ -190,9 +192,12 @@ class BudgetConfig:
     fused groups q/k/v, o, gate/up, down of every block)."""
 
     average_bits: float | None = None  # null: no allocation, every unit gets quantization.bits
+    # the bit widths a unit may get
     choices: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 8])
     # count scales and zero points in the budget (bits per weight of side information)
     count_side_info: bool = False
+    # what a unit's sensitivity is measured on: the final hidden states' principal directions
+    # (pca, CVXQ's) or the language-model loss
     objective: Objective = Objective.PCA
     pca_dims: int = 1024  # principal directions of the final hidden states (capped at hidden)
     seed: int = 0  # random signs of the projected objective
@@ -200,6 +205,7 @@ class BudgetConfig:
     # report.json or .relayquant/allocation.json, path or fsspec URL) instead of running the
     # sensitivity pass; the allocation is solved again for this budget
     sensitivity_from: str | None = None
+    # a unit's error at each width: model (G^2 S^2 2^(-2b), CVXQ's) or measured (its RTN error)
     distortion: Distortion = Distortion.MODEL
     # group sizes the allocator may give a unit along with its width (null = per-channel), the
     # side information of each counted in its cost; empty = the recipe's group size everywhere.
@@ -241,8 +247,8 @@ class LorcConfig:
     correction B·A of its quantization error, carried in the quantized stream and exported as
     a PEFT LoRA adapter (OUTPUT/lorc/)."""
 
-    rank: int = 8
-    dtype: LorcDtype = LorcDtype.FLOAT16
+    rank: int = 8  # of each correction B·A
+    dtype: LorcDtype = LorcDtype.FLOAT16  # how B and A are stored
     # null: every quantized linear; else exact module names or `re:` regexes (whole name)
     targets: list[str] | None = None
     # with quantization.budget.average_bits: the adapter's bits count in the budget
@@ -265,9 +271,9 @@ class LorcConfig:
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: Method = Method.RTN
-    bits: int = 4
-    group_size: int | None = None
-    symmetric: bool = False
+    bits: int = 4  # weight bits, 2 to 8
+    group_size: int | None = None  # input columns per scale; null: one per output channel
+    symmetric: bool = False  # codes around zero, no zero point (what vLLM serves at 2-8 bits)
     # symmetric grids: null (or "restricted"): scale = absmax / (2^(b-1) - 1), the largest
     # weight exact and code -2^(b-1) unused (llm-compressor's RTN); "full": scale =
     # absmax / 2^(b-1), every code used (AutoRound's; 4 levels instead of 3 at 2 bits)
@@ -333,6 +339,7 @@ class QuantizationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
+    # the folders written: compressed-tensors (vLLM, transformers) in OUTPUT, others beside it
     formats: list[ExportFormat] = dataclasses.field(
         default_factory=lambda: [ExportFormat.COMPRESSED_TENSORS])
     # the engine the output must run on; null: any (a plan vLLM cannot serve is only warned
@@ -354,11 +361,11 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    corpus: str = "sotu:test"
-    seq_len: int = 512
-    max_windows: int | None = None
-    fp: bool = True
-    enabled: bool = True
+    corpus: str = "sotu:test"  # as calibration.corpus; held-out text
+    seq_len: int = 512  # tokens per perplexity window
+    max_windows: int | None = None  # null: every window of the corpus
+    fp: bool = True  # also the unquantized model's perplexity (cached per model and corpus)
+    enabled: bool = True  # perplexity after quantizing
     # each block's output error against the FP stream; null: on where the method streams the
     # calibration windows anyway, off in the data-free path (RTN), where it would be the only
     # reason to stream them
@@ -372,12 +379,13 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    workers: int = 1
+    workers: int = 1  # stage actors (one per GPU, or a share of the CPUs)
+    # Ray cluster: null (RAY_ADDRESS, else a local Ray), auto, local, HOST:PORT, ray://HOST:PORT
     address: str | None = None
-    chunk_size: int = 8
-    device: Device = Device.AUTO
-    dashboard: bool = False
-    compute_dtype: str = "float32"
+    chunk_size: int = 8  # calibration windows per stream chunk
+    device: Device = Device.AUTO  # auto: cuda where the cluster has GPUs
+    dashboard: bool = False  # a local Ray's dashboard
+    compute_dtype: str = "float32"  # float32, bfloat16 or float16
     # torch threads per stage; None = every core of the stage's node on CPU (one stage computes
     # at a time in the sequential schedule), the reserved CPUs on GPU stages
     threads: int | None = None
@@ -426,7 +434,7 @@ def check_ray_address(address: str, field: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    output: str = ""
+    output: str = ""  # output folder or fsspec URL
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)

@@ -91,6 +91,16 @@ def transformers_perplexity(folder, windows):
     return math.exp(nll.item())
 
 
+def assert_documented(report):
+    """Every key of a report is named in docs/report.md (the schema a user reads)."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "report.md")) as f:
+        doc = f.read()
+    keys = set(report) | {k for b in report["blocks"] for k in b}
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, f"report keys not in docs/report.md: {missing}"
+    assert report["schema_version"] == 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch):
     from pipeline.calibration import eval_windows_for
@@ -110,6 +120,7 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
     for block in report["blocks"]:
         assert block["seconds"] > 0 and block["peak_rss_bytes"] > 0
         assert 0 < block["output_relative_error"] < 1
+    assert_documented(report)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["config"]["quantization"]["group_size"] == 16
     assert len(manifest["fingerprint"]["calibration_sha256"]) == 64

@@ -16,6 +16,7 @@ from pipeline.parallel.shares import WindowShare, split_windows_among
 from pipeline.reconstruct import assign_by_cost
 from pipeline.training import Batches, StepGradients
 from pipeline.streams import MemoryStore
+from test_coordinator import assert_documented
 
 # --- unit: the shares, the batches, the assignment --------------------------------------------
 
@@ -178,6 +179,8 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
             assert mine["best_step"] == theirs["best_step"]
             assert mine["best_train_loss"] == pytest.approx(theirs["best_train_loss"], rel=1e-4)
             assert mine["loss_before"] == pytest.approx(theirs["loss_before"], rel=1e-5)
+        assert_documented(report)
+    assert_documented(ref_report)
 
 
 @cluster
