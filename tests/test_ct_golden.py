@@ -80,14 +80,59 @@ def test_round_trip_through_the_reader():
         assert torch.equal(w, expected), case_id(case)
 
 
-@pytest.mark.skipif(not os.environ.get("RELAYQUANT_CT_PYTHON"),
-                    reason="RELAYQUANT_CT_PYTHON names no interpreter with compressed-tensors")
-def test_fixture_regenerates_with_the_release(tmp_path):
+CURRENT_RELEASE = "0.20.1"
+
+
+@pytest.fixture(scope="session")
+def ct_release_python():
+    """An interpreter with the current compressed-tensors release, in its own environment
+    (the project pins 0.17.1 for loading): RELAYQUANT_CT_PYTHON if set, else a virtual
+    environment made once under ~/.cache/relayquant/test-envs that installs only the release
+    and reads everything else (torch, transformers) from this environment through a .pth."""
+    if os.environ.get("RELAYQUANT_CT_PYTHON"):
+        return os.environ["RELAYQUANT_CT_PYTHON"]
+    import hashlib
+    import shutil
+    import sys
+    import sysconfig
+
+    main = sysconfig.get_paths()["purelib"]
+    root = os.path.join(os.path.expanduser("~"), ".cache", "relayquant", "test-envs")
+    env = os.path.join(root, f"compressed-tensors-{CURRENT_RELEASE}-"
+                             f"{hashlib.sha256(main.encode()).hexdigest()[:8]}")
+    python = os.path.join(env, "bin", "python")
+    probe = [python, "-c", "import compressed_tensors as c; assert c.__version__ == "
+             f"{CURRENT_RELEASE!r}, c.__version__"]
+    if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    os.makedirs(root, exist_ok=True)
+    building = f"{env}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", building], check=True, capture_output=True)
+    site = subprocess.run([os.path.join(building, "bin", "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "zz_relayquant_main.pth"), "w") as f:
+        f.write(main + "\n")  # after the env's own packages: its compressed-tensors wins
+    done = subprocess.run([os.path.join(building, "bin", "python"), "-m", "pip", "install",
+                           "--quiet", "--disable-pip-version-check",
+                           f"compressed-tensors=={CURRENT_RELEASE}"],
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        pytest.fail(f"could not install compressed-tensors {CURRENT_RELEASE} for the golden "
+                    f"test: {done.stderr[-2000:]}")
+    shutil.rmtree(env, ignore_errors=True)
+    os.replace(building, env)  # venv scripts name their folder: use the interpreter directly
+    return python
+
+
+def test_fixture_regenerates_with_the_release(tmp_path, ct_release_python):
     """Re-record the golden bytes with the release itself (in its own environment, since the
     project pins an older compressed-tensors for loading) and compare."""
     out = tmp_path / "golden.json"
     script = os.path.join(os.path.dirname(__file__), "ct_golden.py")
-    subprocess.run([os.environ["RELAYQUANT_CT_PYTHON"], script, str(out)], check=True,
+    subprocess.run([ct_release_python, script, str(out)], check=True,
                    capture_output=True, timeout=300, cwd=tmp_path)
     assert json.loads(out.read_text()) == golden()
 
@@ -136,10 +181,9 @@ def write_rtn_checkpoint(model: str, out: str, fmt: AffineFormat, packed: bool) 
     return out
 
 
-@pytest.mark.skipif(not os.environ.get("RELAYQUANT_CT_PYTHON"),
-                    reason="RELAYQUANT_CT_PYTHON names no interpreter with compressed-tensors")
 @pytest.mark.parametrize("bits,symmetric", [(3, True), (3, False), (5, True), (4, False)])
-def test_current_release_loads_it_in_transformers(tiny_model, tmp_path, bits, symmetric):
+def test_current_release_loads_it_in_transformers(tiny_model, tmp_path, bits, symmetric,
+                                                  ct_release_python):
     """transformers with the current compressed-tensors loads the dense layout and computes
     what the dequantized weights compute. Asymmetric checkpoints need dequantize=True there:
     compressed-tensors >= 0.18 builds the compressed module on the meta device without packing
@@ -150,7 +194,7 @@ def test_current_release_loads_it_in_transformers(tiny_model, tmp_path, bits, sy
         folder = write_rtn_checkpoint(tiny_model("llama", 2), str(tmp_path / f"m{packed}"),
                                       fmt, packed)
         out = tmp_path / f"logits-{packed}.pt"
-        subprocess.run([os.environ["RELAYQUANT_CT_PYTHON"], "-c", LOGITS, folder, str(out),
+        subprocess.run([ct_release_python, "-c", LOGITS, folder, str(out),
                         "1" if packed and not symmetric else "0"], check=True, capture_output=True,
                        timeout=300, cwd=tmp_path)
         logits[packed] = torch.load(out)
