@@ -44,13 +44,7 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
     if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES:
         raise ConfigError(f"{field}: {spec!r} is not a known corpus; use sotu:train, sotu:test, "
                           "dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL")
-    try:
-        found = storage.exists(spec)
-    except (ValueError, ImportError) as e:  # fsspec: unknown protocol, or its package missing
-        raise ConfigError(f"{field}: cannot open {spec!r} ({e}); give a local file or an "
-                          "fsspec URL whose filesystem is installed") from e
-    if not found:
-        raise ConfigError(f"{field}: {spec!r} does not exist")
+    storage.require_exists(spec, field, "file")
     try:
         raw = storage.read_bytes(spec)
     except (IsADirectoryError, PermissionError) as e:

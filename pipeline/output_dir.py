@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -72,12 +73,59 @@ def check_output_location(out: str) -> None:
                           "this process can write") from e
 
 
+def predicted_output_bytes(parts: ModelParts, config: RunConfig) -> int:
+    """What the finished output will hold, from the shapes and the recipe's formats: each
+    quantized format the quantized linears at their stored bits plus everything else as
+    stored; each fake-quant format a full copy of the checkpoint."""
+    from pipeline.compensation import model_bits
+    from pipeline.schemes import format_for
+
+    bits = model_bits(parts, config.quantization)
+    original = parts.reader.nbytes(set(parts.reader.entries))
+    linears = 0
+    for i in range(parts.num_blocks):
+        path = parts.block_path(i)
+        names = parts.tensor_names(path)
+        for name in parts.adapter.linears:
+            if format_for(f"{path}.{name}", config.quantization) is not None \
+                    and f"{name}.weight" in names:
+                linears += parts.reader.entries[names[f"{name}.weight"]].nbytes
+    quantized = max(original - linears, 0) + int(bits["quantized_weights"] * bits["total"] / 8)
+    formats = sum(original if f in (ExportFormat.FAKE_QUANT, ExportFormat.FAKE_QUANT_LORC)
+                  else quantized for f in config.export.formats)
+    return int(formats * 1.02)  # shard headers, config and tokenizer files, the run's state
+
+
+def check_free_space(out: str, needed: int) -> None:
+    """A local output whose disk cannot hold the result is refused before any work (an
+    fsspec URL's store is not asked)."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    folder = os.path.abspath(out.removeprefix("file://"))
+    written = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+                  for f in files) if os.path.isdir(folder) else 0
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    missing = needed - written
+    if missing > free:
+        raise ConfigError(
+            f"output: the result needs about {_size(needed)} ({_size(written)} already there) "
+            f"but {probe} has {_size(free)} free; free some space or choose another location")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
 def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan,
                    calib: torch.Tensor | None, restart: bool) -> dict[str, Any]:
     """Refuse a folder that holds something else or cannot be written; write the manifest;
     return it."""
     out = config.output
     check_output_location(out)
+    check_free_space(out, predicted_output_bytes(parts, config))
     fresh = fingerprint(config, parts, calib)
     if checkpoint.is_relayquant_output(out):
         old = storage.read_json(storage.join(out, checkpoint.MANIFEST))

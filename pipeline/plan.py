@@ -29,13 +29,7 @@ def open_model(path: str, compute_dtype: str = "float32", device: str = "cpu",
                lorc: str | None = None) -> ModelParts:
     """The model at `path`; with `lorc` (a PEFT LoRA adapter folder) its factors merged into
     the weights as each part loads."""
-    try:
-        found = storage.exists(path)
-    except (ValueError, ImportError) as e:  # fsspec: unknown protocol, or its package missing
-        raise ConfigError(f"model.path: cannot open {path!r} ({e}); give a local folder or an "
-                          "fsspec URL whose filesystem is installed") from e
-    if not found:
-        raise ConfigError(f"model.path: {path!r} does not exist")
+    storage.require_exists(path, "model.path")
     return ModelParts(storage.CheckpointReader(path), DTYPES[compute_dtype], device,
                       read_adapter(lorc) if lorc is not None else None)
 

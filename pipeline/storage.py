@@ -49,6 +49,18 @@ def exists(path: str) -> bool:
     return bool(fs.exists(inner))
 
 
+def require_exists(path: str, field: str, kind: str = "folder") -> None:
+    """A user-given path or URL that can be opened and exists, or a ConfigError naming `field`:
+    an unknown protocol or a missing filesystem package (s3fs, gcsfs) is an input error too."""
+    try:
+        found = exists(path)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"{field}: cannot open {path!r} ({e}); give a local {kind} or an "
+                          "fsspec URL whose filesystem is installed") from e
+    if not found:
+        raise ConfigError(f"{field}: {path!r} does not exist")
+
+
 def list_names(folder: str) -> list[str]:
     fs, inner = filesystem(folder)
     if not fs.exists(inner):

@@ -277,6 +277,19 @@ def test_output_that_cannot_be_created(capsys, tmp_path, tiny_model, corpus_file
             f"output: cannot create or write {out} (Not a directory)")
 
 
+def test_output_on_a_disk_too_small(capsys, tmp_path, tiny_model, corpus_files, monkeypatch):
+    import collections
+
+    import pipeline.output_dir
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.output_dir.shutil, "disk_usage",
+                        lambda path: usage(10**9, 10**9 - 50_000, 50_000))
+    refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0]),
+            "output: the result needs about 0.2 MB (0.0 MB already there) but")
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
 def test_nothing_is_left_behind_by_a_refusal(capsys, tmp_path, tiny_model, corpus_files):
     """A refusal after the output folder was named leaves no manifest that a later run would
     take for a started run of a different config."""
