@@ -14,7 +14,7 @@ from typing import Any
 import ray
 import torch
 
-from cluster import runtime
+from cluster import progress, runtime
 from cluster.evaluation import evaluate, evaluate_run, pipelined_forward, stream_perplexity  # noqa: F401
 from cluster.schedules import (
     quantize_blocks,
@@ -22,7 +22,7 @@ from cluster.schedules import (
     quantize_blocks_data_parallel,
     worker_summary,
 )
-from cluster.stages import Stages, absolute, gather, progress, start_stages  # noqa: F401
+from cluster.stages import Stages, absolute, gather, report_progress, start_stages  # noqa: F401
 from pipeline import budget, calibration, compensation, cost_model, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
@@ -210,6 +210,7 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
+    progress.note("phase", "", name="prepare")
     config = dataclasses.replace(config, output=absolute(config.output))
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
@@ -249,15 +250,18 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             allocation["plot"] = budget.write_plot(config.output, allocation)
         phases = {"prepare": time.time() - start}
         mark = time.time()
+        progress.note("phase", "", name="quantize")
         stages, group, markers, history = quantize_with_retries(plan, config, parts, model_path,
                                                                 calib, formats)
         phases["quantize"] = time.time() - mark
         try:
             mark = time.time()
+            progress.note("phase", "", name="finish")
             exported = finish_output(config.output, parts, model_path, markers,
                                      config.export.formats, config.quantization.lorc)
             phases["finish"] = time.time() - mark
             mark = time.time()
+            progress.note("phase", "", name="evaluate")
             perplexity = evaluate_run(stages, config, model_path, eval_ids)
             phases["evaluate"] = time.time() - mark
         finally:

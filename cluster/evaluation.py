@@ -11,7 +11,7 @@ import ray
 import torch
 
 from cluster import runtime
-from cluster.stages import Stages, absolute, gather, progress, start_stages
+from cluster.stages import Stages, absolute, gather, report_progress, start_stages
 from pipeline import calibration, perplexity_cache
 from pipeline.assets import resolve_model_path
 from pipeline.config import (
@@ -66,7 +66,7 @@ def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abi
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready)
-            progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
+            report_progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
         return ray.get(refs)
     finally:
         gather([a.release_blocks.remote() for a in stages.actors])
@@ -90,7 +90,7 @@ def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Te
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready)
-            progress("sensitivity forward", len(stream) - len(pending), len(stream), start,
+            report_progress("sensitivity forward", len(stream) - len(pending), len(stream), start,
                       "chunks")
     finally:
         gather([a.release_blocks.remote() for a in stages.actors])

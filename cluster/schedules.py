@@ -10,7 +10,8 @@ from typing import Any
 import ray
 import torch
 
-from cluster.stages import Stages, gather, progress
+from cluster import progress
+from cluster.stages import Stages, gather, report_progress
 from pipeline.checkpoint import latest_boundary
 from pipeline.config import (
     Method,
@@ -96,7 +97,7 @@ def quantize_blocks_data_free(stages: Stages, config: RunConfig, model_path: str
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         ray.get(ready)
-        progress("data-free quantize", len(refs) - len(pending), len(refs), start)
+        report_progress("data-free quantize", len(refs) - len(pending), len(refs), start)
     markers = [done[i] if i in done else ray.get(refs[i]) for i in range(total)]
     log.info("quantized %d blocks in %.1fs (data-free, %d resumed)", total,
              time.perf_counter() - start, len(done))
@@ -173,9 +174,13 @@ def _log_block(marker: dict[str, Any], i: int, total: int, elapsed: float, worke
                              f"{w['collective_seconds']:.1f}s collective" for w in m["workers"])
             if "workers" in m else "")
     eta = elapsed / max(worked, 1) * (total - i - 1)
-    log.info("block %d/%d %s: %.2fs%s, peak RSS %.0f MB (private %.0f MB), ~%.0fs left%s",
-             i + 1, total, where, m["seconds"], trained, m["peak_rss_bytes"] / 2**20,
-             m["peak_private_bytes"] / 2**20, eta, busy)
+    progress.note("block", f"block {i + 1}/{total} {where}: {m['seconds']:.2f}s{trained}, peak "
+                  f"RSS {m['peak_rss_bytes'] / 2**20:.0f} MB (private "
+                  f"{m['peak_private_bytes'] / 2**20:.0f} MB), ~{eta:.0f}s left{busy}",
+                  block=i, blocks=total, seconds=m["seconds"], loss=m.get("loss_after"),
+                  loss_before=m.get("loss_before"),
+                  output_relative_error=m.get("output_relative_error"), eta=eta,
+                  rss_bytes=m["peak_rss_bytes"], worker=m.get("worker"))
 
 
 def worker_summary(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import block_pass, budget, checkpoint, data_free, sensitivity
+from pipeline import block_pass, budget, checkpoint, data_free, events, sensitivity
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective, Solo, TorchCollective
@@ -31,8 +31,10 @@ class RayStore:
 @ray.remote
 class StageActor:
     def __init__(self, stage: int, blocks: tuple[int, int], compute_dtype: str, threads: int,
-                 device: str):
+                 device: str, board: Any = None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if board is not None:  # the driver's progress view: events go there, not to our log
+            events.subscribe(lambda e: board.post.remote({**e, "worker": stage}))
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.stage, self.blocks = stage, blocks
         self.compute_dtype, self.device = compute_dtype, device

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from cluster import progress as view
 from cluster import runtime
 from cluster.stage import StageActor
 from pipeline.config import (
@@ -40,13 +41,14 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
     resources = runtime.plan_resources(cluster)
     group = runtime.reserve(resources, len(plan.stages))
     strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    board = view.start_board()
     device = "cuda" if resources.gpus_per_worker else "cpu"
     actors = [
         StageActor.options(  # type: ignore[attr-defined]
             num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
             scheduling_strategy=strategy(placement_group=group, placement_group_bundle_index=i),
             name=None,
-        ).remote(i, stage, cluster.compute_dtype, resources.threads, device)
+        ).remote(i, stage, cluster.compute_dtype, resources.threads, device, board)
         for i, stage in enumerate(plan.stages)
     ]
     log.info("placed %d blocks on %d stage(s): %s (%s per stage, device %s)", plan.num_blocks,
@@ -79,13 +81,18 @@ def gather(refs: list[Any]) -> list[Any]:
     """Every result, but fail as soon as any one task fails (a dead data-parallel worker
     leaves the others waiting in a collective: never wait for them)."""
     pending = list(refs)
+    live = view.current()
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=None if live is None else 1.0)
+        if live is not None:
+            live.poll()
+        if ready:
+            ray.get(ready)
     return ray.get(refs)
 
 
-def progress(phase: str, done: int, total: int, start: float, unit: str = "blocks") -> None:
+def report_progress(phase: str, done: int, total: int, start: float, unit: str = "blocks"
+                    ) -> None:
     if done == total or done % max(1, total // 10) == 0:
         elapsed = time.perf_counter() - start
         log.info("%s: %d/%d %s, %.1fs elapsed, ~%.1fs left", phase, done, total, unit, elapsed,

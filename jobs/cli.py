@@ -71,6 +71,13 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="discard what the output folder holds and start over")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--progress", choices=["auto", "live", "plain", "quiet"], default="auto",
+                        help="live: one status line redrawn in place (the default on a "
+                             "terminal); plain: a line per event (the default otherwise)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="warnings, errors and the final summary only (--progress quiet)")
+    parser.add_argument("--log-json", default=None, metavar="FILE",
+                        help="append every progress event to FILE, one JSON object per line")
 
 
 @contextlib.contextmanager

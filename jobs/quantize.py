@@ -18,9 +18,12 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if args.address is not None:
         overrides["cluster.address"] = args.address
     config = load_recipe(args.config, overrides)
+    from cluster import progress
     from cluster.coordinator import quantize
 
-    report = quantize(config, restart=args.restart)
+    mode = "quiet" if args.quiet else args.progress
+    with progress.active(progress.Progress(mode, args.log_json)):
+        report = quantize(config, restart=args.restart)
     ppl = report["perplexity"] or {}
     return {"output": report["output"], "method": report["method"], "perplexity": ppl,
             "windows": ppl.get("windows"), "wall_seconds": report["wall_seconds"],

@@ -110,11 +110,11 @@ def sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, list[li
 
 def render() -> str:
     out = ["# Recipe keys", "",
-           "Generated from `pipeline/config.py` by `python -m jobs.recipe_docs`; do not edit by "
+           ("Generated from `pipeline/config.py` by `python -m jobs.recipe_docs`; do not edit by "
            "hand (`tests/test_recipe_docs.py` fails when this page and the code differ). Any key "
            "can be set in a recipe YAML or with `--set key.path=value`; an unknown key, a value "
            "of the wrong type or out of range is refused with exit 2 naming it. "
-           "`relayquant recipes` lists the bundled recipes.", ""]
+           "`relayquant recipes` lists the bundled recipes."), ""]
     for title, rows in sections():
         if not rows:
             continue

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import events
 from pipeline.config import ClipParam, GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
@@ -394,8 +395,10 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 total += value
                 steps += 1
             epoch_losses.append(total / max(steps, 1))
-            log.info("block %d: epoch %d/%d, loss %.4e, %.1fs", index + 1, epoch + 1, cfg.epochs,
-                     epoch_losses[-1], time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            events.emit("epoch", f"block {index + 1}: epoch {epoch + 1}/{cfg.epochs}, loss "
+                        f"{epoch_losses[-1]:.4e}, {seconds:.1f}s", block=index, epoch=epoch + 1,
+                        epochs=cfg.epochs, loss=epoch_losses[-1], seconds=seconds)
     if best is not None:
         with torch.no_grad():
             for p, kept in zip(learnable, best[1], strict=True):
