@@ -111,11 +111,13 @@ def scheme_key(row: dict[str, Any]) -> str:
     return next(k for k, v in PEER_SCHEME.items() if v == row["scheme"])
 
 
-def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dict[str, Any]:
+def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
+            threads: int | None = None) -> dict[str, Any]:
     symmetric = SCHEMES[scheme][2]
     recipe, changes = row_recipe(scheme, variant)
     config = load_recipe(recipe, {**changes, "output": os.path.join(work, f"{scheme}-{variant}"),
-                                  "cluster.workers": workers, "eval.fp": fp})
+                                  "cluster.workers": workers, "cluster.threads": threads,
+                                  "eval.fp": fp})
     start = time.perf_counter()
     report = quantize(config)
     ppl = report["perplexity"]
@@ -138,7 +140,7 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool) -> dic
         "stage_peak_private_bytes": max(b["peak_private_bytes"] for b in blocks),
         "mean_loss_before": _mean(blocks, "loss_before"),
         "mean_loss_after": _mean(blocks, "loss_after"),
-        "workers": workers,
+        "workers": workers, "threads": config.cluster.threads,
     }
 
 
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     every = [f"{s}:{v}" for s in SCHEMES for v in VARIANTS]
     parser.add_argument("--rows", nargs="+", default=every, choices=every)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: its share of the CPUs); 1 lets "
+                             "two rows run side by side without oversubscribing the cores")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--table", action="store_true",
                         help="every scheme x " + ", ".join(TABLE) + "; implies --redo")
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             scheme, variant = row.split(":")
             if (PEER_SCHEME[scheme], variant) in done and not args.redo:
                 continue
-            out = run_row(scheme, variant, work, args.workers, fp=result["fp"] is None)
+            out = run_row(scheme, variant, work, args.workers, fp=result["fp"] is None,
+                          threads=args.threads)
             if out["fp_perplexity"] is not None:
                 result["fp"] = out["fp_perplexity"]
             result["rows"] = [r for r in result["rows"]
