@@ -76,6 +76,30 @@ def test_compressed_tensors_loads_in_transformers(tiny_model, corpus_files, tmp_
                                                                                    symmetric)
 
 
+def test_full_range_symmetric_2bit_uses_every_code_and_loads(tiny_model, corpus_files,
+                                                             tmp_path):
+    """symmetric_range: full reaches code -2^(b-1), which the default grid never uses; the
+    packed checkpoint still loads in transformers and computes what fake-quant computes."""
+    from pipeline.formats import AffineFormat
+    from pipeline.formats import compressed_tensors as ct
+    from pipeline.storage import CheckpointReader
+
+    out = str(tmp_path / "out")
+    quantize(config(tiny_model("llama"), out, *corpus_files, bits=2, symmetric=True,
+                    symmetric_range="full"))
+    assert close(transformers_logits(out, tmp_path),
+                 transformers_logits(os.path.join(out, "fake_quant"), tmp_path))
+    reader = CheckpointReader(out)
+    linear = "model.layers.1.mlp.down_proj"
+    tensors = reader.read([n for n in reader.entries if n.startswith(linear + ".")])
+    tensors = {k.removeprefix(linear + "."): v for k, v in tensors.items()}
+    fmt = AffineFormat(2, 16, True)
+    w = ct.decompress_linear(tensors, fmt, torch.float32)
+    scale = tensors["weight_scale"].float().repeat_interleave(16, 1)
+    codes = torch.round(w / scale)
+    assert codes.min() == -2 and codes.max() == 1  # four levels, not three
+
+
 def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
     out = str(tmp_path / "mixed")
     overrides = {"re:.*\\.mlp\\..*": {"bits": 8, "group_size": None},
