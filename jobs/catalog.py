@@ -22,7 +22,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def result_key(config: RunConfig) -> str:
+    """The settings that make the weights: export.target only refuses recipes, so a row run
+    without it still is the recipe's figure."""
     data = config_to_dict(config)
+    data["export"] = {k: v for k, v in data["export"].items() if k != "target"}
     return json.dumps({"model": config.model.path, **{k: data[k] for k in RESULT_SECTIONS}},
                       sort_keys=True, default=str)
 
