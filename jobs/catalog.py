@@ -50,8 +50,7 @@ def describe_method(config: RunConfig) -> str:
     rounding = {"learned": "learned rounding", "gptq": "GPTQ rounding"}.get(o.rounding.value)
     if rounding:
         parts.append(rounding)
-    optimizer = getattr(o, "optimizer", None)
-    if optimizer is not None and getattr(optimizer, "value", optimizer) == "signsgd":
+    if o.optimizer.value == "signsgd":
         parts.append("sign-SGD")
     return f"omniquant ({', '.join(parts) or 'no learned parameters'}; {o.epochs} epochs)"
 
@@ -77,34 +76,25 @@ def measured() -> dict[str, dict[str, Any]]:
             "perplexity": row["perplexity"], "quantize_seconds": row.get("quantize_seconds"),
             "workers": row.get("workers"), "source": f"benchmarks/results/{source}"}
 
-    for source, rows in _rows(results, "p1_reconstruct.json"):
-        for row in rows:
-            try:
-                recipe, changes = p1_reconstruct.row_recipe(p1_reconstruct.scheme_key(row),
-                                                            row["method"])
-            except (StopIteration, KeyError):
-                continue
-            add(source, recipe, changes, row)
-    for source, rows in _rows(results, "p1_cvxq.json"):
-        for row in rows:
-            if "changes" in row:
-                add(source, row["recipe"], row["changes"], row)
+    for row in _results("p1_reconstruct.json").get("rows", []):
+        try:
+            recipe, changes = p1_reconstruct.row_recipe(p1_reconstruct.scheme_key(row),
+                                                        row["method"])
+        except (StopIteration, KeyError):
+            continue
+        add("p1_reconstruct.json", recipe, changes, row)
+    for row in _results("p1_cvxq.json").get("rows", []):
+        if "changes" in row:
+            add("p1_cvxq.json", row["recipe"], row["changes"], row)
     return out
 
 
-def _rows(results: Path, name: str) -> list[tuple[str, list[dict[str, Any]]]]:
-    path = results / name
+def _results(name: str) -> dict[str, Any]:
+    path = BENCHMARKS / "results" / name
     if not path.exists():
-        return []
+        return {}
     with open(path) as f:
-        return [(name, json.load(f).get("rows", []))]
-
-
-def fp_perplexity() -> float | None:
-    for _, rows in _rows(BENCHMARKS / "results", "p1_reconstruct.json"):
-        with open(BENCHMARKS / "results" / "p1_reconstruct.json") as f:
-            return json.load(f).get("fp")
-    return None
+        return json.load(f)
 
 
 def catalog() -> dict[str, Any]:
@@ -116,7 +106,7 @@ def catalog() -> dict[str, Any]:
                     "method": describe_method(config), "model": config.model.path,
                     "export_target": config.export.target.value if config.export.target else None,
                     "measured": figures.get(result_key(config))})
-    return {"recipes": out, "p1_fp_perplexity": fp_perplexity()}
+    return {"recipes": out, "p1_fp_perplexity": _results("p1_reconstruct.json").get("fp")}
 
 
 def summarize(result: dict[str, Any]) -> str:
