@@ -80,7 +80,12 @@ def two_node_cluster():
     token = os.path.join(temp_dir, "auth_token")
     with open(token, "w") as f:
         f.write(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token}
+    # as the README says: Ray is started from relayquant's environment, activated, so the job's
+    # `python` is the environment's (a job's entrypoint resolves on the PATH Ray started with)
+    venv_bin = os.path.dirname(sys.executable)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token,
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+           "VIRTUAL_ENV": os.path.dirname(venv_bin)}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     try:
