@@ -39,6 +39,17 @@ class ClipParam(str, enum.Enum):
     DIRECT = "direct"
 
 
+class Autocast(str, enum.Enum):
+    # float16 autocast with loss scaling on CUDA (float32 where a width is 8 to 15 bits, whose
+    # fake-quant overflows float16 gradients: the reference's rule), float32 on the CPU
+    AUTO = "auto"
+    FLOAT32 = "float32"  # no autocast
+    # the block's matmuls and attention in bfloat16, the quantizer, loss and parameters in
+    # float32 (AutoRound's default, on the CPU too)
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"  # the same in float16, with loss scaling
+
+
 class ExportFormat(str, enum.Enum):
     COMPRESSED_TENSORS = "compressed-tensors"  # the output folder itself
     GPTQ = "gptq"  # OUTPUT/gptq/
@@ -154,6 +165,10 @@ class OmniQuantConfig:
     # keep the parameters of the step with the lowest training loss instead of the last ones
     # (AutoRound's rule; the loss of a step is that of the parameters before its update)
     keep_best: bool = False
+    # the precision of the block's forward and backward while training (the learned parameters,
+    # the quantizer and the loss stay float32); the probes, the fold and the streams are
+    # unaffected
+    autocast: Autocast = Autocast.AUTO
 
     def __post_init__(self) -> None:
         where = "quantization.omniquant"

@@ -34,7 +34,7 @@ from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
-from pipeline.training import Batches, StepGradients, make_optimizer, use_amp
+from pipeline.training import Batches, StepGradients, make_optimizer, training_precision
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +335,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     model = BlockQuantizer(parts, block, formats, stats, cfg, quantization.abits)
     groups = model.groups(cfg)
     learnable = [p for g in groups for p in g["params"]]
-    amp = use_amp(parts.device, formats, quantization.abits)
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    precision = training_precision(parts.device, formats, quantization.abits, cfg.autocast)
+    scaler = precision.scaler()
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
         cfg.batch_size)) if groups else (None, None))
     step = StepGradients(group, learnable)
@@ -365,10 +365,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 optimizer.zero_grad(set_to_none=True)
                 step.start(whole)
                 if size:
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                        tensors = model.tensors()
+                    tensors = model.tensors()  # the quantizer in float32
                     for w in range(size):
-                        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                        with precision.autocast():
                             loss = block_loss(parts, block, tensors,
                                               [t[w:w + 1] for t in batch]) / whole
                         step.add(loss, scaler.scale(loss) if scaler is not None else loss,
@@ -379,7 +378,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
                         f"the reconstruction loss became {value} at epoch "
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
-                        "let_lr, or train in fp32 (cluster.compute_dtype float32)")
+                        "let_lr, or train in float32 (quantization.omniquant.autocast: float32)")
                 if cfg.keep_best and (best is None or value < best[0]):
                     best = (value, [p.detach().clone() for p in learnable])
                     best_step = epoch * len(sizes) + steps
@@ -420,7 +419,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                   if best is not None else {}),
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
-                               "epochs": len(epoch_losses), "amp": amp,
+                               "epochs": len(epoch_losses),
+                               "train_precision": precision.name,
                                "loss_before": loss_before, "loss_after": loss_after,
                                "loss_windows": probe_total}
     if epoch_losses:

@@ -1,7 +1,7 @@
 """How a block's learnable parameters are trained: the optimizer (the reference's AdamW or
-AutoRound's sign gradient with a linear decay), the precision (fp16 autocast on CUDA), the
-minibatches over the streams and each step's gradient, summed window by window and over the
-data-parallel workers."""
+AutoRound's sign gradient with a linear decay), the precision (autocast: float16 on CUDA by
+default, bfloat16 on request, on the CPU too), the minibatches over the streams and each
+step's gradient, summed window by window and over the data-parallel workers."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import OmniQuantConfig, Optimizer
+from pipeline.config import Autocast, OmniQuantConfig, Optimizer
 from pipeline.formats import AffineFormat
 from pipeline.parallel.collective import Collective
 from pipeline.streams import ChunkStore
@@ -41,11 +41,39 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: OmniQuantConfig, steps: Ca
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)
 
 
-def use_amp(device: str, formats: dict[str, AffineFormat | None], abits: int) -> bool:
-    """fp16 autocast with loss scaling on CUDA, except where 8-bit fake-quant overflows fp16
-    gradients (the reference's rule: 8 <= bits < 16 trains in fp32)."""
-    bits = [f.bits for f in formats.values() if f is not None] + [abits]
-    return device.startswith("cuda") and all(b < 8 or b >= 16 for b in bits)
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a block's training step runs: autocast to `dtype` (None: plain float32), with loss
+    scaling for float16."""
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype or torch.float32).removeprefix("torch.")
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16,
+                              enabled=self.dtype is not None)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device_type) if self.dtype is torch.float16 else None
+
+
+def training_precision(device: str, formats: dict[str, AffineFormat | None], abits: int,
+                       choice: Autocast) -> Precision:
+    """`quantization.omniquant.autocast` on this device. auto: float16 autocast on CUDA except
+    where 8-bit fake-quant overflows float16 gradients (the reference's rule: 8 <= bits < 16
+    trains in float32), float32 on the CPU."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if choice is Autocast.AUTO:
+        bits = [f.bits for f in formats.values() if f is not None] + [abits]
+        fp16 = device_type == "cuda" and all(b < 8 or b >= 16 for b in bits)
+        return Precision(device_type, torch.float16 if fp16 else None)
+    dtypes = {Autocast.FLOAT32: None, Autocast.BFLOAT16: torch.bfloat16,
+              Autocast.FLOAT16: torch.float16}
+    return Precision(device_type, dtypes[choice])
 
 
 @dataclasses.dataclass

@@ -81,3 +81,45 @@ def test_learned_rounding_can_start_at_gptq_codes(tiny_model):
     assert out["learned"][1]["output_mse"] < out["nearest"][1]["output_mse"]
     with pytest.raises(ConfigError, match="round_init: gptq needs rounding: learned"):
         quantization(method="omniquant", omniquant={"round_init": "gptq"})
+
+
+def test_bfloat16_autocast_trains_the_block_matmuls_in_bfloat16(tiny_model):
+    """autocast bfloat16 (AutoRound's CPU default) runs the block's linears in bfloat16 while
+    training, keeps the learned parameters and the exported codes' grid in float32, and still
+    trains: the loss falls about as far as in float32, along a different path."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    seen: dict[str, set] = {}
+    out = {}
+    import pipeline.reconstruct as reconstruct
+
+    real = reconstruct.block_loss
+
+    def spy(parts_, block, tensors, batch):
+        loss = real(parts_, block, tensors, batch)
+        seen.setdefault(mode, set()).add(torch.get_autocast_dtype("cpu")
+                                         if torch.is_autocast_enabled("cpu") else torch.float32)
+        return loss
+
+    for mode in ("float32", "bfloat16"):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 2, "batch_size": 2, "rounding": "learned",
+                                    "optimizer": "signsgd", "autocast": mode})
+        reconstruct.block_loss = spy
+        try:
+            r = block_pass.quantize_block(parts, 0, fp, fp, q,
+                                          [ExportFormat.COMPRESSED_TENSORS], store)
+        finally:
+            reconstruct.block_loss = real
+        out[mode] = r
+    assert out["bfloat16"].metrics["train_precision"] == "bfloat16"
+    assert out["float32"].metrics["train_precision"] == "float32"
+    assert torch.bfloat16 in seen["bfloat16"] and torch.bfloat16 not in seen["float32"]
+    for r in out.values():
+        assert r.metrics["loss_after"] < 0.9 * r.metrics["loss_before"]
+    assert out["bfloat16"].metrics["loss_after"] < 1.2 * out["float32"].metrics["loss_after"]
+    a = out["bfloat16"].exports[ExportFormat.COMPRESSED_TENSORS]
+    b = out["float32"].exports[ExportFormat.COMPRESSED_TENSORS]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.autocast.*bfloat16"):
+        quantization(method="omniquant", omniquant={"autocast": "bf16"})
