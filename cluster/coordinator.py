@@ -45,7 +45,7 @@ from pipeline.sensitivity import unit_statistics
 from pipeline.streams import split_windows
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = 1  # docs/report.md
+REPORT_SCHEMA_VERSION = 2  # docs/report.md
 
 
 def sensitivity_pass(stages: Stages, model_path: str, windows: torch.Tensor,

@@ -339,7 +339,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     scaler = precision.scaler()
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
         cfg.batch_size)) if groups else (None, None))
-    step = StepGradients(group, learnable)
+    step = StepGradients(group)
     best: tuple[float, list[torch.Tensor]] | None = None
     best_step = -1
     streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
@@ -363,15 +363,14 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             batches = Batches(streams, store, sizes, parts.device)
             for batch, size, whole in zip(batches, sizes, totals, strict=True):
                 optimizer.zero_grad(set_to_none=True)
-                step.start(whole)
-                if size:
-                    tensors = model.tensors()  # the quantizer in float32
-                    for w in range(size):
-                        with precision.autocast():
-                            loss = block_loss(parts, block, tensors,
-                                              [t[w:w + 1] for t in batch]) / whole
-                        step.add(loss, scaler.scale(loss) if scaler is not None else loss,
-                                 w == size - 1)
+                # the quantizer in float32, once per step (every worker: each goes back
+                # through it with the same summed gradient)
+                tensors = step.start(whole, model.tensors())
+                for w in range(size):
+                    with precision.autocast():
+                        loss = block_loss(parts, block, tensors,
+                                          [t[w:w + 1] for t in batch]) / whole
+                    step.add(loss, scaler.scale(loss) if scaler is not None else loss)
                 value = step.finish()  # the global batch's loss; gradients set
                 if not math.isfinite(value):
                     raise TrainingError(

@@ -114,46 +114,58 @@ class Batches:
                         return
 
 
-@dataclasses.dataclass
 class StepGradients:
-    """One optimizer step's gradient of the global batch's loss, built window by window: each
-    window's loss (its MSE over the batch size) is differentiated on its own and the gradients
-    are summed, then summed over the data-parallel workers. Every window's gradient is the same
+    """One optimizer step's gradient of the global batch's loss. The block's tensors are
+    computed once per step from the learnable parameters (the quantizer's graph); each window's
+    loss (its MSE over the batch size) is differentiated on its own with respect to those
+    tensors only; the window gradients are summed, then summed over the data-parallel workers,
+    and the sum goes back through the quantizer once. Every window's gradient is the same
     whichever worker computes it, and the sums do not depend on their order at float32
     precision, so one worker and N workers take the same steps (not just close ones): a batch
     of at most two windows is one float32 addition (correctly rounded, whatever the order), a
-    larger one is summed in float64 and rounded to float32 once."""
+    larger one is summed in float64 and rounded to float32 once. Every worker then runs the
+    same backward through the quantizer on the same sum."""
 
-    group: Collective
-    learnable: list[torch.Tensor]
+    def __init__(self, group: Collective):
+        self.group = group
 
-    def start(self, windows: int) -> None:
-        """A step over a global batch of `windows` windows."""
+    def start(self, windows: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A step over a global batch of `windows` windows, from the block's `tensors` (some
+        in the learnable parameters' graph); returns the tensors the windows' forward passes
+        use: the same values, cut from that graph."""
         self.dtype = torch.float32 if windows <= 2 else torch.float64
-        self.sums: list[torch.Tensor | None] = [None] * len(self.learnable)
+        self.tensors = {k: v for k, v in tensors.items() if v.requires_grad}
+        self.leaves = {k: v.detach().requires_grad_(True) for k, v in self.tensors.items()}
+        self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self.leaves)
         self.loss = torch.zeros(1, dtype=torch.float64)
+        return {**tensors, **self.leaves}
 
-    def add(self, loss: torch.Tensor, scaled: torch.Tensor, last: bool) -> None:
+    def add(self, loss: torch.Tensor, scaled: torch.Tensor) -> None:
         """`loss` of one window; `scaled` is what is differentiated (loss-scaled under AMP)."""
-        grads = torch.autograd.grad(scaled, self.learnable, retain_graph=not last,
-                                    allow_unused=True)
-        for i, g in enumerate(grads):
+        grads = torch.autograd.grad(scaled, list(self.leaves.values()), allow_unused=True)
+        for key, g in zip(self.leaves, grads, strict=True):
             if g is not None:
-                total = self.sums[i]
-                self.sums[i] = g.to(self.dtype) if total is None else total.add_(g)
+                total = self.sums[key]
+                self.sums[key] = g.to(self.dtype) if total is None else total.add_(g)
         self.loss += loss.detach().double().cpu()
 
     def finish(self) -> float:
-        """Sum over the workers; set the parameters' gradients; return the batch's loss."""
-        seen = torch.tensor([t is not None for t in self.sums], dtype=torch.float64)
+        """Sum over the workers; back through the quantizer, setting the learnable
+        parameters' gradients; return the batch's loss."""
+        keys = list(self.sums)
+        seen = torch.tensor([self.sums[k] is not None for k in keys], dtype=torch.float64)
         if self.group.world > 1:
-            sums = [t if t is not None else torch.zeros_like(p, dtype=self.dtype)
-                    for t, p in zip(self.sums, self.learnable, strict=True)]
+            sums = [self.sums[k] if self.sums[k] is not None else
+                    torch.zeros_like(self.leaves[k], dtype=self.dtype) for k in keys]
             device = sums[0].device if sums else torch.device("cpu")
             extra = torch.cat([seen, self.loss]).to(device)
             self.group.sum_([*sums, extra])
-            self.sums = list(sums)
+            self.sums = dict(zip(keys, sums, strict=True))
             seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
-        for p, total, used in zip(self.learnable, self.sums, seen.tolist(), strict=True):
-            p.grad = total.to(p.dtype) if used and total is not None else None
+        used = [k for k, flag in zip(keys, seen.tolist(), strict=True) if flag]
+        if used:
+            torch.autograd.backward([self.tensors[k] for k in used],
+                                    [self.sums[k].to(self.tensors[k].dtype)  # type: ignore
+                                     for k in used])
+        self.tensors, self.leaves, self.sums = {}, {}, {}
         return float(self.loss.item())

@@ -98,7 +98,7 @@ def assert_documented(report):
     keys = set(report) | {k for b in report["blocks"] for k in b}
     missing = sorted(k for k in keys if f"`{k}`" not in doc)
     assert not missing, f"report keys not in docs/report.md: {missing}"
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

@@ -73,15 +73,20 @@ class FakeGroup:
 
 @pytest.mark.unit
 def test_step_gradients_sum_windows_in_float64_then_over_workers():
+    """The windows' gradients are taken with respect to the step's tensors, summed (float64
+    above two windows), summed over the workers, then sent back through the graph that made
+    the tensors (here x3 on `a`) once."""
     a = torch.ones(3, requires_grad=True)
     b = torch.ones(2, requires_grad=True)
-    step = StepGradients(FakeGroup(), [a, b])
-    step.start(4)
+    step = StepGradients(FakeGroup())
+    tensors = step.start(4, {"a": a * 3, "b": b * 1, "fixed": torch.ones(2)})
+    assert not tensors["a"].grad_fn and tensors["a"].requires_grad  # cut from the graph
     for w in range(2):
-        loss = (a * (w + 1)).sum() / 2
-        step.add(loss, loss, last=w == 1)
-    assert step.finish() == 9.0  # (1.5 + 3) x 2 workers
-    assert a.grad.tolist() == [3.0, 3.0, 3.0] and a.grad.dtype == torch.float32
+        loss = (tensors["a"] * (w + 1)).sum() / 2 + tensors["fixed"].sum() * 0
+        step.add(loss, loss)
+    assert step.finish() == 27.0  # (4.5 + 9) x 2 workers
+    # d/da of 3 * (1 + 2) / 2 per element, x2 workers
+    assert a.grad.tolist() == [9.0, 9.0, 9.0] and a.grad.dtype == torch.float32
     assert b.grad is None  # no window reached it on any worker
 
 

@@ -123,3 +123,43 @@ def test_bfloat16_autocast_trains_the_block_matmuls_in_bfloat16(tiny_model):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match=r"quantization.omniquant.autocast.*bfloat16"):
         quantization(method="omniquant", omniquant={"autocast": "bf16"})
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("offset", [False, True])
+def test_fused_fake_quant_matches_autograd_of_the_same_formula(symmetric, offset):
+    """LearnedFakeQuant's values and gradients (weight, both factors, the rounding offset)
+    equal autograd's through the formula written op by op (float64)."""
+    from pipeline.formats import AffineFormat
+    from pipeline.methods.lwc import LearnedFakeQuant, round_ste
+
+    torch.manual_seed(0)
+    fmt = AffineFormat(bits=3, group_size=8, symmetric=symmetric, full_range=symmetric)
+    w = torch.randn(6, 32, dtype=torch.float64, requires_grad=True)
+    up = torch.rand(6, 4, dtype=torch.float64).mul(0.5).add(0.5).requires_grad_(True)
+    low = torch.rand(6, 4, dtype=torch.float64).mul(0.5).add(0.5).requires_grad_(True)
+    v = (torch.rand(6, 32, dtype=torch.float64) - 0.5).requires_grad_(True) if offset else None
+
+    def reference():
+        x = w.reshape(6, 4, 8)
+        hi = x.amax(-1).clamp(min=0) * up
+        lo = x.amin(-1).clamp(max=0) * low
+        if symmetric:
+            scale = (torch.maximum(hi, -lo) / fmt.scale_divisor).clamp(min=1e-12)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = ((hi - lo) / fmt.qmax).clamp(min=1e-12)
+            zero = torch.round(-lo / scale).detach()
+        y = x / scale.unsqueeze(-1) + (v.reshape(x.shape) if v is not None else 0)
+        q = (round_ste(y) + zero.unsqueeze(-1)).clamp(fmt.qmin, fmt.qmax)
+        return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(w.shape)
+
+    upstream = torch.randn(6, 32, dtype=torch.float64)
+    inputs = [w, up, low] + ([v] if v is not None else [])
+    ref = reference()
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+    out = LearnedFakeQuant.apply(w, up, low, v, fmt)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-10), (g - r).abs().max()
