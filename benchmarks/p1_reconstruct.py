@@ -90,6 +90,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "omniquant_signround_let_direct": ("p1-omniquant-{scheme}", {
         **SIGNROUND, **LET, "quantization.omniquant.clip_param": "direct",
         "quantization.omniquant.lwc_lr": 5e-3}),
+    # the same with the block's matmuls in bfloat16 while training (AutoRound's CPU default;
+    # the quantizer, the parameters and the loss stay float32)
+    "omniquant_signround_let_direct_bf16": ("p1-omniquant-{scheme}", {
+        **SIGNROUND, **LET, "quantization.omniquant.clip_param": "direct",
+        "quantization.omniquant.lwc_lr": 5e-3, "quantization.omniquant.autocast": "bfloat16"}),
 }
 
 
