@@ -12,6 +12,7 @@ import torch
 
 from cluster import progress
 from cluster.stages import Stages, gather, report_progress
+from pipeline.calibration import fp_stream_needed
 from pipeline.checkpoint import latest_boundary
 from pipeline.config import (
     Method,
@@ -44,16 +45,21 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
                     done: dict[int, dict[str, Any]], saved_config: dict[str, Any]
                     ) -> list[dict[str, Any]]:
     """Quantize every block in order; a block already done (verified marker) is not redone:
-    both streams are carried through it, the quantized one through its saved shard."""
+    the streams are carried through it, the quantized one through its saved shard. The FP
+    stream exists only where the method or `eval.block_errors` needs it."""
     start = time.perf_counter()
     resumed = resume_point(stages, config, done)
+    with_fp = fp_stream_needed(config.quantization, config.eval.block_errors)
+    fp: list[Any] | None
     if resumed is None:
         first = 0
-        fp = ray.get(stages.actors[0].embed.remote(
+        q = ray.get(stages.actors[0].embed.remote(
             model_path, split_windows(windows, stages.chunk_size)))
-        q = fp
+        fp = q if with_fp else None
     else:
         first, fp, q = resumed
+        if with_fp and fp is None:  # not reachable: the boundary belongs to this same recipe
+            raise RuntimeError("the saved boundary holds no FP stream")
     markers = [done[i] for i in range(first)]
     last = max((i for i in range(stages.plan.num_blocks) if i not in done), default=-1)
     for i in range(first, stages.plan.num_blocks):
@@ -62,11 +68,11 @@ def quantize_blocks(stages: Stages, config: RunConfig, model_path: str, windows:
             markers.append(done[i])
             continue
         if i in done:
-            fp_ref = owner.forward_block.remote(model_path, i, fp)
+            fp_ref = None if fp is None else owner.forward_block.remote(model_path, i, fp)
             q = ray.get(owner.forward_saved_block.remote(
                 config.output, i, done[i]["files"], saved_config, q,
                 config.quantization.abits))
-            fp = ray.get(fp_ref)
+            fp = None if fp_ref is None else ray.get(fp_ref)
             markers.append(done[i])
             log.info("block %d/%d: done in an earlier run, streams carried through it", i + 1,
                      stages.plan.num_blocks)
@@ -130,8 +136,9 @@ def quantize_blocks_data_parallel(stages: Stages, config: RunConfig, model_path:
         log.warning("checkpoint.save_streams: the data_parallel schedule keeps each worker's "
                     "streams to itself and saves no boundary; a resumed run carries the "
                     "streams through the finished blocks")
+    with_fp = fp_stream_needed(config.quantization, config.eval.block_errors)
     held = gather([a.dp_start.remote(model_path, windows[list(share.indices)], share,
-                                     stages.chunk_size)
+                                     stages.chunk_size, with_fp)
                    for a, share in zip(stages.actors, shares, strict=True)])
     log.info("data_parallel: %d windows shared among %d workers (%s), global batch %d",
              windows.shape[0], workers, "/".join(map(str, held)), batch)

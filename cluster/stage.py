@@ -86,19 +86,20 @@ class StageActor:
     def release_blocks(self) -> None:
         self.resident.clear()
 
-    def save_streams(self, output: str, boundary: int, fp: list[Any], q: list[Any]) -> None:
+    def save_streams(self, output: str, boundary: int, fp: list[Any] | None,
+                     q: list[Any]) -> None:
         block_pass.save_boundary(output, boundary, fp, q, self.store)
 
-    def load_streams(self, boundary: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    def load_streams(self, boundary: dict[str, Any]) -> tuple[list[Any] | None, list[Any]]:
         return block_pass.load_boundary(boundary, self.store)
 
     def score(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor]
               ) -> tuple[float, int]:
         return block_pass.score_stream(self._parts(path), stream, ids_chunks, self.store)
 
-    def quantize_block(self, path: str, index: int, fp_in: list[Any], q_in: list[Any],
+    def quantize_block(self, path: str, index: int, fp_in: list[Any] | None, q_in: list[Any],
                        quantization: QuantizationConfig, layouts: list[ExportFormat],
-                       output: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
+                       output: str) -> tuple[list[Any] | None, list[Any], dict[str, Any]]:
         result = block_pass.quantize_block(self._parts(path), index, fp_in, q_in, quantization,
                                            layouts, self.store)
         marker = checkpoint.write_block(output, index, result.folder_exports(), result.schemes,
@@ -164,8 +165,8 @@ class StageActor:
         return self.worker
 
     def dp_start(self, path: str, windows: torch.Tensor, share: WindowShare,
-                 chunk_size: int) -> int:
-        return self._dp().start(path, windows, share, chunk_size)
+                 chunk_size: int, with_fp: bool = True) -> int:
+        return self._dp().start(path, windows, share, chunk_size, with_fp)
 
     def dp_quantize_block(self, path: str, index: int, quantization: QuantizationConfig,
                           layouts: list[ExportFormat], output: str) -> dict[str, Any]:

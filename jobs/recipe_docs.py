@@ -1,4 +1,4 @@
-"""docs/recipes.md, generated from the config dataclasses (`pipeline/config.py`): every recipe
+"""docs/recipes.md, generated from the config dataclasses (`pipeline/config/`): every recipe
 key, its type or allowed values, its default, and the comment written beside it in the code.
 `tests/test_recipe_docs.py` fails when the page and the code drift apart.
 
@@ -16,15 +16,22 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline import config as config_module
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, base, quantization, run
+
+CONFIG_MODULES = (base, quantization, run)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 
 
 def field_comments() -> dict[tuple[str, str], str]:
     """(class, field) -> the comment lines just above the field and any trailing comment."""
-    source = inspect.getsource(config_module)
+    out: dict[tuple[str, str], str] = {}
+    for module in CONFIG_MODULES:
+        out.update(_module_comments(inspect.getsource(module)))
+    return out
+
+
+def _module_comments(source: str) -> dict[tuple[str, str], str]:
     lines = source.splitlines()
     out: dict[tuple[str, str], str] = {}
     for node in ast.walk(ast.parse(source)):
@@ -59,7 +66,11 @@ def _type_text(annotation: Any) -> str:
     nullable = type(None) in typing.get_args(annotation)
     base = options[0] if isinstance(annotation, types.UnionType | typing._UnionGenericAlias) and \
         len(options) == 1 else annotation  # type: ignore[attr-defined]
-    if isinstance(base, type) and issubclass(base, enum.Enum):
+    items = typing.get_args(base)
+    if typing.get_origin(base) is list and items and isinstance(items[0], type) and \
+            issubclass(items[0], enum.Enum):
+        text = "list of " + " \\| ".join(f"`{m.value}`" for m in items[0])
+    elif isinstance(base, type) and issubclass(base, enum.Enum):
         text = " \\| ".join(f"`{m.value}`" for m in base)
     elif isinstance(base, type):
         text = base.__name__
@@ -110,7 +121,7 @@ def sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, list[li
 
 def render() -> str:
     out = ["# Recipe keys", "",
-           ("Generated from `pipeline/config.py` by `python -m jobs.recipe_docs`; do not edit by "
+           ("Generated from `pipeline/config/` by `python -m jobs.recipe_docs`; do not edit by "
            "hand (`tests/test_recipe_docs.py` fails when this page and the code differ). Any key "
            "can be set in a recipe YAML or with `--set key.path=value`; an unknown key, a value "
            "of the wrong type or out of range is refused with exit 2 naming it. "

@@ -143,15 +143,20 @@ class ResidentBlocks:
         return token_nll(self.head, h.to(self.parts.device), ids)
 
 
-def save_boundary(output: str, boundary: int, fp: list[Any], q: list[Any],
+def save_boundary(output: str, boundary: int, fp: list[Any] | None, q: list[Any],
                   store: ChunkStore) -> None:
-    write_boundary(output, boundary, [store.get(h) for h in fp], [store.get(h) for h in q])
+    write_boundary(output, boundary, None if fp is None else [store.get(h) for h in fp],
+                   [store.get(h) for h in q])
 
 
-def load_boundary(boundary: dict[str, Any], store: ChunkStore) -> tuple[list[Any], list[Any]]:
-    return tuple(  # type: ignore[return-value]
-        [store.put(read_boundary_chunk(boundary, kind, i)) for i in range(boundary["chunks"])]
-        for kind in ("fp", "q"))
+def load_boundary(boundary: dict[str, Any], store: ChunkStore
+                  ) -> tuple[list[Any] | None, list[Any]]:
+    """(fp, q) saved at a boundary; fp None where the run carries no FP stream."""
+    def load(kind: str) -> list[Any]:
+        return [store.put(read_boundary_chunk(boundary, kind, i))
+                for i in range(boundary["chunks"])]
+
+    return (load("fp") if boundary.get("fp", True) else None), load("q")
 
 
 @torch.no_grad()
@@ -173,7 +178,7 @@ def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: A
 
 @dataclasses.dataclass
 class BlockResult:
-    fp_out: list[Any]
+    fp_out: list[Any] | None  # None: the run carries no FP stream
     q_out: list[Any]
     exports: dict[ExportFormat, dict[str, torch.Tensor]]  # layout -> full name -> tensor
     schemes: dict[str, list[Any] | None]  # linear -> [bits, group_size, symmetric] or None
@@ -294,15 +299,16 @@ def lay_out(path: str, block: torch.nn.Module, linears: dict[str, QuantizedLinea
     return BlockResult([], [], exports, schemes, metrics, adapter or {})
 
 
-def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[Any],
+def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in: list[Any],
                    quantization: QuantizationConfig, layouts: list[ExportFormat],
                    store: ChunkStore, group: Collective | None = None,
                    share: WindowShare | None = None) -> BlockResult:
     """Run the FP stream through the block (the targets), quantize its linears with the
     configured method, run the quantized stream through the quantized block, and measure the
-    block's output error against the FP target. With several data-parallel workers (`group`),
-    the streams are this worker's share of the windows and every statistic is combined over
-    the workers, so all of them end with the same block."""
+    block's output error against the FP target. `fp_in` None: the run carries no FP stream
+    (`calibration.fp_stream_needed`): no targets and no output error. With several
+    data-parallel workers (`group`), the streams are this worker's share of the windows and
+    every statistic is combined over the workers, so all of them end with the same block."""
     group = group or Solo()
     start = time.perf_counter()
     block = parts.load_block(index)
@@ -314,10 +320,13 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
     method, omni = quantization.method, quantization.omniquant
     stats, visit = input_stats(block, names)
     collect = method is Method.OMNIQUANT and omni.let
-    fp_out, private = [], private_bytes()
+    if fp_in is None and method is Method.OMNIQUANT:
+        raise ValueError("a learned method needs the FP stream (its targets)")
+    fp_out: list[Any] | None = None if fp_in is None else []
+    private = private_bytes()
     with torch.no_grad(), input_hooks(block, names if collect else [], visit):
-        for h in fp_in:
-            fp_out.append(store.put(_run(parts, block, store, h)))
+        for h in fp_in or []:
+            fp_out.append(store.put(_run(parts, block, store, h)))  # type: ignore[union-attr]
             private = max(private, private_bytes())
     if collect and group.world > 1:
         reduce_stats_(stats, block, names, group, parts.device)
@@ -356,23 +365,28 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any], q_in: list[A
         metrics["bias_corrected"] = correct_biases_(parts, block, original, q_in, store,
                                                     quantization.abits, group)
     q_out, err, ref, numel = [], 0.0, 0.0, 0
+    if fp_out is not None and len(fp_out) != len(q_in):
+        raise ValueError(f"{len(fp_out)} FP chunks for {len(q_in)} quantized ones")
     with torch.no_grad(), activation_quant(block, names, quantization.abits):
-        for hq, hf in zip(q_in, fp_out, strict=True):
+        for k, hq in enumerate(q_in):
             y = _run(parts, block, store, hq)
-            target = store.get(hf)
-            err += (y - target).double().pow(2).sum().item()
-            ref += target.double().pow(2).sum().item()
-            numel += target.numel()
+            if fp_out is not None:
+                target = store.get(fp_out[k])
+                err += (y - target).double().pow(2).sum().item()
+                ref += target.double().pow(2).sum().item()
+                numel += target.numel()
             private = max(private, private_bytes())
             q_out.append(store.put(y))
-    err, ref, total = sum_scalars(group, [err, ref, float(numel)])
-    numel = int(total)
+    errors = {}
+    if fp_out is not None:  # the same on every worker: the run's setting, not its data
+        err, ref, total = sum_scalars(group, [err, ref, float(numel)])
+        errors = {"output_mse": err / max(int(total), 1),
+                  "output_relative_error": err / ref if ref else 0.0}
     result = lay_out(path, block, linears, formats, dtypes, layouts, held, adapter)
     metrics.update({
         "seconds": time.perf_counter() - start,
         "load_seconds": loaded - start,
-        "output_mse": err / max(numel, 1),
-        "output_relative_error": err / ref if ref else 0.0,
+        **errors,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_private_bytes": private,
         **result.metrics,

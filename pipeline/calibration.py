@@ -220,6 +220,15 @@ def streams_needed(quantization: QuantizationConfig, block_errors: bool | None) 
             or bool(block_errors))
 
 
+def fp_stream_needed(quantization: QuantizationConfig, block_errors: bool | None) -> bool:
+    """Whether the FP stream (the unquantized model's activations, block by block) is carried
+    beside the quantized one: learned methods fit the block to it, and it is what each
+    block's output error is measured against. GPTQ, RTN's bias correction and LoRC read the
+    quantized stream only: without `eval.block_errors: true` they carry no FP stream (one
+    forward pass per block and one stream less)."""
+    return quantization.method is Method.OMNIQUANT or bool(block_errors)
+
+
 def run_calibration(model_path: str, config: RunConfig) -> torch.Tensor | None:
     """The run's calibration windows, or None for a data-free run (nothing streamed and no
     CVXQ sensitivity pass): then the corpus is not even opened."""

@@ -79,18 +79,19 @@ def boundary_folder(output: str, boundary: int) -> str:
     return storage.join(output, STATE_DIR, "streams", f"{boundary:05d}")
 
 
-def write_boundary(output: str, boundary: int, fp: list[torch.Tensor],
+def write_boundary(output: str, boundary: int, fp: list[torch.Tensor] | None,
                    q: list[torch.Tensor]) -> None:
-    """Save both streams entering block `boundary`; `boundary.json` (checksums) is written last,
-    then older boundaries are removed."""
+    """Save the streams entering block `boundary` (fp None: the run carries no FP stream);
+    `boundary.json` (checksums) is written last, then older boundaries are removed."""
     folder = boundary_folder(output, boundary)
     files = {}
-    for kind, chunks in (("fp", fp), ("q", q)):
+    for kind, chunks in (("fp", fp or []), ("q", q)):
         for i, chunk in enumerate(chunks):
             name = f"{kind}-{i:05d}.safetensors"
             files[name] = storage.write_tensors(storage.join(folder, name), {"h": chunk})
     storage.write_json(storage.join(folder, "boundary.json"),
-                       {"boundary": boundary, "chunks": len(fp), "sha256": files})
+                       {"boundary": boundary, "chunks": len(q), "fp": fp is not None,
+                        "sha256": files})
     parent = storage.join(output, STATE_DIR, "streams")
     for name in storage.list_names(parent):
         if name.isdigit() and int(name) != boundary:

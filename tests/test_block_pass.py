@@ -1,4 +1,5 @@
-"""A pipelined forward pass keeps a stage's blocks loaded only within its memory budget."""
+"""Block passes: a pipelined forward pass keeps a stage's blocks loaded only within its memory
+budget; GPTQ needs no FP stream."""
 import pytest
 import torch
 
@@ -22,3 +23,37 @@ def test_resident_blocks_within_a_budget_give_the_same_output(tiny_model):
     assert torch.equal(outs[0], outs[1])
     assert roomy.loads == parts.num_blocks and len(roomy.blocks) == parts.num_blocks
     assert tight.loads == 2 * parts.num_blocks and len(tight.blocks) == 1
+
+
+def test_gptq_without_the_fp_stream_gives_the_same_block(tiny_model, tmp_path):
+    """GPTQ reads the quantized stream only: without an FP stream (fp_in None) the codes and
+    the quantized stream out are those of the run that carries one, the FP pass and the output
+    error are skipped; a learned method refuses; a boundary saves and loads the missing FP
+    stream as missing."""
+    from block_helpers import quantization, stream
+
+    from pipeline.config import ExportFormat
+
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    q = quantization(bits=3, group_size=16, method="gptq")
+    layouts = [ExportFormat.COMPRESSED_TENSORS]
+    both = block_pass.quantize_block(parts, 0, fp, list(fp), q, layouts, store)
+    alone = block_pass.quantize_block(parts, 0, None, list(fp), q, layouts, store)
+    assert alone.fp_out is None and len(both.fp_out) == 2
+    for name, t in both.exports[ExportFormat.COMPRESSED_TENSORS].items():
+        assert torch.equal(alone.exports[ExportFormat.COMPRESSED_TENSORS][name], t), name
+    for a, b in zip(alone.q_out, both.q_out, strict=True):
+        assert torch.equal(store.get(a), store.get(b))
+    assert "output_relative_error" in both.metrics
+    assert "output_relative_error" not in alone.metrics
+    with pytest.raises(ValueError, match="needs the FP stream"):
+        block_pass.quantize_block(parts, 0, None, list(fp), quantization(
+            bits=3, group_size=16, method="omniquant", omniquant={"epochs": 1}), layouts, store)
+    from pipeline.checkpoint import latest_boundary
+
+    block_pass.save_boundary(str(tmp_path), 1, None, alone.q_out, store)
+    loaded_fp, loaded_q = block_pass.load_boundary(latest_boundary(str(tmp_path)), store)
+    assert loaded_fp is None
+    assert all(torch.equal(store.get(a), store.get(b))
+               for a, b in zip(loaded_q, alone.q_out, strict=True))

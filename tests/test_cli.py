@@ -98,7 +98,7 @@ def relayquant(*args):
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
 
 
-def test_quantize_json_status_and_eval(tmp_path, tiny_model, corpus_files):
+def test_quantize_json_status_and_eval(capsys, tmp_path, tiny_model, corpus_files):
     recipe = write_recipe(tmp_path, tiny_model("llama"), *corpus_files)
     out = str(tmp_path / "out")
     done = relayquant("quantize", "--config", recipe, "--json")
@@ -108,17 +108,21 @@ def test_quantize_json_status_and_eval(tmp_path, tiny_model, corpus_files):
     assert result["perplexity"]["quantized"] > 1
     assert "data-free quantize: 4/4 blocks" in done.stderr
 
-    status = json.loads(relayquant("status", out, "--json").stdout)
-    assert (status["done"], status["total"], status["complete"]) == (4, 4, True)
+    # `status` reads files only: in process (each subprocess costs seconds of imports)
+    def status(*argv):
+        capsys.readouterr()
+        assert main(["status", out, *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    now = status()
+    assert (now["done"], now["total"], now["complete"]) == (4, 4, True)
     os.remove(os.path.join(out, "report.json"))
     os.remove(os.path.join(out, ".relayquant", "blocks", "00002.json"))
-    status = json.loads(relayquant("status", out, "--json").stdout)
-    assert (status["done"], status["total"], status["complete"]) == (3, 4, False)
-    assert status["remaining_blocks"] == [2] and status["next_block"] == 2
-    same = json.loads(relayquant("status", out, "--config", recipe, "--json").stdout)
-    assert same["fingerprint_matches"] is True
-    other = json.loads(relayquant("status", out, "--config", recipe, "--set",
-                                  "quantization.bits=3", "--json").stdout)
+    now = status()
+    assert (now["done"], now["total"], now["complete"]) == (3, 4, False)
+    assert now["remaining_blocks"] == [2] and now["next_block"] == 2
+    assert status("--config", recipe)["fingerprint_matches"] is True
+    other = status("--config", recipe, "--set", "quantization.bits=3")
     assert other["fingerprint_matches"] is False
     assert other["fingerprint_differences"] == ["config.quantization.bits: 4 -> 3"]
 

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import psutil
 import pytest
@@ -64,7 +63,7 @@ def stop_cluster(temp_dir, gcs_port):
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for p in alive:
         try:
             p.kill()

@@ -8,15 +8,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_coordinator import assert_documented
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, ConfigError, RunConfig, Schedule
 from pipeline.config_tree import build_config
 from pipeline.parallel.shares import WindowShare, split_windows_among
 from pipeline.reconstruct import assign_by_cost
-from pipeline.training import Batches, StepGradients
 from pipeline.streams import MemoryStore
-from test_coordinator import assert_documented
+from pipeline.training import Batches, StepGradients
 
 # --- unit: the shares, the batches, the assignment --------------------------------------------
 

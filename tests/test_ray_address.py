@@ -1,4 +1,9 @@
-"""RAY_ADDRESS is respected: the job joins a running cluster instead of starting its own."""
+"""RAY_ADDRESS is respected: the job joins a running cluster instead of starting its own.
+
+In the `slow` tier since the cluster-real test (tests/test_cluster_real.py, default run) checks
+the same through `ray job submit`, whose driver finds the cluster through RAY_ADDRESS and
+prints "connecting to Ray at" that cluster's address; this one adds the plain `relayquant
+quantize` entry point against a `ray start` head (about a minute)."""
 import json
 import os
 import signal
@@ -10,7 +15,7 @@ import time
 import pytest
 from test_cli import write_recipe
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 AUTH_OFF = {"RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster needs no token
 
 

@@ -69,7 +69,17 @@ def test_damaged_blocks_are_redone_and_done_ones_kept(tmp_path, tiny_model, corp
     assert shards(str(out)) == reference
 
 
-def test_killed_driver_leaves_a_resumable_run(tmp_path, tiny_model, corpus_files, reference):
+def status_of(capsys, out):
+    """`relayquant status OUT --json`, in process (it reads files only)."""
+    from jobs.cli import main
+
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_killed_driver_leaves_a_resumable_run(capsys, tmp_path, tiny_model, corpus_files,
+                                              reference):
     config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
     exe = os.path.join(os.path.dirname(sys.executable), "relayquant")
     job = subprocess.Popen([exe, "quantize", "--config", config], stdout=subprocess.DEVNULL,
@@ -80,12 +90,12 @@ def test_killed_driver_leaves_a_resumable_run(tmp_path, tiny_model, corpus_files
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    status = json.loads(relayquant("status", str(tmp_path / "out"), "--json").stdout)
+    status = status_of(capsys, tmp_path / "out")
     assert not status["complete"] and 2 <= status["done"] < 6 or status["done"] == 6
     again = relayquant("quantize", "--config", config)
     assert again.returncode == 0, again.stderr
     assert shards(str(tmp_path / "out")) == reference
-    status = json.loads(relayquant("status", str(tmp_path / "out"), "--json").stdout)
+    status = status_of(capsys, tmp_path / "out")
     assert status["complete"] and status["done"] == 6
 
 

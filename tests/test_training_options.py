@@ -91,7 +91,7 @@ def test_bfloat16_autocast_trains_the_block_matmuls_in_bfloat16(tiny_model):
     store, fp = stream(parts, n=8)
     seen: dict[str, set] = {}
     out = {}
-    import pipeline.reconstruct as reconstruct
+    from pipeline import reconstruct
 
     real = reconstruct.block_loss
 

@@ -39,7 +39,7 @@ class DataParallelWorker:
         self.store = BudgetStore(limit, scratch)
         self.models: dict[tuple[str, str | None], ModelParts] = {}
         self.share: WindowShare | None = None
-        self.fp: list[Any] = []
+        self.fp: list[Any] | None = []
         self.q: list[Any] = []
 
     def parts(self, path: str, lorc: str | None = None) -> ModelParts:
@@ -49,13 +49,14 @@ class DataParallelWorker:
         return self.models[key]
 
     def start(self, path: str, windows: torch.Tensor, share: WindowShare,
-              chunk_size: int) -> int:
+              chunk_size: int, with_fp: bool = True) -> int:
         """Embed this worker's windows (rows of `windows` are its share, in order): both
-        streams start equal. Returns how many windows it holds."""
+        streams start equal (`with_fp` false: the run carries no FP stream). Returns how many
+        windows it holds."""
         self.share = share
         chunks = split_windows(windows, chunk_size) if windows.shape[0] else []
-        self.fp = block_pass.embed_stream(self.parts(path), chunks, self.store)
-        self.q = list(self.fp)
+        self.q = block_pass.embed_stream(self.parts(path), chunks, self.store)
+        self.fp = list(self.q) if with_fp else None
         return int(windows.shape[0])
 
     def quantize_block(self, path: str, index: int, quantization: QuantizationConfig,
@@ -96,7 +97,8 @@ class DataParallelWorker:
                     saved_config: dict[str, Any], abits: int) -> None:
         """A block finished in an earlier run: the FP stream through the original block, the
         quantized stream through the saved shard."""
-        self.fp = block_pass.forward_block(self.parts(path), index, self.fp, self.store)
+        if self.fp is not None:
+            self.fp = block_pass.forward_block(self.parts(path), index, self.fp, self.store)
         self.q = block_pass.forward_saved_block(output, index, files, saved_config, self.q,
                                                 self.store, DTYPES[self.compute_dtype],
                                                 self.device, abits)
