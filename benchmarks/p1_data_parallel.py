@@ -10,6 +10,7 @@ the other in this one invocation, every worker on one thread:
   and a plain transformers forward over the same windows in this process on 1 thread.
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
+        [--setups 1x1 2x1 1x2] [--set KEY=VALUE ...] [--tag NAME]
 
 `--epochs` shortens the learned recipe (the time per block is linear in the epochs; the
 result records the value used). Needs `relayquant assets prepare`. Writes
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import yaml
+
 from cluster.coordinator import evaluate, quantize
 from jobs.recipes import load_recipe
 
@@ -34,9 +37,9 @@ from results_file import RESULTS, write_result
 log = logging.getLogger("p1_data_parallel")
 RECIPES = {"learned": "p1-signround-w3g64", "gptq": "p1-gptq-w4"}
 # (label, workers, threads, schedule)
-SETUPS = [("1 worker x 1 thread", 1, 1, "sequential"),
-          ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
-          ("1 worker x 2 threads", 1, 2, "sequential")]
+SETUPS = {"1x1": ("1 worker x 1 thread", 1, 1, "sequential"),
+          "2x1": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
+          "1x2": ("1 worker x 2 threads", 1, 2, "sequential")}
 EVAL_SETUPS = [("1 stage x 1 thread", 1, 1, "sequential"),
                ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
                ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel")]
@@ -47,19 +50,21 @@ def cluster(workers: int, threads: int, schedule: str) -> dict:
             "cluster.schedule": schedule}
 
 
-def quantize_part(part: str, work: str, epochs: int | None,
-                  evaluate_outputs: bool = True) -> dict:
+def quantize_part(part: str, work: str, epochs: int | None, evaluate_outputs: bool = True,
+                  setups: list[str] | None = None, changes_in: dict | None = None) -> dict:
     rows = []
-    for label, workers, threads, schedule in SETUPS:
+    for key in setups or list(SETUPS):
+        label, workers, threads, schedule = SETUPS[key]
         out = os.path.join(work, f"{part}-{workers}w{threads}t")
-        changes = {"output": out, "eval.enabled": False, **cluster(workers, threads, schedule)}
+        changes = {**(changes_in or {}), "output": out, "eval.enabled": False,
+                   **cluster(workers, threads, schedule)}
         if epochs is not None and part == "learned":
             changes["quantization.omniquant.epochs"] = epochs
         config = load_recipe(RECIPES[part], changes)
         start = time.perf_counter()
         report = quantize(config)
         seconds = time.perf_counter() - start
-        rows.append({"setup": label, "workers": workers, "threads": threads,
+        rows.append({"setup": label, "key": key, "workers": workers, "threads": threads,
                      "schedule": schedule, "output": out, "quantize_wall_seconds": seconds,
                      "block_seconds": sum(b["seconds"] for b in report["blocks"]),
                      "workers_per_block": [b.get("workers") for b in report["blocks"]],
@@ -78,16 +83,21 @@ def quantize_part(part: str, work: str, epochs: int | None,
             continue
         ppl = evaluate(row["output"], config.eval, config.cluster)
         row["perplexity"], row["eval_windows"] = ppl["perplexity"], ppl["windows"]
+    by_key = {row["key"]: row for row in rows}
     base = rows[0]
     for row in rows:
-        row["time_vs_1_worker_1_thread"] = row["quantize_wall_seconds"] / \
+        row[f"time_vs_{base['key']}"] = row["quantize_wall_seconds"] / \
             base["quantize_wall_seconds"]
-        if row["perplexity"] is not None:
-            row["perplexity_vs_1_worker"] = row["perplexity"] / base["perplexity"] - 1
-    return {"recipe": RECIPES[part], "epochs": epochs, "rows": rows,
-            "dp_vs_1_worker_2_threads": rows[1]["quantize_wall_seconds"] /
-            rows[2]["quantize_wall_seconds"],
-            "shards_identical_1w_vs_2w": rows[0]["sha256"] == rows[1]["sha256"]}
+        if row["perplexity"] is not None and base["perplexity"] is not None:
+            row[f"perplexity_vs_{base['key']}"] = row["perplexity"] / base["perplexity"] - 1
+    out = {"recipe": RECIPES[part], "epochs": epochs, "changes": changes_in or {},
+           "rows": rows}
+    if "2x1" in by_key and "1x2" in by_key:
+        out["dp_vs_1_worker_2_threads"] = (by_key["2x1"]["quantize_wall_seconds"] /
+                                           by_key["1x2"]["quantize_wall_seconds"])
+    if len(rows) > 1:
+        out["shards_identical"] = all(r["sha256"] == base["sha256"] for r in rows)
+    return out
 
 
 def eval_part(extra: bool) -> dict:
@@ -150,6 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", nargs="+", default=["learned", "gptq", "eval"],
                         choices=["learned", "gptq", "eval"])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=None,
+                        help="which of the quantize setups to run (default: all three)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe change for the quantize parts (YAML value)")
+    parser.add_argument("--tag", default=None,
+                        help="store the parts under PART:TAG (keeps earlier results of PART)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the perplexity of the quantized outputs (compare shards)")
     parser.add_argument("--eval-extra", action="store_true",
@@ -164,9 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"] = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="relayquant-dp-") as work:
         for part in args.parts:
-            result[part] = (eval_part(args.eval_extra) if part == "eval"
-                            else quantize_part(part, work, args.epochs, not args.no_eval))
-            result[part]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            changes = {k: yaml.safe_load(v) for k, _, v in
+                       (item.partition("=") for item in args.set)}
+            key = f"{part}:{args.tag}" if args.tag else part
+            result[key] = (eval_part(args.eval_extra) if part == "eval"
+                           else quantize_part(part, work, args.epochs, not args.no_eval,
+                                              args.setups, changes))
+            result[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             write_result(args.out, result)
     return result
 

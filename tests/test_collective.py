@@ -1,0 +1,67 @@
+"""The shared-memory sum of workers on one node: the same bits on every worker, the fixed-order
+sum (worker 0 + 1 + 2), growing its buffers when a larger sum comes, nothing left in /dev/shm;
+small sums, integers and a full /dev/shm go through gloo."""
+import glob
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline.parallel import collective
+
+
+def _rank(rank: int, world: int, address: str, out: str) -> None:
+    torch.set_num_threads(1)
+    group = collective.TorchCollective(address, rank, world, "gloo")
+    assert group.shm is not None  # one node, room in /dev/shm
+    results = {}
+    for name, n, dtype in (("small", 10, torch.float32), ("f32", 300_000, torch.float32),
+                           ("f64", 700_000, torch.float64)):
+        parts = [torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(r))
+                 for r in range(world)]
+        mine = parts[rank].clone()
+        waited = group.wait_seconds
+        group.sum_([mine[: n // 2], mine[n // 2:]])  # two tensors, packed into one buffer
+        assert group.wait_seconds > waited
+        expected = parts[0] + parts[1]
+        for p in parts[2:]:
+            expected = expected + p
+        # gloo's ring (the small sum) adds three workers in its own order: close, not equal
+        same = (torch.equal(mine, expected) if name != "small" or world == 2
+                else torch.allclose(mine, expected))
+        results[name] = (same, mine)
+    counts = torch.tensor([rank + 1] * 70_000, dtype=torch.int64)  # not float: gloo
+    group.sum_([counts])
+    results["ints"] = (bool((counts == sum(range(1, world + 1))).all()), None)
+    torch.save(results, f"{out}.{rank}")
+    group.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_sum_is_the_fixed_order_sum_on_every_worker(tmp_path, world):
+    before = set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = str(tmp_path / "r")
+    mp.spawn(_rank, args=(world, address, out), nprocs=world, join=True)
+    results = [torch.load(f"{out}.{r}") for r in range(world)]
+    for name in ("small", "f32", "f64", "ints"):
+        assert all(r[name][0] for r in results), name
+    for name in ("f32", "f64"):  # bit for bit the same on every worker
+        assert all(torch.equal(results[0][name][1], r[name][1]) for r in results)
+    assert set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*"))) == before
+
+
+@pytest.mark.unit
+def test_shared_memory_needs_room(monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(collective.os, "statvfs", lambda _: Full())
+    assert not collective.shared_memory_possible(2, 1 << 20)
+    monkeypatch.setattr(collective.os, "statvfs", lambda _: (_ for _ in ()).throw(OSError()))
+    assert not collective.shared_memory_possible(2, 1 << 20)
