@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "train_relative_error": r.metrics["output_relative_error"],
                "test_relative_error": relative_error(parts, loaded[-1], store, test,
                                                      test_target)}
+        if "train_seconds" in r.metrics:  # learned methods: the training alone, and per step
+            omni = config.quantization.omniquant
+            steps = omni.epochs * -(-args.train // omni.batch_size)
+            row.update({"train_seconds": r.metrics["train_seconds"], "steps": steps,
+                        "train_precision": r.metrics.get("train_precision")})
         print(json.dumps(row), flush=True)
         key = (name, args.block, args.scheme, args.train)
         result["rows"] = [x for x in result["rows"]

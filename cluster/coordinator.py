@@ -204,7 +204,8 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
                             config.calibration.num_samples, config.calibration.seq_len,
                             config.cluster.workers, config.cluster.resolved_schedule,
                             config.cluster.activation_memory_bytes,
-                            psutil.virtual_memory().total // config.cluster.workers)
+                            psutil.virtual_memory().total // config.cluster.workers,
+                            config.eval.block_errors)
 
 
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:

@@ -88,14 +88,16 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     device = device_for(spec, config, workers, shape, model_path)
     result = plan_run(model_config, config.quantization, config.calibration.num_samples,
                       config.calibration.seq_len, workers, schedule,
-                      config.cluster.activation_memory_bytes, device)
+                      config.cluster.activation_memory_bytes, device,
+                      config.eval.block_errors)
     result.update(model=model_path, cluster=dataclasses.asdict(spec))
     if not result["fits"]:
         from pipeline.cost_model import check_memory
 
         check_memory(model_config, config.quantization, config.calibration.num_samples,
                      config.calibration.seq_len, workers, schedule,
-                     config.cluster.activation_memory_bytes, device.memory_bytes)
+                     config.cluster.activation_memory_bytes, device.memory_bytes,
+                     config.eval.block_errors)
     return result
 
 

@@ -22,9 +22,10 @@ from pipeline.config import ConfigError, Method, Optimizer, QuantizationConfig, 
 
 # bytes a Python worker process holds before any block (interpreter, torch, Ray worker)
 PROCESS_BASE_BYTES = 600 * 2**20
-# float32 words moved per weight of a linear in one learned window (about 16 elementwise ops
-# forward: LET, clipping, rounding, fake-quant; about 16 backward; each reads and writes)
-QUANTIZER_PASSES = 64
+# float32 words moved per weight of a linear in one learned step (the fused fake-quant: about
+# 14 elementwise passes forward and 18 backward, each a read and a write; LET's transform and
+# the optimizer's update and clamp about 6 more), once per step whatever the batch
+QUANTIZER_PASSES = 80
 # saved activations per token of one block for backward, in hidden-size units (norms, q/k/v/o
 # inputs and outputs, the residuals) plus intermediate-size units (gate, up, act, product)
 SAVED_HIDDEN_UNITS, SAVED_INTERMEDIATE_UNITS = 12, 5
@@ -118,6 +119,9 @@ class Workload:
     workers: int
     schedule: Schedule
     activation_memory_bytes: int | None = None
+    # the FP stream is carried (`calibration.fp_stream_needed`): learned methods, or
+    # eval.block_errors
+    fp_stream: bool = True
 
 
 def forward_flops(shape: BlockShape, tokens: int, seq_len: int) -> float:
@@ -143,7 +147,8 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
         out["quantize"] = quantize_weights
         return out
     one_pass = forward_flops(shape, tokens, work.seq_len) / device.forward_flops
-    out["streams"] = 2 * one_pass  # the FP targets and the quantized stream
+    # the quantized stream, and the FP targets where the FP stream is carried
+    out["streams"] = (2 if work.fp_stream else 1) * one_pass
     if q.method is Method.RTN:
         out["quantize"] = quantize_weights
     elif q.method is Method.GPTQ:
@@ -200,17 +205,19 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     window_flops = forward_flops(shape, work.seq_len, work.seq_len)
     per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
-    # every step rebuilds the quantized weights once; each window runs forward and backward
-    # and its gradient flows back through the quantizer
-    train = cfg.epochs * share * (per_window + quantizer) + steps * quantizer
+    # each window runs forward and backward; every step builds the quantized weights once and
+    # sends the windows' summed gradient back through the quantizer once
+    train = cfg.epochs * share * per_window + steps * quantizer
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
     if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
         out["gptq"] = sweep_seconds(shape, device)
     if work.schedule is Schedule.DATA_PARALLEL and work.workers > 1:
-        learnable = learnable_params(shape, q)
+        # the summed gradient of the block's quantized tensors, float32 for global batches of
+        # up to two windows, else float64
         ring = 2.0 * (work.workers - 1) / work.workers
-        out["collective"] = steps * learnable * 8 * ring / device.network_bytes
+        width = 4 if cfg.batch_size <= 2 else 8
+        out["collective"] = steps * shape.params * width * ring / device.network_bytes
     return out
 
 
@@ -243,7 +250,8 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
     out = {"process": PROCESS_BASE_BYTES, "block_weights": weights}
     if work.windows:
         stream = share * work.seq_len * shape.hidden * 4
-        streams = 4 * stream  # both streams in and out while a block is worked on
+        # each stream in and out while a block is worked on (the FP one only where carried)
+        streams = (4 if work.fp_stream else 2) * stream
         if work.activation_memory_bytes is not None and dp:
             out["streams_on_disk"] = max(0, streams - work.activation_memory_bytes)
             streams = min(streams, work.activation_memory_bytes)
@@ -340,15 +348,16 @@ def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]
 
 def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
              workers: int, schedule: Schedule, activation_memory_bytes: int | None,
-             device: Device) -> dict[str, Any]:
+             device: Device, block_errors: bool | None = None) -> dict[str, Any]:
     """The pre-flight estimate of one run: per worker memory by part and whether it fits,
     the quantize phase's predicted seconds and each block's."""
     shape, blocks, shared = model_shape(config)
-    from pipeline.calibration import streams_needed
+    from pipeline.calibration import fp_stream_needed, streams_needed
 
-    if windows and not streams_needed(q, None):
+    if windows and not streams_needed(q, block_errors):
         windows = 0
-    work = Workload(windows, seq_len, workers, schedule, activation_memory_bytes)
+    work = Workload(windows, seq_len, workers, schedule, activation_memory_bytes,
+                    fp_stream_needed(q, block_errors))
     est = estimate(shape, blocks, q, work, device, shared)
     memory = sum(v for k, v in est.memory.items() if k != "streams_on_disk")
     return {"blocks": blocks, "workers": workers, "schedule": schedule.value,
@@ -364,12 +373,12 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
 
 def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
                  workers: int, schedule: Schedule, activation_memory_bytes: int | None,
-                 memory_bytes: int) -> dict[str, Any]:
+                 memory_bytes: int, block_errors: bool | None = None) -> dict[str, Any]:
     """Refuse, before any work, a run whose workers would need more memory than each has;
     returns the estimate (rates are not needed for memory)."""
     device = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, memory_bytes)
     result = plan_run(config, q, windows, seq_len, workers, schedule, activation_memory_bytes,
-                      device)
+                      device, block_errors)
     if not result["fits"]:
         parts = sorted(result["memory_per_worker"].items(), key=lambda kv: -kv[1])
         biggest = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts[:3])

@@ -29,11 +29,12 @@ def llama70b_folder(tmp_path):
     return folder
 
 
-def recipe(tmp_path, folder, method="rtn", group_size=128, **extra):
+def recipe(tmp_path, folder, method="rtn", group_size=128, sections=None, **extra):
     path = tmp_path / "r.yaml"
     data = {"model": {"path": str(folder)}, "output": str(tmp_path / "out"),
             "calibration": {"num_samples": 128, "seq_len": 2048},
-            "quantization": {"method": method, "bits": 4, "group_size": group_size, **extra}}
+            "quantization": {"method": method, "bits": 4, "group_size": group_size, **extra},
+            **(sections or {})}
     path.write_text(json.dumps(data))
     return str(path)
 
@@ -90,13 +91,20 @@ def test_more_workers_are_faster_and_hold_fewer_windows(tmp_path):
 
 
 def test_a_plan_that_cannot_fit_exits_2(tmp_path, capsys):
+    """GPTQ at 70B on one A100-40G: with the per-block output errors (an FP stream beside the
+    quantized one) the streams do not fit; without them (GPTQ's default, one stream) they do."""
     folder = llama70b_folder(tmp_path)
-    rc = main(["plan", "--config", recipe(tmp_path, folder, "gptq"),
-               "--cluster", cluster_file(tmp_path, "a100-40g", 1, 1)])
+    device = cluster_file(tmp_path, "a100-40g", 1, 1)
+    rc = main(["plan", "--config", recipe(tmp_path, folder, "gptq", sections={
+        "eval": {"block_errors": True}}), "--cluster", device])
     err = capsys.readouterr().err
     assert rc == 2
     assert "plan: a worker would need" in err and "but has 40.0 GiB (streams" in err
     assert "cluster.activation_memory_bytes" in err
+    assert main(["plan", "--config", recipe(tmp_path, folder, "gptq"), "--cluster", device,
+                 "--json"]) == 0
+    one_stream = json.loads(capsys.readouterr().out)
+    assert one_stream["fits"]
 
 
 def test_bad_cluster_file_is_refused(tmp_path, capsys):
