@@ -34,26 +34,31 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
     chunks are pipelined through the stages (stage k works on chunk c while stage k+1 works on
     chunk c-1)."""
     start = time.perf_counter()
+    busy: list[float] | None = None
     if stages.data_parallel:
         shares = torch.tensor_split(windows, len(stages.actors))
         parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits, lorc)
                         for a, share in zip(stages.actors, shares, strict=True)])
     else:
-        parts = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
+        parts, busy = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
     nll = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     seconds = time.perf_counter() - start
-    log.info("eval %s: %d windows in %.1fs", label, windows.shape[0], seconds)
+    log.info("eval %s: %d windows in %.1fs%s", label, windows.shape[0], seconds,
+             "" if busy is None else
+             " (stages busy " + ", ".join(f"{b:.1f}s" for b in busy) + ")")
     return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
-            "tokens": count, "seconds": seconds}
+            "tokens": count, "seconds": seconds,
+            **({} if busy is None else {"stage_busy_seconds": busy})}
 
 
 def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abits: int,
                      label: str, start: float, lorc: str | None = None
-                     ) -> list[tuple[float, int]]:
+                     ) -> tuple[list[tuple[float, int]], list[float]]:
     """Each chunk through every stage and scored on the last; all chunks submitted at once, so
     Ray runs stage k's chunk c beside stage k+1's chunk c-1 (an actor runs its tasks in
-    submission order). Each stage keeps its blocks loaded for the pass."""
+    submission order). Each stage keeps its blocks loaded for the pass. Returns the chunks'
+    (NLL, tokens) and the seconds each stage spent computing."""
     ids_chunks = split_windows(windows, stages.chunk_size)
     refs = []
     try:
@@ -67,9 +72,10 @@ def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abi
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready)
             report_progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
-        return ray.get(refs)
+        scores = ray.get(refs)
     finally:
-        gather([a.release_blocks.remote() for a in stages.actors])
+        busy = gather([a.release_blocks.remote() for a in stages.actors])
+    return scores, busy
 
 
 def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Tensor],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -42,6 +43,7 @@ class StageActor:
         self.models: dict[tuple[str, str | None], ModelParts] = {}
         self.worker: DataParallelWorker | None = None
         self.resident: dict[tuple[str, str | None], block_pass.ResidentBlocks] = {}
+        self.busy_seconds = 0.0  # computing chunks of the current pipelined pass
 
     def _parts(self, path: str, lorc: str | None = None) -> ModelParts:
         """The model at `path` (with the LoRA adapter folder `lorc` merged, when given)."""
@@ -73,18 +75,34 @@ class StageActor:
 
     def embed_chunk(self, path: str, ids: torch.Tensor, lorc: str | None = None
                     ) -> torch.Tensor:
-        return self._resident(path, lorc).embed(ids)
+        start = time.perf_counter()
+        try:
+            return self._resident(path, lorc).embed(ids)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
 
     def forward_chunk(self, path: str, start: int, end: int, h: torch.Tensor,
                       abits: int = 16, lorc: str | None = None) -> torch.Tensor:
-        return self._resident(path, lorc).forward(start, end, h, abits)
+        began = time.perf_counter()
+        try:
+            return self._resident(path, lorc).forward(start, end, h, abits)
+        finally:
+            self.busy_seconds += time.perf_counter() - began
 
     def score_chunk(self, path: str, h: torch.Tensor, ids: torch.Tensor,
                     lorc: str | None = None) -> tuple[float, int]:
-        return self._resident(path, lorc).score(h, ids)
+        start = time.perf_counter()
+        try:
+            return self._resident(path, lorc).score(h, ids)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
 
-    def release_blocks(self) -> None:
+    def release_blocks(self) -> float:
+        """Ends a pipelined pass: drops the loaded blocks; returns the seconds this stage spent
+        computing chunks during it."""
         self.resident.clear()
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        return busy
 
     def save_streams(self, output: str, boundary: int, fp: list[Any] | None,
                      q: list[Any]) -> None:
