@@ -2,14 +2,16 @@
 full P1 row. The FP stream of the first `--train` calibration windows (and of the last `--test`
 ones, held out) is run through blocks 0..K-1 unquantized; block K is then quantized with each
 variant on the training windows, and its output error relative to the FP block is measured on
-both sets.
+both sets; with `--depth D` also after the next D FP blocks (-1: at the model's last block),
+the error cross-layer learning aims at.
 
     python benchmarks/block_probe.py --block 12 --scheme w3g64 \\
         --variant gptq='{"quantization.method": "gptq"}' \\
         --variant lwc='{"quantization.method": "omniquant", "quantization.omniquant.epochs": 1}'
 
 Each variant is a JSON object of recipe overrides on `p1-rtn-w4` (after the scheme's bits and
-group size). Results go to benchmarks/results/block_probe.json (rows merge by name).
+group size). Results go to benchmarks/results/block_probe.json (rows merge by name, block,
+scheme and training windows).
 """
 from __future__ import annotations
 
@@ -48,6 +50,23 @@ def relative_error(parts: Any, block: torch.nn.Module, store: MemoryStore, input
     return err / ref
 
 
+def through_rest(parts: Any, start: int, stream: list[Any], store: MemoryStore,
+                 depth: int) -> list[Any]:
+    """The stream through the next `depth` FP blocks (-1: to the end of the model)."""
+    end = parts.num_blocks if depth < 0 else min(parts.num_blocks, start + depth)
+    for i in range(start, end):
+        stream = block_pass.forward_block(parts, i, stream, store)
+    return stream
+
+
+def stream_error(got: list[Any], want: list[Any], store: MemoryStore) -> float:
+    err = ref = 0.0
+    for g, w in zip(got, want, strict=True):
+        err += (store.get(g) - store.get(w)).double().pow(2).sum().item()
+        ref += store.get(w).double().pow(2).sum().item()
+    return err / ref
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=12)
@@ -55,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train", type=int, default=32)
     parser.add_argument("--test", type=int, default=16)
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=JSON")
+    parser.add_argument("--depth", type=int, default=0,
+                        help="also the held-out error after this many more FP blocks (-1: "
+                             "the model's last block), where cross-layer learning aims")
     parser.add_argument("--out", default=os.path.join(RESULTS, "block_probe.json"))
     args = parser.parse_args(argv)
     variants = {}
@@ -73,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train = block_pass.forward_block(parts, i, train, store)
         test = block_pass.forward_block(parts, i, test, store)
     test_target = block_pass.forward_block(parts, args.block, test, store)
+    final_target = through_rest(parts, args.block + 1, test_target, store, args.depth)
     result: dict[str, Any] = {"benchmark": "block_probe", "rows": []}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -81,8 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_block = parts.load_block
 
     def keep(index: int) -> torch.nn.Module:
-        loaded.append(load_block(index))
-        return loaded[-1]
+        block = load_block(index)
+        if index == args.block:  # the block being quantized (not a cross-layer neighbour)
+            loaded.append(block)
+        return block
 
     parts.load_block = keep  # type: ignore[method-assign]
     for name, changes in variants.items():
@@ -96,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "train_relative_error": r.metrics["output_relative_error"],
                "test_relative_error": relative_error(parts, loaded[-1], store, test,
                                                      test_target)}
+        if args.depth:
+            out = [store.put(block_pass._run(parts, loaded[-1], store, h)) for h in test]
+            row["depth"] = min(args.depth, parts.num_blocks - 1 - args.block)
+            row["test_relative_error_at_depth"] = stream_error(
+                through_rest(parts, args.block + 1, out, store, args.depth), final_target,
+                store)
         if "train_seconds" in r.metrics:  # learned methods: the training alone, and per step
             omni = config.quantization.omniquant
             steps = omni.epochs * -(-args.train // omni.batch_size)

@@ -96,6 +96,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         **SIGNROUND, **LET, "quantization.omniquant.clip_param": "direct",
         "quantization.omniquant.lwc_lr": 5e-3, "quantization.omniquant.autocast": "bfloat16"}),
 }
+# CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
+# (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning; and both (the p1-cqe-plus-*
+# recipes' settings)
+_BEST = VARIANTS["omniquant_signround_let_direct_bf16"][1]
+SDE_LR = 5e-3  # Δ in units of the singular values (sde.relative), sign gradients
+for _name, _extra in {
+    "cqe_sde_b0": {"quantization.omniquant.sde": {"band": 0, "lr": SDE_LR}},
+    "cqe_sde_b1": {"quantization.omniquant.sde": {"band": 1, "lr": SDE_LR}},
+    "cqe_sde_b2": {"quantization.omniquant.sde": {"band": 2, "lr": SDE_LR}},
+    "cqe_sde_b1_k64": {"quantization.omniquant.sde": {"band": 1, "block": 64, "lr": SDE_LR}},
+    "cqe_cl": {"quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
+    "cqe_plus": {"quantization.omniquant.sde": {"band": 1, "lr": SDE_LR},
+                 "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
+}.items():
+    VARIANTS[_name] = ("p1-omniquant-{scheme}", {**_BEST, **_extra})
 
 
 TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]

@@ -15,7 +15,13 @@ import ray
 import torch
 
 from cluster import progress, runtime
-from cluster.evaluation import evaluate, evaluate_run, pipelined_forward, stream_perplexity  # noqa: F401
+from cluster.evaluation import (  # noqa: F401
+    evaluate,
+    evaluate_run,
+    output_depth_errors,
+    pipelined_forward,
+    stream_perplexity,
+)
 from cluster.schedules import (
     quantize_blocks,
     quantize_blocks_data_free,
@@ -23,7 +29,7 @@ from cluster.schedules import (
     worker_summary,
 )
 from cluster.stages import Stages, absolute, gather, report_progress, start_stages  # noqa: F401
-from pipeline import budget, calibration, compensation, cost_model, storage
+from pipeline import budget, calibration, compensation, cost_model, report_html, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
@@ -235,6 +241,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                  "measure each block's output error)", config.quantization.method.value)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
+    depth_ids = (calibration.eval_windows_for(model_path, config.eval)[: config.eval.depth_errors]
+                 if config.eval.depth_errors else None)
     if config.eval.enabled and config.eval.corpus == config.calibration.corpus:
         log.warning("eval.corpus is the calibration corpus (%s): perplexity on the text the "
                     "method was fitted to flatters it; evaluate on held-out text",
@@ -261,6 +269,12 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             exported = finish_output(config.output, parts, model_path, markers,
                                      config.export.formats, config.quantization.lorc)
             phases["finish"] = time.time() - mark
+            depth = None
+            if depth_ids is not None:
+                mark = time.time()
+                progress.note("phase", "", name="depth errors")
+                depth = output_depth_errors(stages, config, model_path, depth_ids)
+                phases["depth_errors"] = time.time() - mark
             mark = time.time()
             progress.note("phase", "", name="evaluate")
             perplexity = evaluate_run(stages, config, model_path, eval_ids)
@@ -280,6 +294,12 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
               "export": exported,
               "blocks": [{**m["metrics"], "sha256": {k: v["sha256"] for k, v in m["files"].items()}}
                          for m in markers]}
+    if depth is not None:
+        for block, error in zip(report["blocks"], depth, strict=True):
+            block["output_depth_error"] = error
+        report["depth_errors"] = {"corpus": config.eval.corpus,
+                                  "windows": int(depth_ids.shape[0]),  # type: ignore[union-attr]
+                                  "seq_len": config.eval.seq_len}
     report["stages"] = stages.places  # which node and process held which blocks
     if any("workers" in m["metrics"] for m in markers):
         report["workers"] = worker_summary(markers)
@@ -302,4 +322,11 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             "note": "the perplexity includes activation quantization; the checkpoint holds the "
                     "quantized weights only (evaluate it with the same abits)"}
     write_report(config.output, report)
+    try:
+        page = report_html.write_html(config.output, report)
+        if page is not None:
+            log.info("report: %s", page)
+    except Exception as e:  # noqa: BLE001  the JSON report is the record; the page only shows it
+        log.warning("report.html not written (%s: %s); report.json is complete",
+                    type(e).__name__, e)
     return report

@@ -124,6 +124,18 @@ def evaluate_run(stages: Stages, config: RunConfig, model_path: str,
             "seconds": {"fp": fp["seconds"] if fp else None, "quantized": quant["seconds"]}}
 
 
+def output_depth_errors(stages: Stages, config: RunConfig, model_path: str, ids: torch.Tensor
+                        ) -> list[float]:
+    """Each block's error at the model's output depth, on one worker (`eval.depth_errors`)."""
+    adapter = (adapter_folder(config.output) if config.quantization.lorc is not None else None)
+    errors = ray.get(stages.actors[0].depth_errors.remote(
+        model_path, config.output, ids, config.quantization.abits, adapter))
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    log.info("output-depth errors on %d windows: block %d the largest (%.3e), mean %.3e",
+             ids.shape[0], worst + 1, errors[worst], sum(errors) / len(errors))
+    return errors
+
+
 def cached_fp_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
                          eval_config: EvalConfig) -> dict[str, Any]:
     """The FP perplexity from the user cache when this model, these windows and this code

@@ -10,7 +10,15 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import block_pass, budget, checkpoint, data_free, events, sensitivity
+from pipeline import (
+    block_pass,
+    budget,
+    checkpoint,
+    data_free,
+    depth_errors,
+    events,
+    sensitivity,
+)
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective, Solo, TorchCollective
@@ -96,6 +104,16 @@ class StageActor:
             return self._resident(path, lorc).score(h, ids)
         finally:
             self.busy_seconds += time.perf_counter() - start
+
+    def depth_errors(self, model_path: str, output: str, ids: torch.Tensor, abits: int = 16,
+                     lorc: str | None = None) -> list[float]:
+        """Each block's error at the model's output depth (pipeline/depth_errors.py)."""
+        def progress(done: int, total: int) -> None:
+            events.emit("depth_errors", f"output-depth errors: block {done}/{total}",
+                        done=done, total=total)
+
+        return depth_errors.output_depth_errors(self._parts(model_path),
+                                                self._parts(output, lorc), ids, abits, progress)
 
     def release_blocks(self) -> float:
         """Ends a pipelined pass: drops the loaded blocks; returns the seconds this stage spent

@@ -52,6 +52,11 @@ def describe_method(config: RunConfig) -> str:
         parts.append(rounding)
     if o.optimizer.value == "signsgd":
         parts.append("sign-SGD")
+    if o.sde is not None:
+        parts.append(f"SDE band {o.sde.band}" + (f" + {o.sde.block}x{o.sde.block}"
+                                                 if o.sde.block else ""))
+    if o.cross_layer is not None:
+        parts.append(f"cross-layer x{o.cross_layer.depth}")
     return f"omniquant ({', '.join(parts) or 'no learned parameters'}; {o.epochs} epochs)"
 
 

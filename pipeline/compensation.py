@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError, LorcConfig, LorcDtype, QuantizationConfig
+from pipeline.methods.gptq_block import assign_by_cost
+from pipeline.methods.hooks import input_hooks
 from pipeline.methods.lorc import (
     LowRankFactors,
     activation_weighted_factors,
@@ -27,7 +29,6 @@ from pipeline.methods.lorc import (
 )
 from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
-from pipeline.reconstruct import assign_by_cost, input_hooks
 from pipeline.schemes import format_for
 from pipeline.streams import ChunkStore
 

@@ -210,6 +210,19 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     train = cfg.epochs * share * per_window + steps * quantizer
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
+    if cfg.sde is not None:
+        # U Δ Vh per linear once per step, forward and back (3 products of out x r x in), and
+        # each linear's thin SVD once (LAPACK's rate: taken as a twentieth of a GEMM's; not
+        # validated)
+        product = sum(2.0 * o * i * min(o, i) for _, o, i in shape.linears)
+        out["sde"] = steps * 3 * product / device.train_flops + \
+            10 * product / device.forward_flops
+    if cfg.cross_layer is not None:
+        # every window also goes forward and back through the next blocks; their FP targets
+        # are computed once
+        depth = cfg.cross_layer.depth
+        out["cross_layer"] = (cfg.epochs * share * depth * per_window
+                              + depth * share * window_flops / device.forward_flops)
     if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
         out["gptq"] = sweep_seconds(shape, device)
     if work.schedule is Schedule.DATA_PARALLEL and work.workers > 1:
@@ -229,6 +242,9 @@ def learnable_params(shape: BlockShape, q: QuantizationConfig) -> int:
         count += 4 * shape.hidden
     if cfg.rounding is Rounding.LEARNED:
         count += shape.linear_params
+    if cfg.sde is not None:  # the band's vectors and the dense block, per linear
+        band, k = cfg.sde.band, cfg.sde.block
+        count += sum((2 * band + 1) * min(o, i) + min(k, o, i) ** 2 for _, o, i in shape.linears)
     return count
 
 
@@ -273,6 +289,13 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
         # parameter, gradient, float64 sum (2 words), optimizer state, kept best
         out["training_state"] = learnable * 4 * (2 + 2 + state + keep)
         out["quantized_weights"] = 3 * shape.linear_params * 4  # transformed, clipped, fake
+        if q.omniquant.sde is not None:  # U and Vh of every linear, the expanded weights
+            out["sde"] = sum(4 * min(o, i) * (o + i) for _, o, i in shape.linears) + \
+                2 * shape.linear_params * 4
+        if q.omniquant.cross_layer is not None:  # the next blocks (float32) and their targets
+            depth = q.omniquant.cross_layer.depth
+            out["cross_layer"] = depth * (int(shape.params * (4 + shape.stored_bytes_per_param))
+                                          + share * work.seq_len * shape.hidden * 4)
         per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * \
             shape.intermediate
         attention = shape.heads * work.seq_len  # one score row per token and head

@@ -1,23 +1,21 @@
-"""Block reconstruction: the methods that set one block's quantized weights from its two input
-streams, the full-precision one (targets) and the quantized one (what the quantized model sees).
+"""Learned block reconstruction (OmniQuant and what builds on it): learnable clipping (LWC),
+equivalent transforms (LET), learned rounding and CQE+'s singular-value diagonal expansion
+(SDE), trained to minimize the MSE between the quantized block's output on the quantized stream
+and the FP block's output on the FP stream (plus, with `aug_loss`, the FP block's output on the
+quantized stream; with CQE+'s cross-layer learning, the error after the next FP blocks), then
+folded into plain weights and integer parameters. GPTQ's block pass is in
+`pipeline/methods/gptq_block.py`, the forward hooks in `pipeline/methods/hooks.py` (both
+re-exported here).
 
-- `gptq_block`: Hessians of every quantized linear from the quantized stream, then GPTQ.
-- `train_block` (OmniQuant): learnable clipping (LWC) and/or equivalent transforms (LET), trained
-  with AdamW to minimize the MSE between the quantized block's output on the quantized stream
-  and the FP block's output on the FP stream (plus, with `aug_loss`, the FP block's output on
-  the quantized stream), then folded into plain weights and integer parameters.
-
-Every method takes a `Collective`: with several data-parallel workers the training step sums
-their weighted gradients (and losses) after backward and before the optimizer step, and the
-Hessians and statistics are summed over them. Activation quantization (abits < 16) is a forward pre-hook on every quantized linear.
+With several data-parallel workers (a `Collective`) every training step sums the workers'
+gradients (and losses) before the optimizer step.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,173 +25,35 @@ from pipeline import events
 from pipeline.config import ClipParam, GPTQConfig, OmniQuantConfig, QuantizationConfig, Rounding
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
-from pipeline.methods.gptq import Hessian, gptq_quantize
+from pipeline.methods.cross_layer import Downstream, downstream_targets
+from pipeline.methods.gptq import gptq_quantize
+from pipeline.methods.gptq_block import assign_by_cost, collect_hessians, gptq_block
+from pipeline.methods.hooks import (
+    activation_quant,
+    fake_quant_tokens,
+    input_hooks,
+    input_stats,
+    quantized_names,
+)
 from pipeline.methods.let import ActStats, EquivalentTransform
-from pipeline.methods.lwc import ClippingFactors, round_ste
+from pipeline.methods.lwc import ClippingFactors
+from pipeline.methods.sde import SingularExpansion
 from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
 from pipeline.training import Batches, StepGradients, make_optimizer, training_precision
 
+__all__ = ["BlockQuantizer", "TrainingError", "activation_quant", "assign_by_cost",
+           "block_loss", "collect_hessians", "fake_quant_tokens", "gptq_block", "input_hooks",
+           "input_stats", "quantized_names", "train_block"]
+
 log = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
     """Training of one block diverged (NaN/inf loss)."""
 
-
-def fake_quant_tokens(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-token dynamic asymmetric min-max fake-quant (straight-through rounding)."""
-    qmax = 2**bits - 1
-    lo = x.amin(-1, keepdim=True).clamp(max=0)
-    hi = x.amax(-1, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).detach()
-    zero = torch.round(-lo / scale).detach()
-    q = (round_ste(x / scale) + zero).clamp(0, qmax)
-    return (q - zero) * scale
-
-
-@contextlib.contextmanager
-def activation_quant(block: nn.Module, names: list[str], abits: int) -> Iterator[None]:
-    """Fake-quantize the inputs of the named linears while the context is open (no-op at 16)."""
-    if abits >= 16:
-        yield
-        return
-    hooks = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args: (fake_quant_tokens(args[0], abits), *args[1:])) for n in names]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@contextlib.contextmanager
-def input_hooks(block: nn.Module, names: list[str],
-                visit: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    hooks = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: visit(n, args[0])) for n in names]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def input_stats(block: nn.Module, names: list[str]) -> tuple[dict[str, ActStats], Callable]:
-    """Stats dict filled by the visitor that `input_hooks` calls."""
-    stats: dict[str, ActStats] = {}
-
-    def visit(name: str, x: torch.Tensor) -> None:
-        if name not in stats:
-            stats[name] = ActStats.empty(x.shape[-1], x.device)
-        stats[name].update(x)
-
-    return stats, visit
-
-
-def quantized_names(formats: dict[str, AffineFormat | None]) -> list[str]:
-    return [n for n, f in formats.items() if f is not None]
-
-
-# --- GPTQ ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in: list[Any],
-                     store: ChunkStore, abits: int, group: Collective | None = None
-                     ) -> dict[str, torch.Tensor]:
-    """Each named linear's Hessian from the quantized stream through `block` as it is now. The
-    consumers of one norm read the same input and share one Hessian (one tensor). With several
-    data-parallel workers, every worker's sums are added (float64 on CPU, so the total does not
-    depend on how the windows were shared)."""
-    shared: dict[str, str] = {}
-    for _norm, consumers in parts.adapter.norm_to_linears:
-        members = [n for n in consumers if n in names]
-        shared.update({n: members[0] for n in members[1:]})
-    watched = [n for n in names if n not in shared]
-    hessians = {n: Hessian(block.get_parameter(f"{n}.weight").shape[1], parts.device)
-                for n in watched}
-
-    def visit(name: str, x: torch.Tensor) -> None:
-        hessians[name].add(x)
-
-    with activation_quant(block, names, abits), input_hooks(block, watched, visit):
-        for h in q_in:
-            run_block(parts, block, store.get(h).to(parts.device))
-    if group is not None and group.world > 1:
-        counts = torch.tensor([float(h.count) for h in hessians.values()], dtype=torch.float64)
-        group.sum_([h.matrix for h in hessians.values()] + [counts])
-        for h, c in zip(hessians.values(), counts.tolist(), strict=True):
-            h.count = int(c)
-    values = {n: h.value() for n, h in hessians.items()}
-    return {n: values[shared.get(n, n)] for n in names}
-
-
-def assign_by_cost(names: list[str], costs: list[float], workers: int) -> list[int]:
-    """Each name's worker: the most expensive first, each to the least loaded worker (ties to
-    the lowest index), so every worker derives the same assignment."""
-    load = [0.0] * workers
-    owner = [0] * len(names)
-    for i in sorted(range(len(names)), key=lambda i: (-costs[i], i)):
-        w = min(range(workers), key=lambda w: (load[w], w))
-        owner[i] = w
-        load[w] += costs[i]
-    return owner
-
-
-@torch.no_grad()
-def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFormat | None],
-               q_in: list[Any], store: ChunkStore, quantization: QuantizationConfig,
-               dtypes: dict[str, torch.dtype], group: Collective | None = None
-               ) -> tuple[dict[str, QuantizedLinear], dict]:
-    """Quantize the block's linears in place with GPTQ; Hessians from the quantized stream
-    through the still-FP block (linears that read the same input share one Hessian). With
-    several workers, the Hessians are summed over all of them, each linear is solved by one
-    worker (spread by cost: rows x columns^2) and its result broadcast to the others."""
-    group = group or Solo()
-    names = quantized_names(formats)
-    start = time.perf_counter()
-    hessians = collect_hessians(parts, block, names, q_in, store, quantization.abits, group)
-    collected = time.perf_counter() - start
-    shapes = [block.get_parameter(f"{n}.weight").shape for n in names]
-    owners = assign_by_cost(names, [float(r) * c * c for r, c in shapes], group.world)
-    out, damps = {}, {}
-    cfg = quantization.gptq
-    for name, owner in zip(names, owners, strict=True):
-        fmt = formats[name]
-        assert fmt is not None
-        weight = block.get_parameter(f"{name}.weight")
-        # each Hessian is handed over, not kept: freed once its linears are solved (a 70B
-        # down_proj's is 3.3 GB, and the solve holds up to three more)
-        if owner == group.rank:
-            result = gptq_quantize(weight, hessians.pop(name), fmt,
-                                   damp=cfg.damp, block_size=cfg.block_size,
-                                   act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
-            fake, codes = result.weight, result.codes
-            scale, zero = result.qparams.scale, result.qparams.zero_point
-            damp = torch.tensor([result.damp], dtype=torch.float64, device=weight.device)
-        else:
-            del hessians[name]
-            rows, columns = weight.shape
-            groups = fmt.groups(columns)
-            fake, codes = torch.empty_like(weight), torch.empty(
-                rows, columns, dtype=torch.int32, device=weight.device)
-            scale, zero = (torch.empty(rows, groups, device=weight.device) for _ in range(2))
-            damp = torch.empty(1, dtype=torch.float64, device=weight.device)
-        if group.world > 1:
-            group.broadcast_([fake, codes, scale, zero, damp], owner)
-        weight.copy_(fake)
-        damps[name] = float(damp.item())
-        out[name] = QuantizedLinear(codes.cpu(), QuantParams(scale.cpu(), zero.cpu()), fmt)
-    raised = {n: d for n, d in damps.items() if d != cfg.damp}
-    if raised:
-        log.info("GPTQ: damping raised for %s", raised)
-    return out, {"hessian_seconds": collected,
-                 "gptq_seconds": time.perf_counter() - start - collected,
-                 "damp": max(damps.values(), default=cfg.damp)}
-
-
-# --- OmniQuant ----------------------------------------------------------------------------------
 
 class BlockQuantizer(nn.Module):
     """The learnable parameters of one block and the map to its fake-quantized tensors."""
@@ -217,6 +77,12 @@ class BlockQuantizer(nn.Module):
             clip.low.requires_grad_(cfg.lwc)
         self.let = (EquivalentTransform(block, parts.adapter, parts.hf_config, stats, cfg.alpha,
                                         shift=abits < 16) if cfg.let else None)
+        sde = cfg.sde
+        self.sde = (nn.ModuleDict({
+            n.replace(".", "__"): SingularExpansion(self.base[f"{n}.weight"], sde.band,
+                                                    sde.block, sde.relative)
+            for n in self.names}) if sde is not None else None)
+        self.sde_penalty = sde.penalty if sde is not None else 0.0
 
     def clip(self, name: str) -> ClippingFactors:
         return self.clips[name.replace(".", "__")]  # type: ignore[return-value]
@@ -231,7 +97,19 @@ class BlockQuantizer(nn.Module):
         offsets = [c.offset for c in self.clips.values() if c.offset is not None]
         if offsets:
             out.append({"params": offsets, "lr": cfg.round_lr})
+        if self.sde is not None and cfg.sde is not None:
+            out.append({"params": [p for e in self.sde.values()
+                                   for p in e.learnable()],  # type: ignore[operator]
+                        "lr": cfg.sde.lr})
         return out
+
+    def penalty(self) -> torch.Tensor | None:
+        """SDE's penalty: its weight times the sum over the linears of ||ΔW||^2 / ||W||^2
+        (None without one)."""
+        if self.sde is None or not self.sde_penalty:
+            return None
+        return self.sde_penalty * sum(e.relative_change()  # type: ignore[operator]
+                                      for e in self.sde.values())
 
     @torch.no_grad()
     def start_rounding_at_gptq_(self, hessians: dict[str, torch.Tensor], gptq: GPTQConfig,
@@ -256,8 +134,13 @@ class BlockQuantizer(nn.Module):
             self.clip(name).clamp_()
 
     def transformed(self) -> dict[str, torch.Tensor]:
-        """The block's tensors after LET (not quantized)."""
-        return self.let.transform(self.base) if self.let is not None else dict(self.base)
+        """The block's tensors after SDE's expansion and LET (not quantized)."""
+        t = dict(self.base)
+        if self.sde is not None:
+            for n in self.names:
+                key = f"{n}.weight"
+                t[key] = self.sde[n.replace(".", "__")].expand(t[key])  # type: ignore[operator]
+        return self.let.transform(t) if self.let is not None else t
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The block's tensors after LET and differentiable fake-quant."""
@@ -293,12 +176,18 @@ class BlockQuantizer(nn.Module):
 
 
 def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Tensor] | None,
-               batch: list[torch.Tensor]) -> torch.Tensor:
-    """MSE of the block on batch[0] against the FP target batch[1] (+ batch[2], aug_loss)."""
-    out = run_block(parts, block, batch[0].float(), tensors).float()
-    loss = torch.nn.functional.mse_loss(out, batch[1].float())
-    if len(batch) > 2:
-        loss = loss + torch.nn.functional.mse_loss(out, batch[2].float())
+               batch: list[torch.Tensor], downstream: Downstream | None = None) -> torch.Tensor:
+    """MSE of the block on batch[0] against the FP target batch[1] (+ batch[2], aug_loss);
+    with `downstream` (cross-layer learning), the last len(downstream.blocks) entries of the
+    batch are the next blocks' FP outputs and their weighted error is added."""
+    down = len(downstream.blocks) if downstream is not None else 0
+    own = batch[: len(batch) - down]
+    out = run_block(parts, block, own[0].float(), tensors).float()
+    loss = torch.nn.functional.mse_loss(out, own[1].float())
+    if len(own) > 2:
+        loss = loss + torch.nn.functional.mse_loss(out, own[2].float())
+    if downstream is not None and down:
+        loss = loss + downstream.loss(parts, out, batch[len(batch) - down:])
     return loss
 
 
@@ -313,6 +202,16 @@ def probe_loss(parts: ModelParts, block: nn.Module,
     return sum_scalars(group, [local])[0]
 
 
+def sde_metrics(model: BlockQuantizer) -> dict[str, Any]:
+    """How far SDE moved the block's weights: the largest ||ΔW||_F / ||W||_F over its
+    linears."""
+    if model.sde is None:
+        return {}
+    with torch.no_grad():
+        change = max(float(e.relative_change().sqrt()) for e in model.sde.values())
+    return {"sde_relative_change": change}
+
+
 def train_block(parts: ModelParts, index: int, block: nn.Module,
                 formats: dict[str, AffineFormat | None], q_in: list[Any], targets: list[Any],
                 aug_targets: list[Any] | None, stats: dict[str, ActStats],
@@ -325,7 +224,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     several data-parallel workers (`group`), each holds the windows of `share` and every step
     sums their gradients, weighted by their share of the global batch, before the update.
     `references`, when given, is filled with each quantized linear's FP weight after the
-    learned transform (LET), the basis the exported weights live in (for LoRC)."""
+    learned transforms (SDE, LET), the basis the exported weights live in (for LoRC). With
+    cross-layer learning the next blocks are read from storage and the FP targets pushed
+    through them once, before training."""
     cfg = quantization.omniquant
     group = group or Solo()
     if share is None:
@@ -342,12 +243,17 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     step = StepGradients(group)
     best: tuple[float, list[torch.Tensor]] | None = None
     best_step = -1
-    streams = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
+    own = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
+    downstream = (Downstream.load(parts, index, cfg.cross_layer)
+                  if cfg.cross_layer is not None else None)
+    streams = own + (downstream_targets(parts, downstream, targets, store)
+                     if downstream is not None else [])
     names = model.names
     epoch_losses: list[float] = []
     start = time.perf_counter()
     probe_total = min(16, share.total)
-    probe = next(iter(Batches(streams, store, [share.count_below(probe_total)], parts.device)))
+    # the probe measures the block's own loss (comparable with and without cross-layer terms)
+    probe = next(iter(Batches(own, store, [share.count_below(probe_total)], parts.device)))
     probe_weight = len(probe[0]) / probe_total if probe else 0.0
     sizes, totals = share.batch_sizes(cfg.batch_size), share.batch_totals(cfg.batch_size)
     unreached = None
@@ -369,9 +275,13 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 for w in range(size):
                     with precision.autocast():
                         loss = block_loss(parts, block, tensors,
-                                          [t[w:w + 1] for t in batch]) / whole
+                                          [t[w:w + 1] for t in batch], downstream) / whole
                     step.add(loss, scaler.scale(loss) if scaler is not None else loss)
                 value = step.finish()  # the global batch's loss; gradients set
+                penalty = model.penalty()
+                if penalty is not None:  # the same on every worker: added after the sum
+                    (scaler.scale(penalty) if scaler is not None else penalty).backward()
+                    value += float(penalty.item())
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
@@ -420,6 +330,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses),
                                "train_precision": precision.name,
+                               **sde_metrics(model),
+                               **({"cross_layer_blocks": downstream.indices}
+                                  if downstream is not None else {}),
                                "loss_before": loss_before, "loss_after": loss_after,
                                "loss_windows": probe_total}
     if epoch_losses:

@@ -19,13 +19,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("loc
 
 def run_config(model, output, train, test, workers, bits=4, group_size=16, symmetric=False,
                eval_enabled=True, formats=("compressed-tensors",), schedule=None,
-               block_errors=None):
+               block_errors=None, depth_errors=0):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": output, "export": {"formats": list(formats)},
         "calibration": {"corpus": train, "num_samples": 12, "seq_len": 32, "seed": 0},
         "quantization": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
         "eval": {"corpus": test, "seq_len": 32, "max_windows": 20, "enabled": eval_enabled,
-                 "block_errors": block_errors},
+                 "block_errors": block_errors, "depth_errors": depth_errors},
         "cluster": {"workers": workers, "chunk_size": 5, "schedule": schedule}})
 
 
@@ -81,6 +81,26 @@ def test_workers_give_bit_identical_weights(tiny_model, corpus_files, tmp_path, 
 
 
 @torch.no_grad()
+def one_block_at_a_time(model, out, windows):
+    """Output-depth errors the slow way: for each block, the whole model run with only that
+    block quantized, compared at the last block's output with the FP model."""
+    from pipeline.model_parts import embed, run_block
+    from pipeline.plan import open_model
+
+    fp, quantized = open_model(model), open_model(out)
+
+    def last_hidden(swap):
+        h = embed(fp, fp.load_embedding(), windows)
+        for i in range(fp.num_blocks):
+            h = run_block(fp, (quantized if i == swap else fp).load_block(i), h)
+        return h.double()
+
+    reference = last_hidden(None)
+    return [((last_hidden(i) - reference).pow(2).sum() / reference.pow(2).sum()).item()
+            for i in range(fp.num_blocks)]
+
+
+@torch.no_grad()
 def transformers_perplexity(folder, windows):
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +127,8 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
 
     model = tiny_model(arch)
     out = str(tmp_path / "out")
-    config = run_config(model, out, *corpus_files, workers=2, block_errors=True)
+    config = run_config(model, out, *corpus_files, workers=2, block_errors=True,
+                        depth_errors=3)
     report = quantize(config)
     saved = json.load(open(os.path.join(out, "report.json")))
     assert saved["perplexity"] == report["perplexity"]
@@ -121,6 +142,14 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
         assert block["seconds"] > 0 and block["peak_rss_bytes"] > 0
         assert 0 < block["output_relative_error"] < 1
     assert_documented(report)
+    # each block's error at the output depth: one block quantized at a time, the rest FP
+    assert report["depth_errors"]["windows"] == 3
+    depth = [b["output_depth_error"] for b in report["blocks"]]
+    windows = eval_windows_for(model, config.eval)[:3]
+    assert depth == pytest.approx(one_block_at_a_time(model, out, windows), rel=1e-6)
+    assert all(e > 0 for e in depth)
+    page = open(os.path.join(out, "report.html")).read()
+    assert page.count("data:image/png;base64,") >= 3  # output error, depth error, time
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["config"]["quantization"]["group_size"] == 16
     assert len(manifest["fingerprint"]["calibration_sha256"]) == 64
@@ -233,3 +262,12 @@ def test_bias_correction_end_to_end(tiny_model, corpus_files, tmp_path):
     changed = [k for k in exported if k.endswith("fc2.bias") and k in original
                and not torch.equal(exported[k], original[k])]
     assert changed
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_depth_errors_must_be_a_window_count(value):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval\.depth_errors"):
+        build_config(EvalConfig, {"depth_errors": value}, "eval")

@@ -95,8 +95,8 @@ def test_bfloat16_autocast_trains_the_block_matmuls_in_bfloat16(tiny_model):
 
     real = reconstruct.block_loss
 
-    def spy(parts_, block, tensors, batch):
-        loss = real(parts_, block, tensors, batch)
+    def spy(parts_, block, tensors, batch, *rest):
+        loss = real(parts_, block, tensors, batch, *rest)
         seen.setdefault(mode, set()).add(torch.get_autocast_dtype("cpu")
                                          if torch.is_autocast_enabled("cpu") else torch.float32)
         return loss

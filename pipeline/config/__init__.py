@@ -14,6 +14,7 @@ from pipeline.config.quantization import (
     Autocast,
     BudgetConfig,
     ClipParam,
+    CrossLayerConfig,
     Distortion,
     GPTQConfig,
     LorcConfig,
@@ -24,6 +25,7 @@ from pipeline.config.quantization import (
     Optimizer,
     QuantizationConfig,
     Rounding,
+    SDEConfig,
 )
 from pipeline.config.run import (
     VLLM_ASYMMETRIC_BITS,
@@ -52,6 +54,7 @@ __all__ = [
     "ClipParam",
     "ClusterConfig",
     "ConfigError",
+    "CrossLayerConfig",
     "Device",
     "Distortion",
     "EvalConfig",
@@ -69,6 +72,7 @@ __all__ = [
     "QuantizationConfig",
     "Rounding",
     "RunConfig",
+    "SDEConfig",
     "Schedule",
     "check_module_pattern",
     "check_ray_address",

@@ -63,6 +63,48 @@ class GPTQConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SDEConfig:
+    """CQE+'s singular-value diagonal expansion: every quantized linear's weight is trained as
+    U (diag(S) + Δ) Vh, Δ on a band of diagonals (plus an optional dense block over the largest
+    singular directions), starting at 0 (pipeline/methods/sde.py)."""
+
+    band: int = 1  # off-diagonals on each side of Δ's diagonal (0 with block 0: LSI)
+    block: int = 0  # k: a dense k x k correction over the k largest singular directions
+    lr: float = 2e-4  # learning rate of Δ (LSI's, with AdamW)
+    # Δ's entry (i, j) in units of sqrt(S_i S_j) (one rate moves every layer by the same
+    # fraction); false: absolute (LSI's parametrization)
+    relative: bool = True
+    # weight of the penalty sum over the linears of ||ΔW||_F^2 / ||W||_F^2, added to each
+    # step's loss: keeps the weights near the original (0: none)
+    penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        where = "quantization.omniquant.sde"
+        for name in ("band", "block"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                     f"{where}.{name}: {value!r}; must be an integer >= 0")
+        _require(self.lr > 0, f"{where}.lr: {self.lr}; must be > 0")
+        _require(self.penalty >= 0, f"{where}.penalty: {self.penalty}; must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossLayerConfig:
+    """CQE+'s cross-layer learning: while a block trains, its output also goes through the next
+    `depth` blocks (full precision, frozen, read from storage), and the loss adds `weight` times
+    the error there against their FP outputs (pipeline/methods/cross_layer.py)."""
+
+    weight: float = 1.0  # of each downstream block's error in the loss
+    depth: int = 1  # how many blocks ahead (1 or 2); the model's last blocks use what exists
+
+    def __post_init__(self) -> None:
+        where = "quantization.omniquant.cross_layer"
+        _require(self.weight >= 0, f"{where}.weight: {self.weight}; must be >= 0")
+        _require(self.depth in (1, 2), f"{where}.depth: {self.depth!r} is not allowed; "
+                 "choose 1 or 2")
+
+
+@dataclasses.dataclass(frozen=True)
 class OmniQuantConfig:
     lwc: bool = True  # learnable weight clipping
     let: bool = False  # learnable equivalent transformation
@@ -95,12 +137,20 @@ class OmniQuantConfig:
     # the quantizer and the loss stay float32); the probes, the fold and the streams are
     # unaffected
     autocast: Autocast = Autocast.AUTO
+    # CQE+'s singular-value diagonal expansion (null: off)
+    sde: SDEConfig | None = None
+    # CQE+'s cross-layer learning (null: off)
+    cross_layer: CrossLayerConfig | None = None
 
     def __post_init__(self) -> None:
         where = "quantization.omniquant"
-        _require(self.lwc or self.let or self.rounding is Rounding.LEARNED,
-                 f"{where}: lwc and let are both false and rounding is not learned; enable at "
-                 "least one, or use quantization.method rtn")
+        _require(self.lwc or self.let or self.rounding is Rounding.LEARNED
+                 or self.sde is not None,
+                 f"{where}: lwc and let are both false, rounding is not learned and sde is "
+                 "null; enable at least one, or use quantization.method rtn")
+        _require(self.sde is None or self.round_init == "nearest",
+                 f"{where}.round_init: gptq cannot be combined with sde (the offsets reproduce "
+                 "GPTQ's codes of the unexpanded weight); use nearest")
         _require(self.epochs >= 0, f"{where}.epochs: {self.epochs}; must be >= 0")
         _require(self.batch_size >= 1, f"{where}.batch_size: {self.batch_size}; must be >= 1")
         for name in ("lwc_lr", "let_lr", "round_lr"):

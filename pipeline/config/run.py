@@ -96,9 +96,18 @@ class EvalConfig:
     # an FP stream (a forward pass per block and its memory) or, for data-free RTN, streaming
     # the calibration at all
     block_errors: bool | None = None
+    # each block's error carried to the model's output depth (its quantized output through the
+    # FP blocks after it, against the FP model's last hidden state), measured on this many of
+    # the evaluation windows after quantizing; 0: off. Costs about (blocks / 2 + 2) forward
+    # passes of the model over those windows (pipeline/depth_errors.py)
+    depth_errors: int = 0
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"eval.seq_len: {self.seq_len}; must be >= 2")
+        _require(isinstance(self.depth_errors, int) and not isinstance(self.depth_errors, bool)
+                 and self.depth_errors >= 0,
+                 f"eval.depth_errors: {self.depth_errors!r}; must be an integer >= 0 (windows; "
+                 "0: off)")
         _require(self.max_windows is None or self.max_windows >= 1,
                  f"eval.max_windows: {self.max_windows}; must be >= 1 or null (all windows)")
 
