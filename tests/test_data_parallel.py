@@ -191,6 +191,37 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
 @cluster
 @pytest.mark.cluster
 @pytest.mark.e2e
+def test_cqe_plus_on_two_workers_matches_one(tiny_model, corpus_files, tmp_path):
+    """SDE (band, dense block, penalty) and cross-layer learning on 2 data-parallel workers:
+    the weights within 1e-5 relative of one worker's, the same best steps; each worker reads
+    the next block from storage itself."""
+    model = tiny_model("llama")
+    quantization = _learned("signsgd", 2)
+    quantization["omniquant"].update(
+        sde={"band": 1, "block": 4, "lr": 5e-3, "penalty": 0.01},
+        cross_layer={"weight": 1.0, "depth": 1})
+    reports, weights = {}, {}
+    for workers in (1, 2):
+        out = str(tmp_path / f"w{workers}")
+        reports[workers] = quantize(run_config(model, out, *corpus_files, workers,
+                                               schedule="data_parallel" if workers > 1
+                                               else None, **quantization))
+        weights[workers] = fake_quant(out)
+    for name, ref in weights[1].items():
+        diff = (weights[2][name].double() - ref.double()).norm()
+        assert diff <= 1e-5 * ref.double().norm(), name
+    for mine, theirs in zip(reports[2]["blocks"], reports[1]["blocks"], strict=True):
+        assert mine["best_step"] == theirs["best_step"]
+        assert mine["cross_layer_blocks"] == theirs["cross_layer_blocks"]
+        assert mine["sde_relative_change"] == pytest.approx(theirs["sde_relative_change"],
+                                                            rel=1e-4)
+    assert reports[1]["blocks"][-1]["cross_layer_blocks"] == []
+    assert_documented(reports[2])
+
+
+@cluster
+@pytest.mark.cluster
+@pytest.mark.e2e
 def test_resume_across_schedules_is_byte_identical(tiny_model, corpus_files, tmp_path):
     """A run with its last blocks unfinished resumes in the other schedule (and on another
     worker count) with the same bytes; evaluation agrees on every schedule."""

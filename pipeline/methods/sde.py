@@ -20,13 +20,27 @@ import torch
 from torch import nn
 
 
+def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `w`. On the CPU on one thread: LAPACK's blocked SVD rounds differently with
+    the thread count, and every data-parallel worker (whatever its threads) must start from the
+    same U and Vh to take the same steps as one worker."""
+    if w.device.type != "cpu":
+        return torch.linalg.svd(w, full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.svd(w, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class SingularExpansion(nn.Module):
     """Δ for one linear and the weight change U Δ Vh it makes."""
 
     def __init__(self, weight: torch.Tensor, band: int, block: int, relative: bool = True):
         super().__init__()
         w = weight.detach().float()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = thin_svd(w)
         r = s.shape[0]
         self.rank = r
         self.band = min(band, r - 1)
