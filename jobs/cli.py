@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the model's LoRC adapter (MODEL/lorc/), which is otherwise "
                         "merged into the weights when present")
     e.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    e.add_argument("--tasks", default=None, metavar="TASK[,TASK...]",
+                   help="lm-eval tasks instead of perplexity (optional extra: pip install -e "
+                        "'.[tasks]'; the tasks' data must be on this machine)")
+    e.add_argument("--limit", type=int, default=None, help="--tasks: examples per task")
+    e.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples")
+    e.add_argument("--batch-size", type=int, default=1, help="--tasks: batch size")
+    e.add_argument("--include-path", default=None,
+                   help="--tasks: a folder of task YAMLs (e.g. with local data files)")
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("status", help="what a run has done so far")
     s.add_argument("output")
@@ -119,7 +127,31 @@ def quantize_command(args: argparse.Namespace) -> int:
     return run_guarded(lambda: run_quantize(args), args.json, summarize)
 
 
+def tasks_command(args: argparse.Namespace) -> int:
+    def action() -> dict[str, Any]:
+        from pipeline.assets import resolve_model_path
+        from pipeline.tasks import run_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ConfigError("--tasks: give at least one lm-eval task name")
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError(f"--limit: {args.limit}; must be >= 1")
+        return run_tasks(resolve_model_path(args.model), tasks, args.limit, args.num_fewshot,
+                         args.batch_size, args.include_path, lorc=not args.no_lorc)
+
+    def summary(r: dict[str, Any]) -> str:
+        return "; ".join(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                 if "stderr" not in k)
+                         for task, metrics in r["tasks"].items())
+
+    return run_guarded(action, args.json, summary)
+
+
 def eval_command(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return tasks_command(args)
+
     def action() -> dict[str, Any]:
         from cluster.coordinator import evaluate
 

@@ -195,7 +195,7 @@ def test_cqe_plus_on_two_workers_matches_one(tiny_model, corpus_files, tmp_path)
     """SDE (band, dense block, penalty) and cross-layer learning on 2 data-parallel workers:
     the weights within 1e-5 relative of one worker's, the same best steps; each worker reads
     the next block from storage itself."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", 2)  # block 0 reads block 1; block 1 is the last
     quantization = _learned("signsgd", 2)
     quantization["omniquant"].update(
         sde={"band": 1, "block": 4, "lr": 5e-3, "penalty": 0.01},

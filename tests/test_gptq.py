@@ -38,3 +38,32 @@ def test_lean_solve_equals_the_textbook_one_and_leaves_the_hessian(act_order):
     upper, _ = gptq._inverse_factor(fixed, 0.01)
     assert torch.equal(upper, expected)
     assert torch.equal(got.weight[:, 5], torch.zeros(40))  # the dead column is zeroed
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("columns", [100, 512, 600, 1100])
+def test_gram_from_the_upper_blocks_is_x_transpose_x(columns):
+    g = torch.Generator().manual_seed(columns)
+    x = torch.randn(64, columns, generator=g)
+    got = gptq.gram(x, block=512)
+    exact = x.double().T @ x.double()
+    assert torch.equal(got, got.T)  # mirrored, exactly symmetric
+    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.unit
+def test_hessian_sums_one_float32_product_per_window_in_float64():
+    """The same windows in one chunk or in two (as two workers or chunk sizes would split
+    them) give the same per-window products; the float64 sum is within rounding of the exact
+    one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, 700, generator=g)
+    whole, split = gptq.Hessian(700), gptq.Hessian(700)
+    whole.add(x)
+    split.add(x[:2])
+    split.add(x[2:])
+    assert whole.dtype == torch.float64 and whole.count == 6 * 32
+    assert torch.allclose(whole.value(), split.value(), rtol=1e-15, atol=1e-15)
+    rows = x.reshape(-1, 700).double()
+    exact = 2 / rows.shape[0] * rows.T @ rows
+    assert torch.allclose(whole.value(), exact, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def code_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+    return re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def commands() -> list[list[str]]:
@@ -67,7 +67,7 @@ def test_every_recipe_file_target_and_module_shown_exists():
             if word.endswith((".py", ".yaml")) and "/" in word and "..." not in word:
                 assert (ROOT / word).exists(), word
         if words[:1] == ["make"]:
-            assert re.search(rf"^{re.escape(words[1])}:", makefile, re.M), words
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, re.MULTILINE), words
         if words[:2] == ["python", "-m"]:
             module = words[2].replace(".", "/")
             assert (ROOT / f"{module}.py").exists() or (ROOT / module).is_dir(), words

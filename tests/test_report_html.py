@@ -66,4 +66,5 @@ def test_plots_without_data_are_left_out():
 def test_written_next_to_the_json(tmp_path):
     path = report_html.write_html(str(tmp_path), report())
     assert path.endswith("report.html")
-    assert len(images(open(path).read())) == 6
+    with open(path) as f:
+        assert len(images(f.read())) == 6

@@ -34,8 +34,31 @@ def sweep_dtype(device: torch.device | str, columns: int = 0) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" and not wide else torch.float32
 
 
+# the column blocks of `gram`: products of blocks on or above the diagonal only
+GRAM_BLOCK = 512
+
+
+def gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """x^T x from the products of column blocks on and above the diagonal, the blocks below
+    mirrored: (k + 1) / 2k of the multiplications for k blocks (two thirds at 1536 columns)."""
+    n = x.shape[1]
+    if n <= block:
+        return x.T @ x
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    starts = list(range(0, n, block))
+    for a in starts:
+        rows = x[:, a : a + block]
+        upper = rows.T @ x[:, a:]
+        out[a : a + block, a:] = upper
+        out[a + block :, a : a + block] = upper[:, block:].T
+    return out
+
+
 class Hessian:
-    """Running H = 2/n sum x x^T over the rows of every input batch seen."""
+    """Running H = 2/n sum x x^T over the rows of every input batch seen. A float64 matrix
+    (CPU) sums float32 products, one per window (the batch's leading dimension): a window's
+    product is the same whichever chunk or data-parallel worker holds it, and float32 halves
+    the cost of the products, which dominate GPTQ on the CPU."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         self.dtype = sweep_dtype(device, columns)
@@ -43,9 +66,11 @@ class Hessian:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
-        self.matrix += x.T @ x
-        self.count += x.shape[0]
+        x = x.detach()
+        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)
+        for window in windows:
+            self.matrix += gram(window.float()).to(self.dtype)
+        self.count += windows.shape[0] * windows.shape[1]
 
     def value(self) -> torch.Tensor:
         return (2.0 / max(self.count, 1)) * self.matrix
