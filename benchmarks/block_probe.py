@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                      test_target)}
         if args.depth:
             out = [store.put(block_pass._run(parts, loaded[-1], store, h)) for h in test]
-            row["depth"] = min(args.depth, parts.num_blocks - 1 - args.block)
+            rest = parts.num_blocks - 1 - args.block
+            row["depth"] = rest if args.depth < 0 else min(args.depth, rest)
             row["test_relative_error_at_depth"] = stream_error(
                 through_rest(parts, args.block + 1, out, store, args.depth), final_target,
                 store)

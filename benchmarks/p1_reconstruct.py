@@ -97,18 +97,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.omniquant.lwc_lr": 5e-3, "quantization.omniquant.autocast": "bfloat16"}),
 }
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
-# (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning; and both (the p1-cqe-plus-*
-# recipes' settings)
+# (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
+# setting); and both. Learning rates from P1's block 12 (benchmarks/block_probe.py)
 _BEST = VARIANTS["omniquant_signround_let_direct_bf16"][1]
-SDE_LR = 5e-3  # Δ in units of the singular values (sde.relative), sign gradients
+SDE_LR = 1e-3  # Δ in units of the singular values (sde.relative), sign gradients
 for _name, _extra in {
-    "cqe_sde_b0": {"quantization.omniquant.sde": {"band": 0, "lr": SDE_LR}},
+    "cqe_sde_b0": {"quantization.omniquant.sde": {"band": 0, "lr": 5e-3}},
     "cqe_sde_b1": {"quantization.omniquant.sde": {"band": 1, "lr": SDE_LR}},
     "cqe_sde_b2": {"quantization.omniquant.sde": {"band": 2, "lr": SDE_LR}},
     "cqe_sde_b1_k64": {"quantization.omniquant.sde": {"band": 1, "block": 64, "lr": SDE_LR}},
-    "cqe_cl": {"quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
-    "cqe_plus": {"quantization.omniquant.sde": {"band": 1, "lr": SDE_LR},
-                 "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
+    "cqe_plus": {"quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
+    "cqe_plus_sde_b0": {"quantization.omniquant.sde": {"band": 0, "lr": 5e-3},
+                        "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
 }.items():
     VARIANTS[_name] = ("p1-omniquant-{scheme}", {**_BEST, **_extra})
 

@@ -67,3 +67,22 @@ def test_hessian_sums_one_float32_product_per_window_in_float64():
     rows = x.reshape(-1, 700).double()
     exact = 2 / rows.shape[0] * rows.T @ rows
     assert torch.allclose(whole.value(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_hessian_bits_do_not_depend_on_the_thread_count():
+    """float32 GEMMs round differently with the thread count; the Hessian must not (a worker
+    of 1 thread and one of 2 produce the same codes)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 512, 1536, generator=g)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            h = gptq.Hessian(1536)
+            h.add(x)
+            got.append(h.matrix)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1])

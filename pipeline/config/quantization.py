@@ -70,7 +70,8 @@ class SDEConfig:
 
     band: int = 1  # off-diagonals on each side of Δ's diagonal (0 with block 0: LSI)
     block: int = 0  # k: a dense k x k correction over the k largest singular directions
-    lr: float = 2e-4  # learning rate of Δ (LSI's, with AdamW)
+    # learning rate of Δ (relative units; LSI used 2e-4 on absolute ones, with AdamW)
+    lr: float = 1e-3
     # Δ's entry (i, j) in units of sqrt(S_i S_j) (one rate moves every layer by the same
     # fraction); false: absolute (LSI's parametrization)
     relative: bool = True

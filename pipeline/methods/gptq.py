@@ -68,8 +68,19 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)
-        for window in windows:
-            self.matrix += gram(window.float()).to(self.dtype)
+        # on the CPU the products run on one thread: float32 GEMMs round differently with the
+        # thread count, and a worker of any thread count must produce the same Hessian (one
+        # thread in float32 is still faster than two in float64)
+        threads = torch.get_num_threads()
+        single = x.device.type == "cpu" and threads > 1
+        if single:
+            torch.set_num_threads(1)
+        try:
+            for window in windows:
+                self.matrix += gram(window.float()).to(self.dtype)
+        finally:
+            if single:
+                torch.set_num_threads(threads)
         self.count += windows.shape[0] * windows.shape[1]
 
     def value(self) -> torch.Tensor:
