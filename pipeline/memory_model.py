@@ -1,0 +1,98 @@
+"""The memory side of the cost model (`pipeline/cost_model.py`): the bytes one worker holds at
+its peak, by part (process, block weights, streams, Hessians, training state, activations),
+from the block's shapes, the recipe and the workload alone."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from pipeline.config import Method, Optimizer, QuantizationConfig, Rounding, Schedule
+
+if TYPE_CHECKING:
+    from pipeline.cost_model import BlockShape, Device, Workload
+
+# bytes a Python worker process holds before any block (interpreter, torch, Ray worker)
+PROCESS_BASE_BYTES = 600 * 2**20
+# saved activations per token of one block for backward, in hidden-size units (norms, q/k/v/o
+# inputs and outputs, the residuals) plus intermediate-size units (gate, up, act, product)
+SAVED_HIDDEN_UNITS, SAVED_INTERMEDIATE_UNITS = 12, 5
+# the data-free path's float32 slice of rows and its quantizer temporaries (codes, scaled copy,
+# packing's int64 words): pipeline/data_free.SLICE_VALUES weights, about 6 words each
+DATA_FREE_SLICE_BYTES = (1 << 24) * 4 * 6
+
+
+def hessian_float64(device: Device, columns: int) -> bool:
+    """GPTQ's rule (`pipeline.methods.gptq.sweep_dtype`): float64 on CPU unless the matrix
+    would exceed FLOAT64_HESSIAN_BYTES."""
+    from pipeline.methods.gptq import FLOAT64_HESSIAN_BYTES
+
+    return device.gptq_float64 and columns * columns * 8 <= FLOAT64_HESSIAN_BYTES
+
+
+def learnable_params(shape: BlockShape, q: QuantizationConfig) -> int:
+    cfg = q.omniquant
+    groups = sum(o * (i // (q.group_size or i)) for _, o, i in shape.linears)
+    count = 2 * groups if cfg.lwc else 0
+    if cfg.let:
+        count += 4 * shape.hidden
+    if cfg.rounding is Rounding.LEARNED:
+        count += shape.linear_params
+    if cfg.sde is not None:  # the band's vectors and the dense block, per linear
+        band, k = cfg.sde.band, cfg.sde.block
+        count += sum((2 * band + 1) * min(o, i) + min(k, o, i) ** 2 for _, o, i in shape.linears)
+    return count
+
+
+def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
+                  shared_hessians: list[list[str]], device: Device) -> dict[str, int]:
+    """Bytes one worker holds at its peak, by part."""
+    dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
+    share = math.ceil(work.windows / work.workers) if dp else work.windows
+    if not work.windows:
+        # data-free: one stored linear, one slice of its rows in float32 with the quantizer's
+        # temporaries, and the block's packed output (pipeline/data_free.py)
+        largest = max(o * i for _, o, i in shape.linears)
+        packed = shape.linear_params * (q.bits / 8 + 0.1) + (shape.params -
+                                                             shape.linear_params) * 4
+        return {"process": PROCESS_BASE_BYTES,
+                "block_weights": int(largest * shape.stored_bytes_per_param + packed
+                                     + DATA_FREE_SLICE_BYTES)}
+    weights = int(shape.params * (4 + shape.stored_bytes_per_param))  # fp32 copy + read
+    out = {"process": PROCESS_BASE_BYTES, "block_weights": weights}
+    if work.windows:
+        stream = share * work.seq_len * shape.hidden * 4
+        # each stream in and out while a block is worked on (the FP one only where carried)
+        streams = (4 if work.fp_stream else 2) * stream
+        if work.activation_memory_bytes is not None and dp:
+            out["streams_on_disk"] = max(0, streams - work.activation_memory_bytes)
+            streams = min(streams, work.activation_memory_bytes)
+        out["streams"] = streams
+    if q.method is Method.GPTQ or (q.method is Method.OMNIQUANT and (
+            q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq")):
+        hessians = shape.hessian_columns(shared_hessians)
+        width = {c: 8 if hessian_float64(device, c) else 4 for c in hessians}
+        widest = max(hessians, key=lambda c: c * c * width[c])
+        # every Hessian of the block, plus the solve's working copies of the largest one (two
+        # at once, a third when act-order permutes it)
+        copies = 3 if q.gptq.act_order else 2
+        out["hessians"] = (sum(c * c * width[c] for c in hessians)
+                           + copies * widest * widest * width[widest])
+    if q.method is Method.OMNIQUANT:
+        learnable = learnable_params(shape, q)
+        state = 2 if q.omniquant.optimizer is Optimizer.ADAMW else 0
+        keep = 1 if q.omniquant.keep_best else 0
+        # parameter, gradient, float64 sum (2 words), optimizer state, kept best
+        out["training_state"] = learnable * 4 * (2 + 2 + state + keep)
+        out["quantized_weights"] = 3 * shape.linear_params * 4  # transformed, clipped, fake
+        if q.omniquant.sde is not None:  # U and Vh of every linear, the expanded weights
+            out["sde"] = sum(4 * min(o, i) * (o + i) for _, o, i in shape.linears) + \
+                2 * shape.linear_params * 4
+        if q.omniquant.cross_layer is not None:  # the next blocks (float32) and their targets
+            depth = q.omniquant.cross_layer.depth
+            out["cross_layer"] = depth * (int(shape.params * (4 + shape.stored_bytes_per_param))
+                                          + share * work.seq_len * shape.hidden * 4)
+        per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * \
+            shape.intermediate
+        attention = shape.heads * work.seq_len  # one score row per token and head
+        out["activations"] = work.seq_len * (per_token + attention) * 4
+    return out
