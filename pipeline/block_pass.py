@@ -63,15 +63,19 @@ def embed_stream(parts: ModelParts, ids_chunks: list[torch.Tensor], store: Chunk
     return [store.put(embed(parts, modules, ids).cpu()) for ids in ids_chunks]
 
 
+def stored_quantized(parts: ModelParts, index: int) -> list[str]:
+    """The block's linears stored quantized (those whose inputs abits < 16 fake-quantizes)."""
+    path = parts.block_path(index)
+    return [n for n in parts.adapter.linears if f"{path}.{n}" in parts.packed]
+
+
 @torch.no_grad()
 def forward_block(parts: ModelParts, index: int, stream: list[Any], store: ChunkStore,
                   abits: int = 16) -> list[Any]:
     """The stream through one block; with abits < 16 the input of every linear stored quantized
     is fake-quantized per token (the weight-activation accuracy path)."""
     block = parts.load_block(index)
-    path = parts.block_path(index)
-    quantized = [n for n in parts.adapter.linears if f"{path}.{n}" in parts.packed]
-    with activation_quant(block, quantized, abits):
+    with activation_quant(block, stored_quantized(parts, index), abits):
         return [store.put(_run(parts, block, store, h)) for h in stream]
 
 
@@ -129,10 +133,7 @@ class ResidentBlocks:
         h = h.to(self.parts.device)
         for i in range(start, end):
             block = self.block(i)
-            path = self.parts.block_path(i)
-            quantized = [n for n in self.parts.adapter.linears
-                         if f"{path}.{n}" in self.parts.packed]
-            with activation_quant(block, quantized, abits):
+            with activation_quant(block, stored_quantized(self.parts, i), abits):
                 h = run_block(self.parts, block, h)
         return h.cpu()
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.block_pass import stored_quantized
 from pipeline.methods.hooks import activation_quant
 from pipeline.model_parts import ModelParts, embed, run_block
 
@@ -22,9 +23,7 @@ from pipeline.model_parts import ModelParts, embed, run_block
 def _quantized_forward(parts: ModelParts, index: int, h: torch.Tensor, abits: int
                        ) -> torch.Tensor:
     block = parts.load_block(index)
-    path = parts.block_path(index)
-    names = [n for n in parts.adapter.linears if f"{path}.{n}" in parts.packed]
-    with activation_quant(block, names, abits):
+    with activation_quant(block, stored_quantized(parts, index), abits):
         return run_block(parts, block, h)
 
 
