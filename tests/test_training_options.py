@@ -163,3 +163,27 @@ def test_fused_fake_quant_matches_autograd_of_the_same_formula(symmetric, offset
     assert torch.allclose(out, ref, atol=1e-12)
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g, r, atol=1e-10), (g - r).abs().max()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kernels", [True, False])
+def test_auto_precision_follows_the_cpu_bf16_kernels(monkeypatch, caplog, kernels):
+    """autocast auto on the CPU: bfloat16 where the CPU has bfloat16 kernels, float32 where
+    it has not (bfloat16 there is several times slower); an explicit bfloat16 is kept, with a
+    warning only where it is slow; CUDA keeps float16, float32 at 8 bits."""
+    from pipeline import training
+    from pipeline.config import Autocast
+    from pipeline.formats import AffineFormat
+
+    monkeypatch.setattr(training, "cpu_has_bf16_kernels", lambda: kernels)
+    training._warn_slow_bf16.cache_clear()
+    w4, w8 = {"q": AffineFormat(4, None, False)}, {"q": AffineFormat(8, None, False)}
+    auto = training.training_precision("cpu", w4, 16, Autocast.AUTO)
+    assert auto.dtype is (torch.bfloat16 if kernels else None)
+    with caplog.at_level("WARNING"):
+        explicit = training.training_precision("cpu", w4, 16, Autocast.BFLOAT16)
+    assert explicit.dtype is torch.bfloat16
+    assert ("several times slower" in caplog.text) is (not kernels)
+    assert training.training_precision("cpu", w4, 16, Autocast.FLOAT32).dtype is None
+    assert training.training_precision("cuda:0", w4, 16, Autocast.AUTO).dtype is torch.float16
+    assert training.training_precision("cuda:0", w8, 16, Autocast.AUTO).dtype is None

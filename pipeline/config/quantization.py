@@ -136,7 +136,8 @@ class OmniQuantConfig:
     keep_best: bool = False
     # the precision of the block's forward and backward while training (the learned parameters,
     # the quantizer and the loss stay float32); the probes, the fold and the streams are
-    # unaffected
+    # unaffected. auto: on the CPU bfloat16 where it has bfloat16 kernels (AVX-512/AMX), else
+    # float32; on CUDA float16 (float32 at 8 bits)
     autocast: Autocast = Autocast.AUTO
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
