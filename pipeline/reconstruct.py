@@ -42,7 +42,13 @@ from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
-from pipeline.training import Batches, StepGradients, make_optimizer, training_precision
+from pipeline.training import (
+    Batches,
+    StepGradients,
+    make_optimizer,
+    quantizer_shards,
+    training_precision,
+)
 
 __all__ = ["BlockQuantizer", "TrainingError", "activation_quant", "assign_by_cost",
            "block_loss", "collect_hessians", "fake_quant_tokens", "gptq_block", "input_hooks",
@@ -103,13 +109,26 @@ class BlockQuantizer(nn.Module):
                         "lr": cfg.sde.lr})
         return out
 
-    def penalty(self) -> torch.Tensor | None:
-        """SDE's penalty: its weight times the sum over the linears of ||ΔW||^2 / ||W||^2
-        (None without one)."""
+    def penalty(self, only: set[str] | None = None) -> torch.Tensor | None:
+        """SDE's penalty: its weight times the sum over the linears (those named `only`) of
+        ||ΔW||^2 / ||W||^2 (None without one)."""
         if self.sde is None or not self.sde_penalty:
             return None
-        return self.sde_penalty * sum(e.relative_change()  # type: ignore[operator]
-                                      for e in self.sde.values())
+        terms = [self.sde[n.replace(".", "__")].relative_change()  # type: ignore[operator]
+                 for n in self.names if only is None or n in only]
+        return self.sde_penalty * sum(terms) if terms else None
+
+    def exclusive(self) -> dict[str, list[nn.Parameter]]:
+        """{tensor key: the learnable parameters that only that tensor depends on}: each
+        linear's clipping factors, rounding offsets and SDE factors (LET's scales are shared
+        by several tensors)."""
+        out: dict[str, list[nn.Parameter]] = {}
+        for n in self.names:
+            params = [p for p in self.clip(n).parameters() if p.requires_grad]
+            if self.sde is not None:
+                params += list(self.sde[n.replace(".", "__")].learnable())  # type: ignore
+            out[f"{n}.weight"] = params
+        return out
 
     @torch.no_grad()
     def start_rounding_at_gptq_(self, hessians: dict[str, torch.Tensor], gptq: GPTQConfig,
@@ -133,20 +152,25 @@ class BlockQuantizer(nn.Module):
         for name in self.names:
             self.clip(name).clamp_()
 
-    def transformed(self) -> dict[str, torch.Tensor]:
-        """The block's tensors after SDE's expansion and LET (not quantized)."""
+    def transformed(self, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """The block's tensors after SDE's expansion and LET (not quantized); with `only`, the
+        other linears' weights are left without SDE (for a worker that reads them)."""
         t = dict(self.base)
         if self.sde is not None:
             for n in self.names:
+                if only is not None and n not in only:
+                    continue
                 key = f"{n}.weight"
                 t[key] = self.sde[n.replace(".", "__")].expand(t[key])  # type: ignore[operator]
         return self.let.transform(t) if self.let is not None else t
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The block's tensors after LET and differentiable fake-quant."""
-        t = self.transformed()
+    def tensors(self, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """The block's tensors after LET and differentiable fake-quant (with `only`, of those
+        linears only: a worker of a split quantizer reads the others' from their owners)."""
+        t = self.transformed(only)
         for n in self.names:
-            t[f"{n}.weight"] = self.clip(n).fake_quantize(t[f"{n}.weight"])
+            if only is None or n in only:
+                t[f"{n}.weight"] = self.clip(n).fake_quantize(t[f"{n}.weight"])
         return t
 
     @torch.no_grad()
@@ -240,7 +264,15 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     scaler = precision.scaler()
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
         cfg.batch_size)) if groups else (None, None))
-    step = StepGradients(group)
+    # with several workers on one node each computes part of the quantizer (not with float16
+    # loss scaling: its overflow check needs every gradient on every worker)
+    exclusive = model.exclusive()
+    taken = {id(p) for ps in exclusive.values() for p in ps}
+    shards = (quantizer_shards(model.tensors(), exclusive, group, assign_by_cost)
+              if groups and scaler is None and cfg.shard_quantizer else None)
+    mine = ({k.removesuffix(".weight") for k in shards.mine()} if shards is not None
+            else None)
+    step = StepGradients(group, shards, [p for p in learnable if id(p) not in taken])
     best: tuple[float, list[torch.Tensor]] | None = None
     best_step = -1
     own = [q_in, targets] + ([aug_targets] if aug_targets is not None else [])
@@ -271,17 +303,17 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 optimizer.zero_grad(set_to_none=True)
                 # the quantizer in float32, once per step (every worker: each goes back
                 # through it with the same summed gradient)
-                tensors = step.start(whole, model.tensors())
+                tensors = step.start(whole, model.tensors(mine))
                 for w in range(size):
                     with precision.autocast():
                         loss = block_loss(parts, block, tensors,
                                           [t[w:w + 1] for t in batch], downstream) / whole
                     step.add(loss, scaler.scale(loss) if scaler is not None else loss)
+                penalty = model.penalty(mine)
+                if penalty is not None:
+                    step.add_penalty(penalty, scaler.scale(penalty) if scaler is not None
+                                     else penalty)
                 value = step.finish()  # the global batch's loss; gradients set
-                penalty = model.penalty()
-                if penalty is not None:  # the same on every worker: added after the sum
-                    (scaler.scale(penalty) if scaler is not None else penalty).backward()
-                    value += float(penalty.item())
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"block {index + 1}/{parts.num_blocks} ({parts.block_path(index)}): "
@@ -311,6 +343,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         with torch.no_grad():
             for p, kept in zip(learnable, best[1], strict=True):
                 p.copy_(kept)
+    if shards is not None:
+        shards.share_exclusive_()
     hessians = None
     if cfg.rounding is Rounding.GPTQ:
         def hessians() -> dict[str, torch.Tensor]:
@@ -329,6 +363,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses),
+                               **({"quantizer_split": shards is not None}
+                                  if group.world > 1 else {}),
                                "train_precision": precision.name,
                                **sde_metrics(model),
                                **({"cross_layer_blocks": downstream.indices}

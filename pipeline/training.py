@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import Autocast, OmniQuantConfig, Optimizer
 from pipeline.formats import AffineFormat
-from pipeline.parallel.collective import Collective
+from pipeline.parallel.collective import Collective, SharedMemoryShards, TorchCollective
 from pipeline.streams import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,87 @@ class Batches:
                         return
 
 
+@dataclasses.dataclass
+class QuantizerShards:
+    """A step's quantizer split among the data-parallel workers of one node. Each of the
+    block's tensors in the learnable parameters' graph (`owners`: key -> worker, spread by
+    size) is computed by its owner alone, which publishes it through shared memory and, once
+    the window gradients are summed, sends the sum back through its part of the quantizer.
+    The parameters only one tensor depends on (`exclusive`: a linear's clipping factors,
+    rounding offsets, SDE factors) are therefore trained by its owner only and sent to the
+    other workers after training (`share_exclusive_`); the others (`shared`, e.g. LET's
+    scales) get their gradient from every owner's part, summed over the workers. Without
+    the split every worker computes the whole quantizer and goes back through all of it."""
+
+    exchange: SharedMemoryShards
+    group: TorchCollective
+    exclusive: dict[str, list[torch.nn.Parameter]]
+
+    @property
+    def owners(self) -> dict[str, int]:
+        return self.exchange.owners
+
+    def mine(self) -> list[str]:
+        return [k for k, owner in self.owners.items() if owner == self.group.rank]
+
+    def gather_contributions(self, keys: list[str], shared: list[torch.nn.Parameter],
+                             mine: dict[str, list[torch.Tensor | None]]
+                             ) -> dict[str, list[torch.Tensor | None]]:
+        """Every key's gradient contributions to the shared parameters (`mine`: this worker's
+        keys'), each computed by the key's owner. One sum through gloo of a table with one
+        row per key, filled by its owner only (zeros elsewhere), so every entry arrives
+        exactly."""
+        sizes = [p.numel() for p in shared]
+        width = len(shared) + sum(sizes)
+        table = torch.zeros(len(keys), width, dtype=torch.float64)
+        for row, key in enumerate(keys):
+            for i, c in enumerate(mine.get(key, [])):
+                if c is not None:
+                    table[row, i] = 1.0
+                    start = len(shared) + sum(sizes[:i])
+                    table[row, start:start + sizes[i]] = c.reshape(-1)
+        self.group.small_sum_(table)
+        out: dict[str, list[torch.Tensor | None]] = {}
+        for row, key in enumerate(keys):
+            entries: list[torch.Tensor | None] = []
+            offset = len(shared)
+            for i, p in enumerate(shared):
+                entries.append(table[row, offset:offset + sizes[i]].to(p.dtype).view_as(p)
+                               if table[row, i] > 0 else None)
+                offset += sizes[i]
+            out[key] = entries
+        return out
+
+    def share_exclusive_(self) -> None:
+        """Every worker's exclusive parameters to every other worker (after training)."""
+        for rank in range(self.group.world):
+            params = [p for key, owner in self.owners.items() if owner == rank
+                      for p in self.exclusive.get(key, [])]
+            if params:
+                with torch.no_grad():
+                    self.group.broadcast_([p.data for p in params], rank)
+
+
+def quantizer_shards(tensors: dict[str, torch.Tensor],
+                     exclusive: dict[str, list[torch.nn.Parameter]], group: Collective,
+                     assign: Callable[[list[str], list[float], int], list[int]]
+                     ) -> QuantizerShards | None:
+    """The split quantizer for a block whose full step computes `tensors`, or None where it
+    does not apply: one worker, no shared memory among the workers (several nodes, CUDA), or
+    no room for it."""
+    if group.world == 1 or not isinstance(group, TorchCollective):
+        return None
+    keys = [k for k, v in tensors.items() if v.requires_grad]
+    if not keys or any(tensors[k].dtype != torch.float32 for k in keys):
+        return None
+    owners = dict(zip(keys, assign(keys, [float(tensors[k].numel()) for k in keys],
+                                   group.world), strict=True))
+    exchange = group.shards({k: tensors[k].shape for k in keys}, owners)
+    if exchange is None:
+        return None
+    return QuantizerShards(exchange, group, exclusive)
+
+
 class StepGradients:
     """One optimizer step's gradient of the global batch's loss. The block's tensors are
     computed once per step from the learnable parameters (the quantizer's graph); each window's
@@ -155,16 +236,27 @@ class StepGradients:
     larger one is summed in float64 and rounded to float32 once. Every worker then runs the
     same backward through the quantizer on the same sum."""
 
-    def __init__(self, group: Collective):
-        self.group = group
+    def __init__(self, group: Collective, shards: QuantizerShards | None = None,
+                 shared: list[torch.nn.Parameter] | None = None):
+        self.group, self.shards = group, shards
+        self.shared = list(shared or [])
+        self.penalty = 0.0
 
     def start(self, windows: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A step over a global batch of `windows` windows, from the block's `tensors` (some
         in the learnable parameters' graph); returns the tensors the windows' forward passes
         use: the same values, cut from that graph."""
         self.dtype = torch.float32 if windows <= 2 else torch.float64
-        self.tensors = {k: v for k, v in tensors.items() if v.requires_grad}
-        self.leaves = {k: v.detach().requires_grad_(True) for k, v in self.tensors.items()}
+        self.penalty = 0.0
+        if self.shards is not None:
+            # this worker's tensors in the graph; every tensor read from its owner
+            mine = self.shards.mine()
+            self.tensors = {k: tensors[k] for k in mine}
+            values = self.shards.exchange.gather({k: tensors[k].detach() for k in mine})
+            self.leaves = {k: v.detach().requires_grad_(True) for k, v in values.items()}
+        else:
+            self.tensors = {k: v for k, v in tensors.items() if v.requires_grad}
+            self.leaves = {k: v.detach().requires_grad_(True) for k, v in self.tensors.items()}
         self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self.leaves)
         self.loss = torch.zeros(1, dtype=torch.float64)
         return {**tensors, **self.leaves}
@@ -178,11 +270,60 @@ class StepGradients:
                 self.sums[key] = g.to(self.dtype) if total is None else total.add_(g)
         self.loss += loss.detach().double().cpu()
 
+    def _back(self, keys: list[str], used: list[str],
+              sums: dict[str, torch.Tensor]) -> None:
+        """The summed gradients of the `used` tensors (of this worker's) back through the
+        quantizer. With shared parameters (several tensors depend on them: LET's scales) it
+        goes tensor by tensor, and each shared parameter's gradient is the sum of the
+        tensors' contributions in the order of `keys`: the same additions whichever worker
+        computed which tensor, so a split quantizer trains exactly as one worker does."""
+        grads = {k: sums[k].to(self.tensors[k].dtype) for k in used}
+        if not self.shared:
+            if used:
+                torch.autograd.backward([self.tensors[k] for k in used],
+                                        [grads[k] for k in used])
+            return
+        kept = [p.grad for p in self.shared]  # (e.g. a penalty's): added last
+        for p in self.shared:
+            p.grad = None
+        mine: dict[str, list[torch.Tensor | None]] = {}
+        for i, k in enumerate(used):
+            self.tensors[k].backward(grads[k], retain_graph=i < len(used) - 1)
+            mine[k] = [p.grad for p in self.shared]
+            for p in self.shared:
+                p.grad = None
+        every = (self.shards.gather_contributions(keys, self.shared, mine)
+                 if self.shards is not None else mine)
+        for i, p in enumerate(self.shared):
+            total = None
+            for k in keys:
+                c = every.get(k, [None] * len(self.shared))[i]
+                if c is not None:
+                    total = c.clone() if total is None else total.add_(c)
+            if kept[i] is not None:
+                total = kept[i] if total is None else total.add_(kept[i])
+            p.grad = total
+
+    def add_penalty(self, penalty: torch.Tensor, scaled: torch.Tensor) -> None:
+        """A term of the loss outside the windows (SDE's penalty; `scaled` is what is
+        differentiated): with a split quantizer each worker passes its own tensors' part,
+        summed over the workers with the loss; otherwise every worker the whole term."""
+        scaled.backward()
+        self.penalty += float(penalty.item())
+
     def finish(self) -> float:
         """Sum over the workers; back through the quantizer, setting the learnable
         parameters' gradients; return the batch's loss."""
         keys = list(self.sums)
         seen = torch.tensor([self.sums[k] is not None for k in keys], dtype=torch.float64)
+        if self.shards is not None:
+            extra = torch.cat([seen, self.loss + self.penalty])
+            sums = self.shards.exchange.reduce(self.sums, self.dtype, extra)
+            flags = dict(zip(keys, extra[:-1].tolist(), strict=True))
+            used = [k for k in self.tensors if flags[k] > 0]
+            self._back(keys, used, sums)
+            self.tensors, self.leaves, self.sums = {}, {}, {}
+            return float(extra[-1].item())
         if self.group.world > 1:
             sums = [self.sums[k] if self.sums[k] is not None else
                     torch.zeros_like(self.leaves[k], dtype=self.dtype) for k in keys]
@@ -192,9 +333,6 @@ class StepGradients:
             self.sums = dict(zip(keys, sums, strict=True))
             seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
         used = [k for k, flag in zip(keys, seen.tolist(), strict=True) if flag]
-        if used:
-            torch.autograd.backward([self.tensors[k] for k in used],
-                                    [self.sums[k].to(self.tensors[k].dtype)  # type: ignore
-                                     for k in used])
+        self._back(keys, used, self.sums)  # type: ignore[arg-type]
         self.tensors, self.leaves, self.sums = {}, {}, {}
-        return float(self.loss.item())
+        return float(self.loss.item()) + self.penalty

@@ -158,16 +158,19 @@ def _learned(optimizer, batch_size):
 @cluster
 @pytest.mark.cluster
 @pytest.mark.e2e
-@pytest.mark.parametrize("optimizer,batch_size,counts", [("adamw", 4, (2, 3)),
-                                                         ("signsgd", 2, (2, 3))])
+@pytest.mark.parametrize("optimizer,batch_size,counts,split", [("adamw", 4, (2, 3), False),
+                                                               ("signsgd", 2, (2, 3), True)])
 def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp_path, optimizer,
-                                                   batch_size, counts):
+                                                   batch_size, counts, split):
     """LWC + LET + learned rounding with keep_best: the weights within 1e-5 relative of one
     worker's and the same best step in every block (3 workers on a batch of 4: uneven shares
     2 + 1 + 1, float64 sums; signsgd with a batch of 2: float32 sums, and on 3 workers one
-    holds no window and only joins the collectives)."""
+    holds no window and only joins the collectives), with the quantizer split among the
+    workers (each computes its share of the linears; LET's scales summed from every owner's
+    part) and without."""
     model = tiny_model("llama")
     quantization = _learned(optimizer, batch_size)
+    quantization["omniquant"]["shard_quantizer"] = split
     ref_report = quantize(run_config(model, str(tmp_path / "w1"), *corpus_files, 1,
                                      **quantization))
     ref = fake_quant(str(tmp_path / "w1"))
@@ -181,6 +184,7 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
             diff = (got[name].double() - ref[name].double()).norm()
             assert diff <= 1e-5 * ref[name].double().norm(), (workers, name)
         for mine, theirs in zip(report["blocks"], ref_report["blocks"], strict=True):
+            assert mine["quantizer_split"] is split
             assert mine["best_step"] == theirs["best_step"]
             assert mine["best_train_loss"] == pytest.approx(theirs["best_train_loss"], rel=1e-4)
             assert mine["loss_before"] == pytest.approx(theirs["loss_before"], rel=1e-5)
@@ -211,6 +215,7 @@ def test_cqe_plus_on_two_workers_matches_one(tiny_model, corpus_files, tmp_path)
         diff = (weights[2][name].double() - ref.double()).norm()
         assert diff <= 1e-5 * ref.double().norm(), name
     for mine, theirs in zip(reports[2]["blocks"], reports[1]["blocks"], strict=True):
+        assert mine["quantizer_split"] and "quantizer_split" not in theirs
         assert mine["best_step"] == theirs["best_step"]
         assert mine["cross_layer_blocks"] == theirs["cross_layer_blocks"]
         assert mine["sde_relative_change"] == pytest.approx(theirs["sde_relative_change"],
