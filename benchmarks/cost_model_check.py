@@ -1,5 +1,5 @@
 """The cost model against measured runs on this machine: the quantize phase that
-`pipeline.cost_model` predicts (device rates measured now by its own micro-benchmark, per
+`pipeline.planning.cost_model` predicts (device rates measured now by its own micro-benchmark, per
 thread count) next to the measured one, for
 
 - P1 data-free RTN W4, 1 and 2 workers: run here, now (about a minute each, no evaluation);
@@ -30,8 +30,8 @@ from jobs.recipes import load_recipe
 from pipeline import storage
 from pipeline.assets import resolve_model_path
 from pipeline.config import RunConfig, Schedule
-from pipeline.cost_model import Device, model_shape, plan_run
-from pipeline.device_rates import measure_device
+from pipeline.planning.cost_model import Device, model_shape, plan_run
+from pipeline.planning.device_rates import measure_device
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
@@ -110,7 +110,7 @@ def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str
     from larger_than_ram import synthetic_config
 
     from jobs.plan import local_shards
-    from pipeline.device_rates import disk_read_bytes_per_second
+    from pipeline.planning.device_rates import disk_read_bytes_per_second
 
     result = _load("larger_than_ram.json")
     if not result:

@@ -29,7 +29,7 @@ from cluster.schedules import (
     worker_summary,
 )
 from cluster.stages import Stages, absolute, gather, report_progress, start_stages  # noqa: F401
-from pipeline import budget, calibration, compensation, cost_model, report_html, storage
+from pipeline import budget, calibration, compensation, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
@@ -45,7 +45,9 @@ from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
+from pipeline.planning import cost_model
 from pipeline.reconstruct import TrainingError
+from pipeline.reporting import report_html
 from pipeline.schemes import validate_schemes
 from pipeline.sensitivity import unit_statistics
 from pipeline.streams import split_windows

@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, RunConfig
 
 
 def load_cluster(path: str | None) -> Any:
-    from pipeline.cost_model import ClusterSpec
+    from pipeline.planning.cost_model import ClusterSpec
 
     if path is None:
         return ClusterSpec()
@@ -51,8 +51,8 @@ def local_shards(model_path: str) -> list[str]:
 
 def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
                model_path: str = "") -> Any:
-    from pipeline.cost_model import PRESETS
-    from pipeline.device_rates import measure_device
+    from pipeline.planning.cost_model import PRESETS
+    from pipeline.planning.device_rates import measure_device
 
     if spec.device != "this machine":
         device = PRESETS[spec.device]
@@ -72,7 +72,7 @@ def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
 def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     from pipeline import storage
     from pipeline.assets import resolve_model_path
-    from pipeline.cost_model import model_shape, plan_run
+    from pipeline.planning.cost_model import model_shape, plan_run
 
     model_path = resolve_model_path(config.model.path)
     config_path = storage.join(model_path, "config.json")
@@ -92,7 +92,7 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
                       config.eval.block_errors)
     result.update(model=model_path, cluster=dataclasses.asdict(spec))
     if not result["fits"]:
-        from pipeline.cost_model import check_memory
+        from pipeline.planning.cost_model import check_memory
 
         check_memory(model_config, config.quantization, config.calibration.num_samples,
                      config.calibration.seq_len, workers, schedule,

@@ -14,7 +14,7 @@ from pipeline.compensation import model_bits
 from pipeline.config import ConfigError, Distortion, QuantizationConfig
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts
-from pipeline.plot import bars_png
+from pipeline.reporting.plot import bars_png
 from pipeline.schemes import format_for
 
 ALLOCATION_FILE = "allocation.json"  # under OUT/.relayquant/, so a resumed run reuses it

@@ -268,7 +268,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     # loss scaling: its overflow check needs every gradient on every worker)
     exclusive = model.exclusive()
     taken = {id(p) for ps in exclusive.values() for p in ps}
-    shards = (quantizer_shards(model.tensors(), exclusive, group, assign_by_cost)
+    shards = (quantizer_shards(model.tensors(), exclusive, group, assign_by_cost,
+                               cfg.batch_size)
               if groups and scaler is None and cfg.shard_quantizer else None)
     mine = ({k.removesuffix(".weight") for k in shards.mine()} if shards is not None
             else None)

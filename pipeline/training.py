@@ -206,11 +206,11 @@ class QuantizerShards:
 
 def quantizer_shards(tensors: dict[str, torch.Tensor],
                      exclusive: dict[str, list[torch.nn.Parameter]], group: Collective,
-                     assign: Callable[[list[str], list[float], int], list[int]]
-                     ) -> QuantizerShards | None:
-    """The split quantizer for a block whose full step computes `tensors`, or None where it
-    does not apply: one worker, no shared memory among the workers (several nodes, CUDA), or
-    no room for it."""
+                     assign: Callable[[list[str], list[float], int], list[int]],
+                     batch: int) -> QuantizerShards | None:
+    """The split quantizer for a block whose full step computes `tensors` (global batches of
+    up to `batch` windows), or None where it does not apply: one worker, no shared memory
+    among the workers (several nodes, CUDA), or no room for it."""
     if group.world == 1 or not isinstance(group, TorchCollective):
         return None
     keys = [k for k, v in tensors.items() if v.requires_grad]
@@ -218,7 +218,9 @@ def quantizer_shards(tensors: dict[str, torch.Tensor],
         return None
     owners = dict(zip(keys, assign(keys, [float(tensors[k].numel()) for k in keys],
                                    group.world), strict=True))
-    exchange = group.shards({k: tensors[k].shape for k in keys}, owners)
+    # the step's gradient sums: float32 up to two windows, float64 above (StepGradients)
+    exchange = group.shards({k: tensors[k].shape for k in keys}, owners,
+                            4 if batch <= 2 else 8)
     if exchange is None:
         return None
     return QuantizerShards(exchange, group, exclusive)

@@ -65,3 +65,61 @@ def test_shared_memory_needs_room(monkeypatch):
     assert not collective.shared_memory_possible(2, 1 << 20)
     monkeypatch.setattr(collective.os, "statvfs", lambda _: (_ for _ in ()).throw(OSError()))
     assert not collective.shared_memory_possible(2, 1 << 20)
+
+
+def _shards_rank(rank: int, world: int, address: str, out: str) -> None:
+    torch.set_num_threads(1)
+    group = collective.TorchCollective(address, rank, world, "gloo")
+    shapes = {"a": torch.Size([300, 200]), "b": torch.Size([7]), "c": torch.Size([64, 1000])}
+    owners = {"a": 0, "b": 1 % world, "c": (world - 1)}
+    exchange = group.shards(shapes, owners, 8)
+    assert exchange is not None
+    got = {}
+    for step in range(2):  # the buffers are reused step after step
+        for dtype in (torch.float32, torch.float64):
+            # a step: gather (its barrier also keeps the last reduce's reads apart from this
+            # step's writes), then reduce
+            values = {k: torch.full(s, float(10 * step + ord(k)), dtype=torch.float32)
+                      for k, s in shapes.items()}
+            seen = exchange.gather({k: v for k, v in values.items() if owners[k] == rank})
+            assert all(torch.equal(seen[k], values[k]) for k in shapes)
+            grads = {k: torch.randn(s, dtype=dtype,
+                                    generator=torch.Generator().manual_seed(100 * step + rank))
+                     for k, s in shapes.items() if k != "b" or rank != 0}  # one None
+            extra = torch.tensor([rank + 1.0, 0.5], dtype=torch.float64)
+            sums = exchange.reduce(grads, dtype, extra)
+            assert sorted(sums) == sorted(k for k, o in owners.items() if o == rank)
+            got[(step, str(dtype))] = (sums, extra.tolist())
+    torch.save(got, f"{out}.{rank}")
+    group.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("world", [2, 3])
+def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world):
+    """Each worker publishes its own tensors and reads everyone's; each owner gets the sum of
+    its tensors' gradients over the workers in worker order (a missing one counts as zero),
+    in float32 and float64; the extras are summed everywhere; /dev/shm is left clean."""
+    before = set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = str(tmp_path / "r")
+    mp.spawn(_shards_rank, args=(world, address, out), nprocs=world, join=True)
+    results = [torch.load(f"{out}.{r}") for r in range(world)]
+    shapes = {"a": (300, 200), "b": (7,), "c": (64, 1000)}
+    for (step, dtype_name), _ in results[0].items():
+        dtype = torch.float32 if dtype_name.endswith("float32") else torch.float64
+        for rank, result in enumerate(results):
+            sums, extra = result[(step, dtype_name)]
+            assert extra == [sum(range(1, world + 1)), 0.5 * world]
+            for key, total in sums.items():
+                parts = [torch.zeros(shapes[key], dtype=dtype) if key == "b" and r == 0 else
+                         torch.randn(shapes[key], dtype=dtype,
+                                     generator=torch.Generator().manual_seed(100 * step + r))
+                         for r in range(world)]
+                expected = parts[0] + parts[1]
+                for p in parts[2:]:
+                    expected = expected + p
+                assert torch.equal(total, expected), (rank, key)
+    assert set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*"))) == before

@@ -6,7 +6,7 @@ import pytest
 from jobs.cli import main
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
 from pipeline.config_tree import build_config
-from pipeline.cost_model import PRESETS, Workload, estimate, model_shape, worker_memory
+from pipeline.planning.cost_model import PRESETS, Workload, estimate, model_shape, worker_memory
 
 pytestmark = pytest.mark.unit
 
@@ -134,3 +134,32 @@ def test_quantize_refuses_a_run_that_cannot_fit_this_machine(tiny_model, corpus_
     with pytest.raises(ConfigError, match="plan: a worker would need .* but has 0.3 GiB"):
         quantize(config)
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_host_workers_split_the_learned_quantizer(tmp_path):
+    """Data-parallel host workers split the quantizer's work (each does 1/N of it) and move
+    their gradient sums through shared memory; GPU workers (NCCL) and shard_quantizer: false
+    keep the whole quantizer on every worker."""
+    import dataclasses
+
+    from pipeline.planning.cost_model import training_seconds
+
+    shape, _blocks, _ = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    host = dataclasses.replace(PRESETS["a100-80g"], host=True)
+
+    def learned(split):
+        return build_config(QuantizationConfig, {
+            "method": "omniquant", "bits": 3, "group_size": 64, "omniquant": {
+                "epochs": 1, "batch_size": 2, "rounding": "learned",
+                "shard_quantizer": split}}, "quantization")
+
+    work = Workload(128, 512, 4, Schedule.DATA_PARALLEL)
+    split = training_seconds(shape, learned(True), work, host, 32)
+    whole = training_seconds(shape, learned(False), work, host, 32)
+    gpu = training_seconds(shape, learned(True), work, PRESETS["a100-80g"], 32)
+    assert split["train"] < whole["train"] and gpu["train"] == whole["train"]
+    steps = 64
+    quantizer_each = (whole["train"] - split["train"]) / steps  # 3/4 of one step's quantizer
+    assert quantizer_each > 0
+    assert split["collective"] != whole["collective"] and gpu["collective"] == whole["collective"]

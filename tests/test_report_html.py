@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipeline import report_html
+from pipeline.reporting import report_html
 
 
 def report(learned=True, depth=True, allocation=True, workers=True):

@@ -141,9 +141,10 @@ class SharedMemoryShards:
     quantizer. `gather` publishes each worker's own tensors and returns every tensor as a view
     of shared memory (valid until the next `gather`); `reduce` returns the sums over the
     workers of the gradients of this worker's own tensors, in worker order (worker 0 + 1 +
-    ...: the bits `SharedMemorySum` gives). Uses the buffers of `memory` (no `SharedMemorySum.sum_`
-    may run between a `gather` and the end of the step's window passes, nor between a `reduce`
-    and the next collective)."""
+    ...: the bits `SharedMemorySum` gives). Uses the buffers of `memory`: no `SharedMemorySum.sum_`
+    may run between a `gather` and the end of the step's window passes, and two `reduce`s must
+    have a `gather` (its barrier) between them, or a fast worker would overwrite what a slow
+    one still reads."""
 
     def __init__(self, memory: SharedMemorySum, shapes: dict[str, torch.Size],
                  owners: dict[str, int], clock: Any = None):
@@ -187,8 +188,11 @@ class SharedMemoryShards:
         if tail + 8 * extra.numel() > self.memory.capacity:
             self.memory._grow(tail + 8 * extra.numel())
         start = time.perf_counter()
-        mine = self.memory.inputs[self.memory.rank]
+        rank = self.memory.rank
+        mine = self.memory.inputs[rank]
         for key in self.shapes:
+            if self.owners[key] == rank:  # its owner reads its own part where it is
+                continue
             view = self._view(mine, key, dtype)
             g = grads.get(key)
             if g is None:
@@ -204,9 +208,12 @@ class SharedMemoryShards:
             extra.add_(other)
         out = {}
         for key, owner in self.owners.items():
-            if owner != self.memory.rank:
+            if owner != rank:
                 continue
-            parts = [self._view(b, key, dtype) for b in self.memory.inputs]
+            own = grads.get(key)
+            parts = [(own.to(dtype) if own is not None else
+                      torch.zeros(self.shapes[key], dtype=dtype)) if r == rank
+                     else self._view(b, key, dtype) for r, b in enumerate(self.memory.inputs)]
             total = torch.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].clone()
             for other in parts[2:]:
                 total.add_(other)
@@ -266,14 +273,15 @@ class TorchCollective:
             self.shm = None
         return self.shm is not None
 
-    def shards(self, shapes: dict[str, torch.Size], owners: dict[str, int]
+    def shards(self, shapes: dict[str, torch.Size], owners: dict[str, int], itemsize: int = 8
                ) -> SharedMemoryShards | None:
-        """The exchanges of a step with a split quantizer over tensors of `shapes`, or None
-        where they cannot run (no shared memory among all workers, or no room for float64
-        gradients of that size): decided by all workers together."""
+        """The exchanges of a step with a split quantizer over tensors of `shapes` (gradients
+        summed at `itemsize` bytes), or None where they cannot run (no shared memory among all
+        workers, or no room): decided by all workers together."""
         if self.shm is None:
             return None
-        if not self._room_for(8 * sum(math.prod(s) for s in shapes.values()) + 4096):
+        if not self._room_for(max(itemsize, 4) * sum(math.prod(s) for s in shapes.values())
+                              + 4096):
             return None
         assert self.shm is not None
         return SharedMemoryShards(self.shm, shapes, owners, self)

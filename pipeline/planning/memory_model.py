@@ -1,4 +1,4 @@
-"""The memory side of the cost model (`pipeline/cost_model.py`): the bytes one worker holds at
+"""The memory side of the cost model (`pipeline/planning/cost_model.py`): the bytes one worker holds at
 its peak, by part (process, block weights, streams, Hessians, training state, activations),
 from the block's shapes, the recipe and the workload alone."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import Method, Optimizer, QuantizationConfig, Rounding, Schedule
 
 if TYPE_CHECKING:
-    from pipeline.cost_model import BlockShape, Device, Workload
+    from pipeline.planning.cost_model import BlockShape, Device, Workload
 
 # bytes a Python worker process holds before any block (interpreter, torch, Ray worker)
 PROCESS_BASE_BYTES = 600 * 2**20

@@ -1,10 +1,10 @@
 """What a run will cost before it starts: per worker, the memory it needs (block weights,
-streams, training state, Hessians: `pipeline/memory_model.py`) and the time per block and for the run, from the model's
+streams, training state, Hessians: `pipeline/planning/memory_model.py`) and the time per block and for the run, from the model's
 config alone (shapes from the meta device, no weights read), the recipe, the schedule and the
 device's measured rates.
 
 Time is counted in the work a block costs, at rates a micro-benchmark measures on the device
-(`pipeline.device_rates.measure_device`): dense float32 matmul FLOP/s, float64 matmul FLOP/s (GPTQ's Hessians and
+(`pipeline.planning.device_rates.measure_device`): dense float32 matmul FLOP/s, float64 matmul FLOP/s (GPTQ's Hessians and
 sweep on CPU), elementwise bytes/s (the quantizer, the optimizer), disk read bytes/s (the block's
 weights), network bytes/s (the collectives). The structural constants (a backward pass costs two
 forward passes; the learned quantizer touches each weight a fixed number of times) are stated
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, Method, QuantizationConfig, Rounding, Schedule
-from pipeline.memory_model import hessian_float64, worker_memory
+from pipeline.planning.memory_model import hessian_float64, worker_memory
 
 __all__ = ["hessian_float64", "worker_memory"]  # re-exported: the memory side of the model
 
@@ -56,6 +56,9 @@ class Device:
     # fixed cost per block of doing so
     write_bytes: float = 500e6
     block_write_seconds: float = 0.05
+    # a host (CPU) worker: data-parallel workers of one node split the learned quantizer
+    # through shared memory (`quantization.omniquant.shard_quantizer`); not on GPUs (NCCL)
+    host: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,9 +68,11 @@ class Device:
 # derated: a block's forward reaches about 40 % of peak, forward + backward about 30 %
 PRESETS: dict[str, Device] = {
     "h100-80g": Device("h100-80g", 400e12, 300e12, 50e12, 1.5e12, 2e9, 50e9, 80 * 2**30,
-                       False),
-    "a100-80g": Device("a100-80g", 125e12, 95e12, 15e12, 1.0e12, 2e9, 25e9, 80 * 2**30, False),
-    "a100-40g": Device("a100-40g", 125e12, 95e12, 15e12, 0.8e12, 2e9, 25e9, 40 * 2**30, False),
+                       False, host=False),
+    "a100-80g": Device("a100-80g", 125e12, 95e12, 15e12, 1.0e12, 2e9, 25e9, 80 * 2**30, False,
+                       host=False),
+    "a100-40g": Device("a100-40g", 125e12, 95e12, 15e12, 0.8e12, 2e9, 25e9, 40 * 2**30, False,
+                       host=False),
 }
 
 
@@ -193,8 +198,11 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
     # each window runs forward and backward; every step builds the quantized weights once and
-    # sends the windows' summed gradient back through the quantizer once
-    train = cfg.epochs * share * per_window + steps * quantizer
+    # sends the windows' summed gradient back through the quantizer once (data-parallel host
+    # workers split that work among them)
+    dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
+    split = dp and cfg.shard_quantizer and device.host and q.omniquant.autocast.value != "float16"
+    train = cfg.epochs * share * per_window + steps * quantizer / (work.workers if split else 1)
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
     if cfg.sde is not None:
@@ -212,12 +220,17 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
                               + depth * share * window_flops / device.forward_flops)
     if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
         out["gptq"] = sweep_seconds(shape, device)
-    if work.schedule is Schedule.DATA_PARALLEL and work.workers > 1:
+    if dp:
         # the summed gradient of the block's quantized tensors, float32 for global batches of
         # up to two windows, else float64
-        ring = 2.0 * (work.workers - 1) / work.workers
         width = 4 if cfg.batch_size <= 2 else 8
-        out["collective"] = steps * shape.params * width * ring / device.network_bytes
+        if split:  # through shared memory: each worker writes its gradient sums and its share
+            # of the tensors, and reads the others' part of the sums of its own share
+            words = 4 / work.workers + width * (1 + 1 / work.workers)
+            out["collective"] = steps * shape.linear_params * words / device.elementwise_bytes
+        else:
+            ring = 2.0 * (work.workers - 1) / work.workers
+            out["collective"] = steps * shape.params * width * ring / device.network_bytes
     return out
 
 

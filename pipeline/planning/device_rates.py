@@ -1,4 +1,4 @@
-"""This machine's rates for the cost model (`pipeline.cost_model.Device`), measured now by
+"""This machine's rates for the cost model (`pipeline.planning.cost_model.Device`), measured now by
 micro-benchmarks: a stand-in of the block's forward and forward + backward, float64 matmul,
 elementwise throughput, GPTQ's per-column cost and factorizations, the data-free path on one
 linear, a block's write, and reads of the model's shards past (or, for a small checkpoint,
@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline.cost_model import BlockShape, Device, forward_flops
+from pipeline.planning.cost_model import BlockShape, Device, forward_flops
 
 
 def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: int,

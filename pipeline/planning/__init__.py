@@ -1,0 +1,2 @@
+"""Planning a run before any work: the cost model (time per block and per run), its memory side
+(bytes per worker) and this machine's rates, measured by micro-benchmarks."""
