@@ -1,4 +1,5 @@
-"""A bar chart as a PNG, written with zlib alone (no plotting library is a dependency): one bar
+"""A bar chart as a PNG, written with zlib alone (the allocation's chart is drawn where the
+budget is solved, without importing matplotlib, which only report.html uses): one bar
 per decision unit in depth order, its height the unit's bit width, its shade the unit's kind
 (its place among the block's fused groups), a grey line at each block boundary."""
 from __future__ import annotations
