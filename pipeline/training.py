@@ -173,26 +173,21 @@ class QuantizerShards:
         keys'), each computed by the key's owner. One sum through gloo of a table with one
         row per key, filled by its owner only (zeros elsewhere), so every entry arrives
         exactly."""
-        sizes = [p.numel() for p in shared]
-        width = len(shared) + sum(sizes)
-        table = torch.zeros(len(keys), width, dtype=torch.float64)
+        # a row: a flag per parameter (1: a contribution), then the contributions
+        spans, start = [], len(shared)
+        for p in shared:
+            spans.append((start, start + p.numel()))
+            start += p.numel()
+        table = torch.zeros(len(keys), start, dtype=torch.float64)
         for row, key in enumerate(keys):
             for i, c in enumerate(mine.get(key, [])):
                 if c is not None:
                     table[row, i] = 1.0
-                    start = len(shared) + sum(sizes[:i])
-                    table[row, start:start + sizes[i]] = c.reshape(-1)
+                    table[row, spans[i][0]:spans[i][1]] = c.reshape(-1)
         self.group.small_sum_(table)
-        out: dict[str, list[torch.Tensor | None]] = {}
-        for row, key in enumerate(keys):
-            entries: list[torch.Tensor | None] = []
-            offset = len(shared)
-            for i, p in enumerate(shared):
-                entries.append(table[row, offset:offset + sizes[i]].to(p.dtype).view_as(p)
-                               if table[row, i] > 0 else None)
-                offset += sizes[i]
-            out[key] = entries
-        return out
+        return {key: [table[row, a:b].to(p.dtype).view_as(p) if table[row, i] > 0 else None
+                      for i, (p, (a, b)) in enumerate(zip(shared, spans, strict=True))]
+                for row, key in enumerate(keys)}
 
     def share_exclusive_(self) -> None:
         """Every worker's exclusive parameters to every other worker (after training)."""

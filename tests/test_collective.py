@@ -39,21 +39,27 @@ def _rank(rank: int, world: int, address: str, out: str) -> None:
     group.close()
 
 
-@pytest.mark.unit
-@pytest.mark.parametrize("world", [2, 3])
-def test_shared_memory_sum_is_the_fixed_order_sum_on_every_worker(tmp_path, world):
+def _run_ranks(fn, world: int, tmp_path) -> list:
+    """Run `fn(rank, world, address, out)` on `world` processes; their saved results, and
+    /dev/shm as it was before."""
     before = set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     out = str(tmp_path / "r")
-    mp.spawn(_rank, args=(world, address, out), nprocs=world, join=True)
-    results = [torch.load(f"{out}.{r}") for r in range(world)]
+    mp.spawn(fn, args=(world, address, out), nprocs=world, join=True)
+    assert set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*"))) == before
+    return [torch.load(f"{out}.{r}") for r in range(world)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_sum_is_the_fixed_order_sum_on_every_worker(tmp_path, world):
+    results = _run_ranks(_rank, world, tmp_path)
     for name in ("small", "f32", "f64", "ints"):
         assert all(r[name][0] for r in results), name
     for name in ("f32", "f64"):  # bit for bit the same on every worker
         assert all(torch.equal(results[0][name][1], r[name][1]) for r in results)
-    assert set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*"))) == before
 
 
 @pytest.mark.unit
@@ -100,15 +106,9 @@ def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world):
     """Each worker publishes its own tensors and reads everyone's; each owner gets the sum of
     its tensors' gradients over the workers in worker order (a missing one counts as zero),
     in float32 and float64; the extras are summed everywhere; /dev/shm is left clean."""
-    before = set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    out = str(tmp_path / "r")
-    mp.spawn(_shards_rank, args=(world, address, out), nprocs=world, join=True)
-    results = [torch.load(f"{out}.{r}") for r in range(world)]
+    results = _run_ranks(_shards_rank, world, tmp_path)
     shapes = {"a": (300, 200), "b": (7,), "c": (64, 1000)}
-    for (step, dtype_name), _ in results[0].items():
+    for step, dtype_name in results[0]:
         dtype = torch.float32 if dtype_name.endswith("float32") else torch.float64
         for rank, result in enumerate(results):
             sums, extra = result[(step, dtype_name)]
@@ -122,4 +122,3 @@ def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world):
                 for p in parts[2:]:
                     expected = expected + p
                 assert torch.equal(total, expected), (rank, key)
-    assert set(glob.glob(os.path.join(collective.SHM_FOLDER, "relayquant-sum-*"))) == before

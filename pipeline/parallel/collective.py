@@ -157,20 +157,18 @@ class SharedMemoryShards:
             total += math.prod(shape)
         self.numel = total
 
-    def _room(self, dtype: torch.dtype) -> None:
-        nbytes = self.numel * torch.empty(0, dtype=dtype).element_size() + 4096
+    def _room(self, nbytes: int) -> None:
         if nbytes > self.memory.capacity:
             self.memory._grow(nbytes)
 
     def _view(self, buffer: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
-        size = torch.empty(0, dtype=dtype).element_size()
-        start = self.offsets[key] * size
-        return buffer[start:start + math.prod(self.shapes[key]) * size].view(dtype).view(
-            self.shapes[key])
+        start = self.offsets[key] * dtype.itemsize
+        end = start + math.prod(self.shapes[key]) * dtype.itemsize
+        return buffer[start:end].view(dtype).view(self.shapes[key])
 
     def gather(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every key's tensor (float32), each written by its owner."""
-        self._room(torch.float32)
+        self._room(self.numel * 4)
         start = time.perf_counter()
         for key, value in own.items():
             self._view(self.memory.out, key, torch.float32).copy_(value)
@@ -182,11 +180,8 @@ class SharedMemoryShards:
                extra: torch.Tensor) -> dict[str, torch.Tensor]:
         """{own key: the sum over the workers of its gradient (None counts as zero)}; `extra`
         (a few float64 numbers, the same length everywhere) <- its sum over the workers."""
-        self._room(dtype)
-        size = torch.empty(0, dtype=dtype).element_size()
-        tail = -(-self.numel * size // 8) * 8  # the extras after the gradients, 8-aligned
-        if tail + 8 * extra.numel() > self.memory.capacity:
-            self.memory._grow(tail + 8 * extra.numel())
+        tail = -(-self.numel * dtype.itemsize // 8) * 8  # the extras after them, 8-aligned
+        self._room(tail + 8 * extra.numel())
         start = time.perf_counter()
         rank = self.memory.rank
         mine = self.memory.inputs[rank]
@@ -201,7 +196,7 @@ class SharedMemoryShards:
                 view.copy_(g)
         extras = [b[tail:tail + 8 * extra.numel()].view(torch.float64)
                   for b in self.memory.inputs]
-        extras[self.memory.rank].copy_(extra)
+        extras[rank].copy_(extra)
         self.memory.dist.barrier()
         extra.copy_(extras[0])
         for other in extras[1:]:

@@ -1,14 +1,14 @@
 """What a run will cost before it starts: per worker, the memory it needs (block weights,
-streams, training state, Hessians: `pipeline/planning/memory_model.py`) and the time per block and for the run, from the model's
-config alone (shapes from the meta device, no weights read), the recipe, the schedule and the
-device's measured rates.
+streams, training state, Hessians: `pipeline/planning/memory_model.py`) and the time per block
+and for the run, from the model's config alone (shapes from the meta device, no weights read),
+the recipe, the schedule and the device's measured rates.
 
 Time is counted in the work a block costs, at rates a micro-benchmark measures on the device
-(`pipeline.planning.device_rates.measure_device`): dense float32 matmul FLOP/s, float64 matmul FLOP/s (GPTQ's Hessians and
-sweep on CPU), elementwise bytes/s (the quantizer, the optimizer), disk read bytes/s (the block's
-weights), network bytes/s (the collectives). The structural constants (a backward pass costs two
-forward passes; the learned quantizer touches each weight a fixed number of times) are stated
-where they are used, not fitted to runs.
+(`pipeline.planning.device_rates.measure_device`): dense float32 matmul FLOP/s, float64 matmul
+FLOP/s (GPTQ's Hessians and sweep on CPU), elementwise bytes/s (the quantizer, the optimizer),
+disk read bytes/s (the block's weights), network bytes/s (the collectives). The structural
+constants (a backward pass costs two forward passes; the learned quantizer touches each weight a
+fixed number of times) are stated where they are used, not fitted to runs.
 """
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, Method, QuantizationConfig, Rounding, Schedule
+from pipeline.config import (
+    Autocast,
+    ConfigError,
+    Method,
+    QuantizationConfig,
+    Rounding,
+    Schedule,
+)
 from pipeline.planning.memory_model import hessian_float64, worker_memory
 
 __all__ = ["hessian_float64", "worker_memory"]  # re-exported: the memory side of the model
@@ -201,7 +208,8 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     # sends the windows' summed gradient back through the quantizer once (data-parallel host
     # workers split that work among them)
     dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
-    split = dp and cfg.shard_quantizer and device.host and q.omniquant.autocast.value != "float16"
+    # (not under float16 loss scaling, as in training)
+    split = dp and cfg.shard_quantizer and device.host and cfg.autocast is not Autocast.FLOAT16
     train = cfg.epochs * share * per_window + steps * quantizer / (work.workers if split else 1)
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
@@ -322,7 +330,6 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
             "memory_per_worker": est.memory, "memory_per_worker_bytes": memory,
             "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
             "device": device.to_dict()}
-
 
 
 def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,

@@ -1,5 +1,5 @@
-"""The memory side of the cost model (`pipeline/planning/cost_model.py`): the bytes one worker holds at
-its peak, by part (process, block weights, streams, Hessians, training state, activations),
+"""The memory side of the cost model (`pipeline/planning/cost_model.py`): the bytes one worker
+holds at its peak, by part (process, block weights, streams, Hessians, training state, activations),
 from the block's shapes, the recipe and the workload alone."""
 from __future__ import annotations
 
