@@ -142,7 +142,7 @@ def test_host_workers_split_the_learned_quantizer(tmp_path):
     keep the whole quantizer on every worker."""
     import dataclasses
 
-    from pipeline.planning.cost_model import training_seconds
+    from pipeline.planning.cost_model import QUANTIZER_PASSES, training_seconds
 
     shape, _blocks, _ = model_shape(json.loads(
         (llama70b_folder(tmp_path) / "config.json").read_text()))
@@ -159,7 +159,7 @@ def test_host_workers_split_the_learned_quantizer(tmp_path):
     whole = training_seconds(shape, learned(False), work, host, 32)
     gpu = training_seconds(shape, learned(True), work, PRESETS["a100-80g"], 32)
     assert split["train"] < whole["train"] and gpu["train"] == whole["train"]
-    steps = 64
-    quantizer_each = (whole["train"] - split["train"]) / steps  # 3/4 of one step's quantizer
-    assert quantizer_each > 0
+    # 64 steps, each worker doing 1/4 of the quantizer's passes instead of all of them
+    quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / host.elementwise_bytes
+    assert whole["train"] - split["train"] == pytest.approx(64 * quantizer * 3 / 4)
     assert split["collective"] != whole["collective"] and gpu["collective"] == whole["collective"]
