@@ -7,7 +7,8 @@ the other in this one invocation, every worker on one thread:
 - `gptq`: the same three for `p1-gptq-w4`.
 - `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread and pipelined over 2
   sequential stages x 1 thread; with `--eval-extra` also 2 data-parallel workers x 1 thread
-  and a plain transformers forward over the same windows in this process on 1 thread.
+  and a plain transformers forward over the same windows in this process on 1 thread
+  (`--eval-setups 1x1 plain` picks rows).
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
         [--setups 1x1 2x1 1x2] [--set KEY=VALUE ...] [--tag NAME]
@@ -40,9 +41,11 @@ RECIPES = {"learned": "p1-signround-w3g64", "gptq": "p1-gptq-w4"}
 SETUPS = {"1x1": ("1 worker x 1 thread", 1, 1, "sequential"),
           "2x1": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
           "1x2": ("1 worker x 2 threads", 1, 2, "sequential")}
-EVAL_SETUPS = [("1 stage x 1 thread", 1, 1, "sequential"),
-               ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
-               ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel")]
+EVAL_SETUPS = {"1x1": ("1 stage x 1 thread", 1, 1, "sequential"),
+               "2x1": ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
+               "2x1-dp": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
+               "plain": None}
+EVAL_DEFAULT, EVAL_EXTRA = ["1x1", "2x1"], ["2x1-dp", "plain"]
 
 
 def cluster(workers: int, threads: int, schedule: str) -> dict:
@@ -100,11 +103,15 @@ def quantize_part(part: str, work: str, epochs: int | None, evaluate_outputs: bo
     return out
 
 
-def eval_part(extra: bool) -> dict:
+def eval_part(setups: list[str]) -> dict:
     rows = []
     base = load_recipe("p1-rtn-w4")
     model = base.model.path
-    for label, workers, threads, schedule in EVAL_SETUPS[:None if extra else 2]:
+    for key in setups:
+        if EVAL_SETUPS[key] is None:
+            rows.append(plain_transformers_row(model, base.eval))
+            continue
+        label, workers, threads, schedule = EVAL_SETUPS[key]
         config = load_recipe("p1-rtn-w4", cluster(workers, threads, schedule))
         start = time.perf_counter()
         ppl = evaluate(model, config.eval, config.cluster)
@@ -112,8 +119,6 @@ def eval_part(extra: bool) -> dict:
                      "schedule": schedule, "perplexity": ppl["perplexity"],
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
         log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
-    if extra:
-        rows.append(plain_transformers_row(model, load_recipe("p1-rtn-w4").eval))
     for row in rows:
         row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the perplexity of the quantized outputs (compare shards)")
     parser.add_argument("--eval-extra", action="store_true",
                         help="also the data-parallel and plain transformers evaluation rows")
+    parser.add_argument("--eval-setups", nargs="+", choices=list(EVAL_SETUPS), default=None,
+                        help="which evaluation rows to run (overrides --eval-extra)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_data_parallel.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
@@ -183,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
             changes = {k: yaml.safe_load(v) for k, _, v in
                        (item.partition("=") for item in args.set)}
             key = f"{part}:{args.tag}" if args.tag else part
-            result[key] = (eval_part(args.eval_extra) if part == "eval"
+            eval_setups = args.eval_setups or EVAL_DEFAULT + (EVAL_EXTRA if args.eval_extra
+                                                               else [])
+            result[key] = (eval_part(eval_setups) if part == "eval"
                            else quantize_part(part, work, args.epochs, not args.no_eval,
                                               args.setups, changes))
             result[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

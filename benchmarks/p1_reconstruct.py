@@ -68,6 +68,9 @@ LET = {"quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("p1-rtn-w4", {}),
     "gptq": ("p1-gptq-{scheme}", {}),
+    # the range of each group chosen by the mse search (quantization.observer), not min-max
+    "gptq_mse": ("p1-gptq-{scheme}", {"quantization.observer": "mse"}),
+    "rtn_mse": ("p1-rtn-w4", {"quantization.observer": "mse"}),
     "omniquant_lwc": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False}),
     "omniquant_lwc_let": ("p1-omniquant-{scheme}", {}),
     "omniquant_lwc_gptq": ("p1-omniquant-{scheme}", {"quantization.omniquant.let": False,

@@ -31,7 +31,8 @@ def format_for(name: str, quantization: QuantizationConfig) -> AffineFormat | No
     return AffineFormat(change.get("bits", quantization.bits),
                         change.get("group_size", quantization.group_size),
                         change.get("symmetric", quantization.symmetric),
-                        full_range=quantization.symmetric_range == "full")
+                        full_range=quantization.symmetric_range == "full",
+                        observer=quantization.observer.value)
 
 
 def block_formats(parts: ModelParts, index: int, quantization: QuantizationConfig

@@ -163,3 +163,32 @@ def test_host_workers_split_the_learned_quantizer(tmp_path):
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / host.elementwise_bytes
     assert whole["train"] - split["train"] == pytest.approx(64 * quantizer * 3 / 4)
     assert split["collective"] != whole["collective"] and gpu["collective"] == whole["collective"]
+
+
+def test_the_mse_observer_is_charged_per_weight(tmp_path):
+    """quantization.observer: mse adds its search over every quantized weight (the measured
+    rate where there is one, else the elementwise rate), streamed or data-free; min-max adds
+    nothing."""
+    import dataclasses
+
+    from pipeline.planning.cost_model import SEARCH_BYTES, block_seconds
+
+    shape, _blocks, shared = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    device = PRESETS["a100-80g"]
+    measured = dataclasses.replace(device, search_params=2e6)
+    for method, windows in (("gptq", 128), ("rtn", 0)):
+        def q(observer, method=method):
+            return build_config(QuantizationConfig, {"method": method, "bits": 3,
+                                                     "group_size": 64, "observer": observer},
+                                "quantization")
+
+        work = Workload(windows, 512, 1, Schedule.SEQUENTIAL)
+        plain = block_seconds(shape, q("minmax"), work, device, shared)
+        searched = block_seconds(shape, q("mse"), work, device, shared)
+        assert "observer" not in plain
+        assert searched["observer"] == pytest.approx(
+            shape.linear_params * SEARCH_BYTES / device.elementwise_bytes)
+        assert {k: v for k, v in searched.items() if k != "observer"} == plain
+        assert block_seconds(shape, q("mse"), work, measured, shared)["observer"] == \
+            pytest.approx(shape.linear_params / 2e6)

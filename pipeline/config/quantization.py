@@ -21,6 +21,13 @@ class Rounding(str, enum.Enum):
     LEARNED = "learned"
 
 
+class Observer(str, enum.Enum):
+    """How rtn and gptq choose each group's range (pipeline/formats/affine.py)."""
+    MINMAX = "minmax"  # the group's extremes
+    # the extremes shrunk by the factor (1 down to 0.21) whose round trip errs least
+    MSE = "mse"
+
+
 class Optimizer(str, enum.Enum):
     ADAMW = "adamw"  # the reference's (OmniQuant), constant learning rates
     # AutoRound's: p -= lr * sign(grad), the learning rates decayed linearly to 0 over the run
@@ -275,6 +282,10 @@ class QuantizationConfig:
     # weight exact and code -2^(b-1) unused (llm-compressor's RTN); "full": scale =
     # absmax / 2^(b-1), every code used (AutoRound's; 4 levels instead of 3 at 2 bits)
     symmetric_range: str | None = None
+    # how rtn and gptq choose each group's range: minmax (the extremes) or mse (the extremes
+    # shrunk by the factor, 1 down to 0.21, whose round trip errs least; costs 80 round trips
+    # of each weight). omniquant learns its range instead.
+    observer: Observer = Observer.MINMAX
     # per-linear exceptions, first match wins: exact module name or `re:` regex -> a mapping
     # of the keys to change (bits, group_size, symmetric), or null to keep it in full precision
     overrides: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
@@ -299,6 +310,9 @@ class QuantizationConfig:
                  "restricted (or null) or full")
         if self.symmetric_range == "restricted":  # the default's explicit name
             object.__setattr__(self, "symmetric_range", None)
+        _require(self.observer is Observer.MINMAX or self.method is not Method.OMNIQUANT,
+                 f"quantization.observer: {self.observer.value} applies to methods rtn and gptq; "
+                 "omniquant learns its range (omniquant.lwc), so leave the observer minmax")
         _require(self.lorc is None or not self.lorc.count_in_budget
                  or self.budget.average_bits is not None,
                  "quantization.lorc.count_in_budget: needs quantization.budget.average_bits")

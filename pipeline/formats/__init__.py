@@ -1,5 +1,6 @@
 """Number formats: the affine integer grid and its parameters."""
 from pipeline.formats.affine import (
+    OBSERVERS,
     AffineFormat,
     QuantParams,
     choose_qparams,
@@ -10,6 +11,7 @@ from pipeline.formats.affine import (
 )
 
 __all__ = [
+    "OBSERVERS",
     "AffineFormat",
     "QuantParams",
     "choose_qparams",

@@ -22,6 +22,7 @@ from pipeline.config import (
     Autocast,
     ConfigError,
     Method,
+    Observer,
     QuantizationConfig,
     Rounding,
     Schedule,
@@ -37,6 +38,10 @@ QUANTIZER_PASSES = 80
 # Ray's start, the actors' creation and the first reads before the first block (a run's
 # "prepare" phase), counted in a run's prediction but not in its quantize phase
 STARTUP_SECONDS = 15.0
+# bytes moved per weight by the mse observer's search where no rate was measured: 80 round
+# trips of about 12 elementwise float32 passes (divide, round, clamp, dequantize, error, power,
+# sum and the running best)
+SEARCH_BYTES = 80 * 12 * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,9 @@ class Device:
     column_seconds: float = 60e-6  # GPTQ's fixed cost per column (a few small kernels)
     # weights/s through the data-free path (read slice, min-max, codes, packing; on the host)
     rtn_params: float = 100e6
+    # weights/s through the mse observer's search (`quantization.observer: mse`); None: from
+    # elementwise_bytes at SEARCH_BYTES per weight
+    search_params: float | None = None
     # FLOP/s of GPTQ's three factorizations (Cholesky, its inverse, Cholesky again: ~5/3 n^3),
     # which run well below the matmul rate, in float64 (CPU Hessians) and float32 (wide ones)
     cholesky64_flops: float = 5e12
@@ -150,6 +158,9 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
     load = shape.params * shape.stored_bytes_per_param * readers / device.disk_bytes
     out = {"load": load, "write": write_seconds(shape, q.bits, device)}
     quantize_weights = shape.linear_params / device.rtn_params
+    if q.observer is Observer.MSE:
+        out["observer"] = shape.linear_params / (device.search_params or
+                                                 device.elementwise_bytes / SEARCH_BYTES)
     if work.windows == 0:  # data-free RTN
         out["quantize"] = quantize_weights
         return out

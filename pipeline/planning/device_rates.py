@@ -1,7 +1,7 @@
 """This machine's rates for the cost model (`pipeline.planning.cost_model.Device`), measured now by
 micro-benchmarks: a stand-in of the block's forward and forward + backward, float64 matmul,
 elementwise throughput, GPTQ's per-column cost and factorizations, the data-free path on one
-linear, a block's write, and reads of the model's shards past (or, for a small checkpoint,
+linear, the mse observer's search, a block's write, and reads of the model's shards past (or, for a small checkpoint,
 through) the page cache.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
         elementwise = _rate(lambda: torch.mul(v, 1.0001), 8.0 * v.numel(), seconds / 2)
         column = _gptq_column_seconds()
         rtn = _rtn_params_per_second(seconds)
+        search = _search_params_per_second(seconds)
         chol64 = _cholesky_flops(torch.float64, 1024, seconds / 2)
         chol32 = _cholesky_flops(torch.float32, 2048, seconds / 2)
         write_rate, write_fixed = _write_rates()
@@ -53,6 +54,7 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
                   fp64, elementwise, disk_bytes=disk_read_bytes_per_second(disk_files),
                   network_bytes=2e9,
                   memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn,
+                  search_params=search,
                   cholesky64_flops=chol64, cholesky32_flops=chol32, write_bytes=write_rate,
                   block_write_seconds=write_fixed)
 
@@ -159,6 +161,15 @@ def _rtn_params_per_second(seconds: float) -> float:
     return _rate(lambda: quantize_linear("m", "w.weight", w, fmt, torch.float32, torch.bfloat16,
                                          [ExportFormat.COMPRESSED_TENSORS]),
                  float(w.numel()), seconds / 2)
+
+
+def _search_params_per_second(seconds: float) -> float:
+    """The mse observer's search (`quantization.observer: mse`) on a 3-bit, group-64 linear."""
+    from pipeline.formats import AffineFormat, choose_qparams
+
+    w = torch.randn(256, 2048)
+    fmt = AffineFormat(3, 64, observer="mse")
+    return _rate(lambda: choose_qparams(w, fmt), float(w.numel()), seconds / 2)
 
 
 def _gptq_column_seconds() -> float:
