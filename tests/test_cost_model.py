@@ -192,3 +192,7 @@ def test_the_mse_observer_is_charged_per_weight(tmp_path):
         assert {k: v for k, v in searched.items() if k != "observer"} == plain
         assert block_seconds(shape, q("mse"), work, measured, shared)["observer"] == \
             pytest.approx(shape.linear_params / 2e6)
+    # data-parallel GPTQ: each linear is solved (and searched) by one of the workers
+    dp = block_seconds(shape, q("mse", "gptq"), Workload(128, 512, 4, Schedule.DATA_PARALLEL),
+                       measured, shared)
+    assert dp["observer"] == pytest.approx(shape.linear_params / 2e6 / 4)

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,10 +28,14 @@ def recipe(tmp_path, model, train, name):
     return str(path)
 
 
-def relayquant(*args, **kwargs):
-    exe = os.path.join(os.path.dirname(sys.executable), "relayquant")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600,
-                          check=False, **kwargs)
+def relayquant(capsys, *args):
+    """`relayquant ARGS` in this process (one Ray instance for all the runs): (exit code,
+    what it wrote to stderr)."""
+    from jobs.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def shards(folder):
@@ -40,18 +45,26 @@ def shards(folder):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model, corpus_files):
+    """A whole run's shards, and a copy of its folder for the tests that damage one."""
     tmp = tmp_path_factory.mktemp("ref")
-    done = relayquant("quantize", "--config", recipe(tmp, tiny_model("llama", 6),
-                                                     corpus_files[0], "out"))
-    assert done.returncode == 0, done.stderr
-    return shards(str(tmp / "out"))
+    from jobs.cli import main
+
+    assert main(["quantize", "--config", recipe(tmp, tiny_model("llama", 6), corpus_files[0],
+                                                "out"), "--quiet"]) == 0
+    return shards(str(tmp / "out")), tmp / "out"
 
 
-def test_damaged_blocks_are_redone_and_done_ones_kept(tmp_path, tiny_model, corpus_files,
-                                                      reference):
-    config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
-    assert relayquant("quantize", "--config", config).returncode == 0
+def copy_of(done, tmp_path):
     out = tmp_path / "out"
+    shutil.copytree(done, out)
+    return out
+
+
+def test_damaged_blocks_are_redone_and_done_ones_kept(capsys, tmp_path, tiny_model,
+                                                      corpus_files, reference):
+    reference, done = reference
+    config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
+    out = copy_of(done, tmp_path)
     os.remove(out / "report.json")  # as if the driver had died before finishing
     os.remove(out / ".relayquant" / "blocks" / "00004.json")  # block 4 never finished
     shard = out / "model-block-00001.safetensors"  # flip bytes in a finished block
@@ -60,10 +73,10 @@ def test_damaged_blocks_are_redone_and_done_ones_kept(tmp_path, tiny_model, corp
     shard.write_bytes(bytes(data))
     fake = out / "fake_quant" / "model-block-00002.safetensors"  # truncate another
     fake.write_bytes(fake.read_bytes()[:100])
-    again = relayquant("quantize", "--config", config, "--json")
-    assert again.returncode == 0, again.stderr
-    assert "blocks [1, 2]: shard missing or checksum mismatch; redoing them" in again.stderr
-    assert "resuming: 3 of 6 blocks already done" in again.stderr
+    code, err = relayquant(capsys, "quantize", "--config", config, "--json")
+    assert code == 0, err
+    assert "blocks [1, 2]: shard missing or checksum mismatch; redoing them" in err
+    assert "resuming: 3 of 6 blocks already done" in err
     report = json.load(open(out / "report.json"))
     assert report["resumed_blocks"] == [0, 3, 5] and report["redone_blocks"] == [1, 2]
     assert shards(str(out)) == reference
@@ -80,6 +93,8 @@ def status_of(capsys, out):
 
 def test_killed_driver_leaves_a_resumable_run(capsys, tmp_path, tiny_model, corpus_files,
                                               reference):
+    """The one run that must be its own process: it is killed mid-run."""
+    reference, _done = reference
     config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
     exe = os.path.join(os.path.dirname(sys.executable), "relayquant")
     job = subprocess.Popen([exe, "quantize", "--config", config], stdout=subprocess.DEVNULL,
@@ -92,32 +107,33 @@ def test_killed_driver_leaves_a_resumable_run(capsys, tmp_path, tiny_model, corp
     job.wait()
     status = status_of(capsys, tmp_path / "out")
     assert not status["complete"] and 2 <= status["done"] < 6 or status["done"] == 6
-    again = relayquant("quantize", "--config", config)
-    assert again.returncode == 0, again.stderr
+    code, err = relayquant(capsys, "quantize", "--config", config)
+    assert code == 0, err
     assert shards(str(tmp_path / "out")) == reference
     status = status_of(capsys, tmp_path / "out")
     assert status["complete"] and status["done"] == 6
 
 
-def test_saved_stream_boundary_is_used_when_it_fits(tmp_path, tiny_model, corpus_files,
-                                                     reference):
+def test_saved_stream_boundary_is_used_when_it_fits(capsys, tmp_path, tiny_model,
+                                                     corpus_files, reference):
+    reference, _done = reference
     config = recipe(tmp_path, tiny_model("llama", 6), corpus_files[0], "out")
     args = ["--config", config, "--set", "checkpoint.save_streams=true"]
-    assert relayquant("quantize", *args).returncode == 0
+    assert relayquant(capsys, "quantize", *args)[0] == 0
     out = tmp_path / "out"
     assert sorted(os.listdir(out / ".relayquant" / "streams")) == ["00005"]  # newest only
     os.remove(out / "report.json")
     os.remove(out / ".relayquant" / "blocks" / "00005.json")
-    again = relayquant("quantize", *args)
-    assert again.returncode == 0, again.stderr
-    assert "resuming from the saved streams entering block 6" in again.stderr
-    assert "block 6/6 on stage" in again.stderr and "block 5/6" not in again.stderr
+    code, err = relayquant(capsys, "quantize", *args)
+    assert code == 0, err
+    assert "resuming from the saved streams entering block 6" in err
+    assert "block 6/6 on stage" in err and "block 5/6" not in err
     assert shards(str(out)) == reference
     # a boundary past the first unfinished block is not usable: streams are recomputed
     os.remove(out / "report.json")
     for i in (3, 4):
         os.remove(out / ".relayquant" / "blocks" / f"0000{i}.json")
-    again = relayquant("quantize", *args)
-    assert again.returncode == 0, again.stderr
-    assert "resuming from the saved streams" not in again.stderr
+    code, err = relayquant(capsys, "quantize", *args)
+    assert code == 0, err
+    assert "resuming from the saved streams" not in err
     assert shards(str(out)) == reference

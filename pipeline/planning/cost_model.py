@@ -173,6 +173,8 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
         out["hessians"] = one_pass + hessian_seconds(shape, tokens, device, shared_hessians)
         solve = sweep_seconds(shape, device)
         out["gptq"] = solve / work.workers if dp else solve
+        if dp and "observer" in out:  # searched by each linear's solver only
+            out["observer"] /= work.workers
         if dp:  # the broadcast of each solved linear's weight, codes and parameters
             out["collective"] = shape.linear_params * 12 / device.network_bytes
     else:
