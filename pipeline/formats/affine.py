@@ -89,33 +89,43 @@ def choose_qparams(w: torch.Tensor, fmt: AffineFormat) -> QuantParams:
     search over shrunk ranges)."""
     x = _grouped(w, fmt)
     if fmt.observer == "minmax":
-        return _range_qparams(x, fmt, 1.0)
+        return _range_qparams(_extremes(x, fmt), fmt, 1.0)
     step = max(1, _SEARCH_ELEMENTS // max(x[0].numel(), 1))
     found = [_searched_qparams(x[r:r + step], fmt) for r in range(0, x.shape[0], step)]
     return QuantParams(torch.cat([p.scale for p in found]),
                        torch.cat([p.zero_point for p in found]))
 
 
-def _range_qparams(x: torch.Tensor, fmt: AffineFormat, shrink: float) -> QuantParams:
-    """Parameters for grouped `x` [out, groups, size] whose range is the extremes times
-    `shrink` (1: min-max)."""
+def _extremes(x: torch.Tensor, fmt: AffineFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of `x` [out, groups, size]: (min clamped to <= 0, max clamped to >= 0), or
+    (absmax, absmax) when symmetric."""
     if fmt.symmetric:
-        scale = (x.abs().amax(-1) * shrink / fmt.scale_divisor).clamp(min=_MIN_SCALE)
+        top = x.abs().amax(-1)
+        return top, top
+    return x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+
+
+def _range_qparams(extremes: tuple[torch.Tensor, torch.Tensor], fmt: AffineFormat,
+                   shrink: float) -> QuantParams:
+    """Parameters for a range of the extremes times `shrink` (1: min-max)."""
+    lo, hi = extremes
+    if fmt.symmetric:
+        scale = (hi * shrink / fmt.scale_divisor).clamp(min=_MIN_SCALE)
         return QuantParams(scale, torch.zeros_like(scale))
-    lo = x.amin(-1).clamp(max=0) * shrink
-    hi = x.amax(-1).clamp(min=0) * shrink
-    scale = ((hi - lo) / fmt.qmax).clamp(min=_MIN_SCALE)
-    return QuantParams(scale, torch.round(-lo / scale))
+    scale = ((hi * shrink - lo * shrink) / fmt.qmax).clamp(min=_MIN_SCALE)
+    return QuantParams(scale, torch.round(-(lo * shrink) / scale))
 
 
 def _searched_qparams(x: torch.Tensor, fmt: AffineFormat) -> QuantParams:
     """Per group, the shrunk range whose round trip errs least (sum of |error|^MSE_NORM);
     the earliest (widest) factor wins ties."""
-    best = _range_qparams(x, fmt, 1.0)
-    best_error = _round_trip_error(x, best, fmt)
+    extremes = _extremes(x, fmt)
+    work = torch.empty_like(x)
+    best = _range_qparams(extremes, fmt, 1.0)
+    best_error = _round_trip_error(x, best, fmt, work)
     for k in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
-        p = _range_qparams(x, fmt, 1 - k / MSE_GRID)
-        error = _round_trip_error(x, p, fmt)
+        p = _range_qparams(extremes, fmt, 1 - k / MSE_GRID)
+        error = _round_trip_error(x, p, fmt, work)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best = QuantParams(torch.where(better, p.scale, best.scale),
@@ -123,10 +133,13 @@ def _searched_qparams(x: torch.Tensor, fmt: AffineFormat) -> QuantParams:
     return best
 
 
-def _round_trip_error(x: torch.Tensor, p: QuantParams, fmt: AffineFormat) -> torch.Tensor:
+def _round_trip_error(x: torch.Tensor, p: QuantParams, fmt: AffineFormat,
+                      work: torch.Tensor) -> torch.Tensor:
+    """Per group, the sum of |dequantize(quantize(x)) - x|^MSE_NORM (computed in `work`)."""
     scale, zero = p.scale.unsqueeze(-1), p.zero_point.unsqueeze(-1)
-    q = (torch.round(x / scale) + zero).clamp_(fmt.qmin, fmt.qmax)
-    return ((q - zero) * scale - x).abs_().pow_(MSE_NORM).sum(-1)
+    torch.div(x, scale, out=work)
+    work.round_().add_(zero).clamp_(fmt.qmin, fmt.qmax).sub_(zero).mul_(scale)
+    return work.sub_(x).abs_().pow_(MSE_NORM).sum(-1)
 
 
 def quantize(w: torch.Tensor, qparams: QuantParams, fmt: AffineFormat) -> torch.Tensor:
