@@ -4,7 +4,8 @@ thread count) next to the measured one, for
 
 - P1 data-free RTN W4, 1 and 2 workers: run here, now (about a minute each, no evaluation);
 - P1 learned (p1-signround-w3g64, 1 epoch) and GPTQ W4, 1 worker x 1 thread, 2 data-parallel
-  workers x 1 thread, 1 worker x 2 threads: `benchmarks/p1_data_parallel.py`'s rows;
+  workers x 1 thread, 1 worker x 2 threads: `benchmarks/p1_data_parallel.py`'s newest rows of
+  each part (its `--tag`ged entries included);
 - the larger-than-RAM runs at Llama-70B width (RTN W4 g128 at full and half depth, GPTQ over
   its first blocks): `benchmarks/larger_than_ram.py`'s rows, where present.
 
@@ -86,20 +87,28 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
                                 report["phase_seconds"]["quantize"]))
     measured = _load("p1_data_parallel.json") or {}
     for part in ("learned", "gptq"):
-        if part not in measured:
+        key = newest(measured, part)
+        if key is None:
             continue
-        recipe, epochs = measured[part]["recipe"], measured[part].get("epochs")
-        for row in measured[part]["rows"]:
-            changes = {"cluster.workers": row["workers"], "cluster.threads": row["threads"],
-                       "cluster.schedule": row["schedule"]}
+        recipe, epochs = measured[key]["recipe"], measured[key].get("epochs")
+        for row in measured[key]["rows"]:
+            changes = {**measured[key].get("changes", {}), "cluster.workers": row["workers"],
+                       "cluster.threads": row["threads"], "cluster.schedule": row["schedule"]}
             if epochs is not None and part == "learned":
                 changes["quantization.omniquant.epochs"] = epochs
             cfg = load_recipe(recipe, changes)
             # measured around the whole quantize() call (start included; no evaluation)
             rows.append(compare(config, cfg, devices[row["threads"]],
-                                f"{recipe} {row['setup']}", row["quantize_wall_seconds"],
+                                f"{recipe} {row['setup']} ({key})", row["quantize_wall_seconds"],
                                 whole_run=True))
     return rows
+
+
+def newest(measured: dict[str, Any], part: str) -> str | None:
+    """The key of `part`'s most recent measurement in p1_data_parallel.json: PART or
+    PART:TAG, by its measured_at (an entry without one counts as the oldest)."""
+    keys = [k for k in measured if k == part or k.startswith(f"{part}:")]
+    return max(keys, key=lambda k: (measured[k].get("measured_at") or "", k), default=None)
 
 
 def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str, Any]]:
