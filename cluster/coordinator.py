@@ -29,7 +29,7 @@ from cluster.schedules import (
     worker_summary,
 )
 from cluster.stages import Stages, absolute, gather, report_progress, start_stages  # noqa: F401
-from pipeline import budget, calibration, compensation, storage
+from pipeline import calibration, compensation, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
@@ -41,6 +41,8 @@ from pipeline.config import (
     QuantizationConfig,
     RunConfig,
 )
+from pipeline.cvxq import budget
+from pipeline.cvxq.sensitivity import unit_statistics
 from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
@@ -49,7 +51,6 @@ from pipeline.planning import cost_model
 from pipeline.reconstruct import TrainingError
 from pipeline.reporting import report_html
 from pipeline.schemes import validate_schemes
-from pipeline.sensitivity import unit_statistics
 from pipeline.streams import split_windows
 
 log = logging.getLogger(__name__)

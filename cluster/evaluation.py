@@ -12,13 +12,14 @@ import torch
 
 from cluster import runtime
 from cluster.stages import Stages, absolute, gather, report_progress, start_stages
-from pipeline import calibration, perplexity_cache
+from pipeline import calibration
 from pipeline.assets import resolve_model_path
 from pipeline.config import (
     ClusterConfig,
     EvalConfig,
     RunConfig,
 )
+from pipeline.evaluation import perplexity_cache
 from pipeline.peft_adapter import adapter_folder
 from pipeline.plan import make_plan, open_model
 from pipeline.streams import split_windows

@@ -12,14 +12,13 @@ import torch
 
 from pipeline import (
     block_pass,
-    budget,
     checkpoint,
     data_free,
-    depth_errors,
     events,
-    sensitivity,
 )
 from pipeline.config import ExportFormat, Objective, QuantizationConfig
+from pipeline.cvxq import budget, sensitivity
+from pipeline.evaluation import depth_errors
 from pipeline.model_parts import DTYPES, ModelParts
 from pipeline.parallel.collective import Collective, Solo, TorchCollective
 from pipeline.parallel.shares import WindowShare
@@ -107,7 +106,7 @@ class StageActor:
 
     def depth_errors(self, model_path: str, output: str, ids: torch.Tensor, abits: int = 16,
                      lorc: str | None = None) -> list[float]:
-        """Each block's error at the model's output depth (pipeline/depth_errors.py)."""
+        """Each block's error at the model's output depth (pipeline/evaluation/depth_errors.py)."""
         def progress(done: int, total: int) -> None:
             events.emit("depth_errors", f"output-depth errors: block {done}/{total}",
                         done=done, total=total)

@@ -130,7 +130,7 @@ def quantize_command(args: argparse.Namespace) -> int:
 def tasks_command(args: argparse.Namespace) -> int:
     def action() -> dict[str, Any]:
         from pipeline.assets import resolve_model_path
-        from pipeline.tasks import run_tasks
+        from pipeline.evaluation.tasks import run_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:

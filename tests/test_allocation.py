@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from pipeline.allocation import AllocationError, Unit, allocate, allocate_options
+from pipeline.cvxq.allocation import AllocationError, Unit, allocate, allocate_options
 
 
 def random_units(n: int, seed: int, equal_params: bool = False) -> list[Unit]:

@@ -9,9 +9,9 @@ import torch
 from block_helpers import quantization, stream
 
 from pipeline import block_pass, compensation
-from pipeline.budget import check_feasible
 from pipeline.config import ConfigError, ExportFormat, RunConfig
 from pipeline.config_tree import build_config, config_to_dict
+from pipeline.cvxq.budget import check_feasible
 from pipeline.formats import AffineFormat
 from pipeline.formats.compressed_tensors import decompress_linear
 from pipeline.methods.lorc import (

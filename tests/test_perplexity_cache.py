@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cluster.coordinator import quantize
-from pipeline import perplexity_cache
 from pipeline.config import RunConfig
 from pipeline.config_tree import build_config
+from pipeline.evaluation import perplexity_cache
 
 
 @pytest.mark.unit

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from jobs.recipes import load_recipe
 from pipeline.assets import resolve_model_path
 from pipeline.calibration import calibration_windows_for, eval_windows_for
-from pipeline.allocation import Unit, allocate
+from pipeline.cvxq.allocation import Unit, allocate
 from pipeline.formats import AffineFormat
 from pipeline.methods.rtn import rtn_quantize
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)

@@ -99,7 +99,7 @@ class EvalConfig:
     # each block's error carried to the model's output depth (its quantized output through the
     # FP blocks after it, against the FP model's last hidden state), measured on this many of
     # the evaluation windows after quantizing; 0: off. Costs about (blocks / 2 + 2) forward
-    # passes of the model over those windows (pipeline/depth_errors.py)
+    # passes of the model over those windows (pipeline/evaluation/depth_errors.py)
     depth_errors: int = 0
 
     def __post_init__(self) -> None:

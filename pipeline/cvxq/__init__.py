@@ -1,0 +1,3 @@
+"""CVXQ's bit allocation: the units and their gradient statistics on the stages
+(`sensitivity`), the budget's units and side information (`budget`), and the solver
+(`allocation`, pure)."""
