@@ -70,19 +70,26 @@ def test_hessian_sums_one_float32_product_per_window_in_float64():
 
 
 @pytest.mark.unit
-def test_hessian_bits_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("columns,by", [(1536, "window"), (1536, "column block"),
+                                        (576, "window"), (576, "column block")])
+def test_hessian_bits_do_not_depend_on_the_thread_count(monkeypatch, columns, by):
     """float32 GEMMs round differently with the thread count; the Hessian must not (a worker
-    of 1 thread and one of 2 produce the same codes)."""
+    of 1 thread and one of 2 or 3 produce the same codes). With several threads the products
+    run a window per thread, or a column block per thread where a window's products would
+    not fit WINDOW_PRODUCTS_BYTES."""
+    if by == "column block":
+        monkeypatch.setattr(gptq, "WINDOW_PRODUCTS_BYTES", 0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 512, 1536, generator=g)
+    x = torch.randn(5, 512, columns, generator=g)
     threads = torch.get_num_threads()
     got = []
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            h = gptq.Hessian(1536)
+            h = gptq.Hessian(columns)
             h.add(x)
             got.append(h.matrix)
+            assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])

@@ -8,7 +8,9 @@ contiguous and the export needs no g_idx.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,20 +40,41 @@ def sweep_dtype(device: torch.device | str, columns: int = 0) -> torch.dtype:
 GRAM_BLOCK = 512
 
 
-def gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+def gram(x: torch.Tensor, block: int = GRAM_BLOCK, pool: ThreadPoolExecutor | None = None
+         ) -> torch.Tensor:
     """x^T x from the products of column blocks on and above the diagonal, the blocks below
-    mirrored: (k + 1) / 2k of the multiplications for k blocks (two thirds at 1536 columns)."""
+    mirrored: (k + 1) / 2k of the multiplications for k blocks (two thirds at 1536 columns).
+    With `pool`, the blocks' products run on its threads (each writes its own part of the
+    result, so the values are those of the sequential loop)."""
     n = x.shape[1]
     if n <= block:
         return x.T @ x
     out = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    starts = list(range(0, n, block))
-    for a in starts:
-        rows = x[:, a : a + block]
-        upper = rows.T @ x[:, a:]
+
+    def product(a: int) -> None:
+        upper = x[:, a : a + block].T @ x[:, a:]
         out[a : a + block, a:] = upper
         out[a + block :, a : a + block] = upper[:, block:].T
+
+    starts = range(0, n, block)
+    if pool is None:
+        for a in starts:
+            product(a)
+    else:
+        list(pool.map(product, starts))
     return out
+
+
+# products of this many windows' bytes at most in flight at once: narrower Hessians are
+# summed a window per thread, wider ones (a 70B down_proj's 3.3 GB) a column block per thread
+WINDOW_PRODUCTS_BYTES = 2**28
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    # each pool thread's own BLAS/OpenMP setting is one thread too
+    return ThreadPoolExecutor(threads, thread_name_prefix="relayquant-gram",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 class Hessian:
@@ -68,20 +91,33 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)
-        # on the CPU the products run on one thread: float32 GEMMs round differently with the
-        # thread count, and a worker of any thread count must produce the same Hessian (one
-        # thread in float32 is still faster than two in float64)
+        # on the CPU every product runs on one thread: float32 GEMMs round differently with
+        # the thread count, and a worker of any thread count must produce the same Hessian.
+        # A worker of T threads runs T such products at once (T windows, or a window's T
+        # column blocks where T products would not fit WINDOW_PRODUCTS_BYTES) on its own
+        # threads and adds the windows in order: the same sums as one thread, T times faster
         threads = torch.get_num_threads()
-        single = x.device.type == "cpu" and threads > 1
-        if single:
-            torch.set_num_threads(1)
-        try:
+        if x.device.type != "cpu" or threads == 1:
             for window in windows:
                 self.matrix += gram(window.float()).to(self.dtype)
-        finally:
-            if single:
+        else:
+            torch.set_num_threads(1)
+            try:
+                self._add_on_threads(windows, threads)
+            finally:
                 torch.set_num_threads(threads)
         self.count += windows.shape[0] * windows.shape[1]
+
+    def _add_on_threads(self, windows: torch.Tensor, threads: int) -> None:
+        pool = _pool(threads)
+        n = windows.shape[-1]
+        if n * n * 4 * threads > WINDOW_PRODUCTS_BYTES:
+            for window in windows:
+                self.matrix += gram(window.float(), pool=pool).to(self.dtype)
+            return
+        for i in range(0, windows.shape[0], threads):
+            for product in list(pool.map(lambda w: gram(w.float()), windows[i:i + threads])):
+                self.matrix += product.to(self.dtype)
 
     def value(self) -> torch.Tensor:
         return (2.0 / max(self.count, 1)) * self.matrix
