@@ -67,7 +67,8 @@ SIGNROUND = {"quantization.omniquant.rounding": "learned",
 LET = {"quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("p1-rtn-w4", {}),
-    "gptq": ("p1-gptq-{scheme}", {}),
+    # the observer pinned both ways (the recipes may set either)
+    "gptq": ("p1-gptq-{scheme}", {"quantization.observer": "minmax"}),
     # the range of each group chosen by the mse search (quantization.observer), not min-max
     "gptq_mse": ("p1-gptq-{scheme}", {"quantization.observer": "mse"}),
     "rtn_mse": ("p1-rtn-w4", {"quantization.observer": "mse"}),
