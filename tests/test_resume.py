@@ -1,6 +1,7 @@
 """A run picks up where an earlier one stopped and ends with the same bytes."""
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,7 +35,13 @@ def relayquant(capsys, *args):
     from jobs.cli import main
 
     capsys.readouterr()
-    code = main(list(args))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # as the command line's basicConfig sets it (pytest's is WARNING)
+    try:
+        code = main(list(args))
+    finally:
+        root.setLevel(level)
     return code, capsys.readouterr().err
 
 
@@ -50,7 +57,7 @@ def reference(tmp_path_factory, tiny_model, corpus_files):
     from jobs.cli import main
 
     assert main(["quantize", "--config", recipe(tmp, tiny_model("llama", 6), corpus_files[0],
-                                                "out"), "--quiet"]) == 0
+                                                "out")]) == 0
     return shards(str(tmp / "out")), tmp / "out"
 
 
@@ -77,7 +84,7 @@ def test_damaged_blocks_are_redone_and_done_ones_kept(capsys, tmp_path, tiny_mod
     assert code == 0, err
     assert "blocks [1, 2]: shard missing or checksum mismatch; redoing them" in err
     assert "resuming: 3 of 6 blocks already done" in err
-    report = json.load(open(out / "report.json"))
+    report = json.loads((out / "report.json").read_text())
     assert report["resumed_blocks"] == [0, 3, 5] and report["redone_blocks"] == [1, 2]
     assert shards(str(out)) == reference
 
