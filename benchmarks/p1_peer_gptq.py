@@ -12,7 +12,8 @@ It runs in the peer's own virtual environment (its pins differ from relayquant's
 The model and corpus are relayquant's P1 assets (`relayquant assets prepare`): the SmolLM2
 folder and the SOTU train/test texts, split as the protocol splits them. The time is the
 `oneshot` call alone (the peers' rows in `../shared/research/p1_baselines.md` were timed so).
-Writes benchmarks/results/p1_peer_gptq.json (rows merge by scheme and threads).
+Writes benchmarks/results/p1_peer_gptq.json (rows merge by scheme, threads and whether
+`--no-eval` skipped the perplexity).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=os.path.join(CACHE, "models", "smollm2-135m"))
     parser.add_argument("--corpus", default=os.path.join(CACHE, "corpora", "sotu"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "p1_peer_gptq.json"))
+    parser.add_argument("--no-eval", action="store_true",
+                        help="time the quantization only (the row keeps no perplexity)")
     args = parser.parse_args(argv)
     sys.path.insert(0, PROTOCOL)
     import p1  # the protocol's windows and scoring
@@ -79,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=p1.SEQLEN,
             num_calibration_samples=calib.shape[0])
     seconds = time.perf_counter() - start
-    scores = p1.evaluate(model, tok)
+    scores = None if args.no_eval else p1.evaluate(model, tok)
     row = {"scheme": args.scheme, "peer": f"llmcompressor {metadata.version('llmcompressor')}",
            "torch": torch.__version__, "threads": args.threads, "quantize_seconds": seconds,
-           "perplexity": scores["full"]["ppl"], "perplexity_quick": scores["quick"]["ppl"],
-           "eval_windows": scores["full"]["n_windows"],
+           "perplexity": scores and scores["full"]["ppl"],
+           "perplexity_quick": scores and scores["quick"]["ppl"],
+           "eval_windows": scores and scores["full"]["n_windows"],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     result = {"benchmark": "p1_peer_gptq", "rows": []}
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out) as f:
             result = json.load(f)
     result["rows"] = [r for r in result["rows"]
-                      if (r["scheme"], r["threads"]) != (args.scheme, args.threads)] + [row]
+                      if (r["scheme"], r["threads"], r.get("perplexity") is None)
+                      != (args.scheme, args.threads, row["perplexity"] is None)] + [row]
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
