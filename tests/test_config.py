@@ -31,7 +31,8 @@ def test_round_trip():
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigError, match=r"quantization\.bitz: unknown key; allowed keys here: "
                                           "abits, bias_correction, bits, budget, gptq, group_size, "
-                                          "lorc, method, omniquant, overrides, symmetric"):
+                                          "lorc, method, observer, omniquant, overrides, "
+                                          "symmetric, symmetric_range$"):
         build_config(RunConfig, {**BASE, "quantization": {"bitz": 3}})
     with pytest.raises(ConfigError, match="^colour: unknown key"):
         build_config(RunConfig, {**BASE, "colour": "red"})
