@@ -119,8 +119,10 @@ def eval_part(setups: list[str]) -> dict:
                      "schedule": schedule, "perplexity": ppl["perplexity"],
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
         log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
+    one_stage = next((r for r in rows if r["setup"] == EVAL_SETUPS["1x1"][0]), None)
     for row in rows:
-        row["time_vs_1_stage"] = row["seconds"] / rows[0]["seconds"]
+        if one_stage is not None:
+            row["time_vs_1_stage"] = row["seconds"] / one_stage["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
 
 

@@ -93,25 +93,27 @@ class Hessian:
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)
         # on the CPU every product runs on one thread: float32 GEMMs round differently with
         # the thread count, and a worker of any thread count must produce the same Hessian.
-        # A worker of T threads runs T such products at once (T windows, or a window's T
-        # column blocks where T products would not fit WINDOW_PRODUCTS_BYTES) on its own
-        # threads and adds the windows in order: the same sums as one thread, T times faster
+        # A worker of T threads runs T such products at once on its own threads and adds the
+        # windows in order: the same sums as one thread (1.2-1.6x faster at T = 2 on a 2-core
+        # AVX2 host)
         threads = torch.get_num_threads()
         if x.device.type != "cpu" or threads == 1:
-            for window in windows:
-                self.matrix += gram(window.float()).to(self.dtype)
+            self._sum(windows)
         else:
             torch.set_num_threads(1)
             try:
-                self._add_on_threads(windows, threads)
+                self._sum(windows, threads)
             finally:
                 torch.set_num_threads(threads)
         self.count += windows.shape[0] * windows.shape[1]
 
-    def _add_on_threads(self, windows: torch.Tensor, threads: int) -> None:
-        pool = _pool(threads)
+    def _sum(self, windows: torch.Tensor, threads: int = 1) -> None:
+        """Each window's product added in window order; with several threads, a window per
+        thread, or a column block per thread where T products would not fit
+        WINDOW_PRODUCTS_BYTES."""
+        pool = _pool(threads) if threads > 1 else None
         n = windows.shape[-1]
-        if n * n * 4 * threads > WINDOW_PRODUCTS_BYTES:
+        if pool is None or n * n * 4 * threads > WINDOW_PRODUCTS_BYTES:
             for window in windows:
                 self.matrix += gram(window.float(), pool=pool).to(self.dtype)
             return

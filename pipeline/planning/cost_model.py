@@ -27,6 +27,7 @@ from pipeline.config import (
     Rounding,
     Schedule,
 )
+from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
 from pipeline.planning.memory_model import hessian_float64, worker_memory
 
 __all__ = ["hessian_float64", "worker_memory"]  # re-exported: the memory side of the model
@@ -38,10 +39,10 @@ QUANTIZER_PASSES = 80
 # Ray's start, the actors' creation and the first reads before the first block (a run's
 # "prepare" phase), counted in a run's prediction but not in its quantize phase
 STARTUP_SECONDS = 15.0
-# bytes moved per weight by the mse observer's search where no rate was measured: 80 round
-# trips of about 12 elementwise float32 passes (divide, round, clamp, dequantize, error, power,
-# sum and the running best)
-SEARCH_BYTES = 80 * 12 * 4
+# bytes moved per weight by the mse observer's search where no rate was measured: each of its
+# round trips about 12 elementwise float32 passes (divide, round, clamp, dequantize, error,
+# power, sum and the running best)
+SEARCH_BYTES = int(MSE_MAX_SHRINK * MSE_GRID) * 12 * 4
 
 
 @dataclasses.dataclass(frozen=True)
