@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
             report = quantize(config)
             ppl = report["perplexity"]
             row = {
-                "scheme": scheme, "fp": ppl["fp"], "quantized": ppl["quantized"],
+                "scheme": scheme, "recipe": "p1-rtn-w4", "changes": {
+                    k: v for k, v in changes.items() if k != "cluster.workers"},
+                "perplexity": ppl["quantized"], "fp": ppl["fp"], "quantized": ppl["quantized"],
                 "fp_from_cache": ppl.get("fp_from_cache"),
                 "reference_fp": REFERENCE["fp"], "reference_quantized": REFERENCE[scheme],
                 "windows": ppl["windows"], "wall_seconds": report["wall_seconds"],

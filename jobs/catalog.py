@@ -7,6 +7,7 @@ rebuilt from the recipe it started from and the keys it changed, as the benchmar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.recipes import CONFIG_DIR, load_recipe
-from pipeline.config import ConfigError, Method, RunConfig
+from pipeline.config import Autocast, ConfigError, Method, RunConfig
 from pipeline.config_tree import config_to_dict
 from pipeline.output_dir import RESULT_SECTIONS
 
@@ -88,10 +89,32 @@ def measured() -> dict[str, dict[str, Any]]:
         except (StopIteration, KeyError):
             continue
         add("p1_reconstruct.json", recipe, changes, row)
-    for row in _results("p1_cvxq.json").get("rows", []):
-        if "changes" in row:
-            add("p1_cvxq.json", row["recipe"], row["changes"], row)
+    for source in ("p1_cvxq.json", "p1_rtn.json"):  # rows that name their recipe and changes
+        for row in _results(source).get("rows", []):
+            if "changes" in row:
+                add(source, row["recipe"], row["changes"], row)
     return out
+
+
+def figures_for(config: RunConfig, figures: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The recipe's measured row; with `autocast: auto`, whose precision depends on the CPU,
+    the rows measured in each precision it can pick, named by it."""
+    found = figures.get(result_key(config))
+    omni = config.quantization.omniquant
+    if found is not None or config.quantization.method is not Method.OMNIQUANT or \
+            omni.autocast is not Autocast.AUTO:
+        return found
+    per_precision = {}
+    for precision in (Autocast.BFLOAT16, Autocast.FLOAT32):
+        row = figures.get(result_key(dataclasses.replace(
+            config, quantization=dataclasses.replace(
+                config.quantization, omniquant=dataclasses.replace(omni, autocast=precision)))))
+        if row is not None:
+            per_precision[precision.value] = row
+    if not per_precision:
+        return None
+    first = next(iter(per_precision.values()))
+    return {**first, "autocast": next(iter(per_precision)), "by_autocast": per_precision}
 
 
 def _results(name: str) -> dict[str, Any]:
@@ -110,7 +133,7 @@ def catalog() -> dict[str, Any]:
         out.append({"name": path.stem, "scheme": describe_scheme(config),
                     "method": describe_method(config), "model": config.model.path,
                     "export_target": config.export.target.value if config.export.target else None,
-                    "measured": figures.get(result_key(config))})
+                    "measured": figures_for(config, figures)})
     return {"recipes": out, "p1_fp_perplexity": _results("p1_reconstruct.json").get("fp")}
 
 
@@ -129,6 +152,13 @@ def summarize(result: dict[str, Any]) -> str:
             if seconds and m.get("workers"):
                 seconds += f" on {m['workers']} worker{'s' if m['workers'] > 1 else ''}"
             figure = f"P1 perplexity {m['perplexity']:.3f}{seconds}"
+            if "by_autocast" in m:  # autocast: auto, measured per precision
+                figure = "P1 perplexity " + ", ".join(
+                    f"{row['perplexity']:.3f} in {precision}"
+                    + (f" ({row['quantize_seconds']:.0f} s)" if row.get("quantize_seconds")
+                       is not None else "")
+                    for precision, row in m["by_autocast"].items()) + \
+                    " (autocast auto: bfloat16 where the CPU has bf16 kernels, else float32)"
         lines.append(f"{r['name']:<{width}}  {r['scheme']:<{scheme}}  {r['method']}; {figure}")
     fp = result.get("p1_fp_perplexity")
     lines.append(f"({len(rows)} recipes in {os.path.relpath(CONFIG_DIR)}; figures from "

@@ -37,3 +37,24 @@ def test_the_table_reads_one_line_per_recipe(capsys):
     text = [line for line in lines if not line.startswith("relayquant:")]
     assert len(text) == len(catalog()["recipes"]) + 1
     assert any(line.startswith("p1-gptq-w4 ") and "P1 perplexity" in line for line in text)
+
+
+def test_autocast_auto_shows_the_row_of_each_precision(capsys):
+    """`autocast: auto` trains in bf16 or fp32 depending on the CPU: the recipe shows both
+    measured rows, each named by its precision, and nothing when neither was measured."""
+    with open(os.path.join(RESULTS, "p1_reconstruct.json")) as f:
+        rows = json.load(f)["rows"]
+    fp32 = next(r for r in rows
+                if (r["scheme"], r["method"]) == ("w3_g64_asym", "omniquant_signround_let_direct"))
+    bf16 = next(r for r in rows if (r["scheme"], r["method"]) ==
+                ("w3_g64_asym", "omniquant_signround_let_direct_bf16"))
+    listed = {r["name"]: r for r in catalog()["recipes"]}
+    measured = listed["p1-signround-w3g64"]["measured"]
+    assert {k: v["perplexity"] for k, v in measured["by_autocast"].items()} == {
+        "bfloat16": bf16["perplexity"], "float32": fp32["perplexity"]}
+    assert listed["p1-cqe-plus-w3g64"]["measured"] is None  # auto too, never measured
+    assert main(["recipes"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines()
+                if x.startswith("p1-signround-w3g64 "))
+    assert f"{bf16['perplexity']:.3f} in bfloat16" in line
+    assert f"{fp32['perplexity']:.3f} in float32" in line
