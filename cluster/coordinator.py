@@ -28,7 +28,14 @@ from cluster.schedules import (
     quantize_blocks_data_parallel,
     worker_summary,
 )
-from cluster.stages import Stages, absolute, gather, report_progress, start_stages  # noqa: F401
+from cluster.stages import (  # noqa: F401
+    Stages,
+    absolute,
+    gather,
+    job_working_dir_warning,
+    report_progress,
+    start_stages,
+)
 from pipeline import calibration, compensation, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
@@ -221,6 +228,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
     progress.note("phase", "", name="prepare")
+    if (warning := job_working_dir_warning(config.output, os.getcwd())) is not None:
+        log.warning("%s", warning)
     config = dataclasses.replace(config, output=absolute(config.output))
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)

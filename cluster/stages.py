@@ -102,3 +102,17 @@ def report_progress(phase: str, done: int, total: int, start: float, unit: str =
 def absolute(path: str) -> str:
     """Local paths made absolute, so stage actors in other working directories agree."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def job_working_dir_warning(output: str, cwd: str) -> str | None:
+    """What to say when a relative local output would land in a Ray job's unpacked
+    `--working-dir` (Ray's `.../runtime_resources/working_dir_files/_ray_pkg_*`: a cached copy
+    that Ray may delete, and not the folder the other nodes have), else None."""
+    if "://" in output or os.path.isabs(os.path.expanduser(output)):
+        return None
+    if f"{os.sep}working_dir_files{os.sep}" not in cwd + os.sep:
+        return None
+    return (f"output {output!r} is a relative path: in this Ray job it resolves inside the "
+            f"job's unpacked working dir ({cwd}), which Ray may delete and other nodes do "
+            f"not share; give an absolute path every node can write, or an fsspec URL "
+            f"(--set output=/shared/...)")
