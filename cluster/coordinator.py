@@ -41,6 +41,8 @@ from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
     BudgetConfig,
+    ClusterConfig,
+    ConfigError,
     Device,
     Distortion,
     ExportFormat,
@@ -55,6 +57,7 @@ from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
 from pipeline.planning import cost_model
+from pipeline.planning.preflight import check_recipe
 from pipeline.reconstruct import TrainingError
 from pipeline.reporting import report_html
 from pipeline.schemes import validate_schemes
@@ -104,9 +107,12 @@ def measure_errors(stages: Stages, model_path: str, quantization: QuantizationCo
 
 
 def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
-                  calib: torch.Tensor | None) -> dict[str, Any]:
+                  calib: torch.Tensor | None, saved: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """The run's allocation: read back when an earlier attempt saved it (same fingerprint),
-    else the sensitivity pass on fresh stages and the global solve."""
+    else the sensitivity pass on fresh stages (or the statistics `saved` from
+    budget.sensitivity_from, read before the output was opened: it may lie in the output a
+    --restart clears) and the global solve."""
     path = storage.join(config.output, STATE_DIR, budget.ALLOCATION_FILE)
     if storage.exists(path):
         log.info("allocation: reusing the one saved by an earlier attempt")
@@ -116,14 +122,15 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
     if source is not None:
         log.info("allocation: sensitivity statistics from %s (no sensitivity pass)", source)
     if source is not None and not measured:
-        allocation = budget.solve(parts, budget.load_statistics(parts, config.quantization),
-                                  config.quantization)
+        assert saved is not None
+        allocation = budget.solve(parts, saved, config.quantization)
         allocation["sensitivity"] = {"reused_from": source}
     else:
         stages, group = start_stages(plan, config.cluster)
         try:
             if source is not None:
-                stats = budget.load_statistics(parts, config.quantization)
+                assert saved is not None
+                stats = saved
                 timing: dict[str, Any] = {"reused_from": source}
             else:
                 assert calib is not None  # run_calibration reads it for a sensitivity pass
@@ -224,6 +231,19 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
                             config.eval.block_errors)
 
 
+def local_device_check(cluster: ClusterConfig) -> None:
+    """cluster.device cuda on a local Ray: this machine must have a GPU per worker, or the
+    refusal would only come once Ray is up and the output opened."""
+    if cluster.device is not Device.CUDA or cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    gpus = torch.cuda.device_count()
+    if gpus < cluster.workers:
+        raise ConfigError(f"cluster.device: cuda, but this machine has {gpus} CUDA GPU(s) for "
+                          f"the {cluster.workers} worker(s) of a local Ray; use cluster.device: "
+                          "cpu or auto, at most that many workers, or a GPU cluster's "
+                          "cluster.address")
+
+
 def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUTPUT/report.json)."""
     start = time.time()
@@ -234,17 +254,10 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     model_path = absolute(resolve_model_path(config.model.path))
     parts = open_model(model_path, config.cluster.compute_dtype)
     parts.check_shapes()
-    formats = validate_schemes(parts, config.quantization, config.export.formats)
-    if config.quantization.lorc is not None:
-        compensation.require_targets_match(config.quantization.lorc, {
-            n: tuple(parts.meta.get_submodule(n).get_parameter("weight").shape)
-            for n, f in formats.items() if f is not None})
-    if config.quantization.budget.average_bits is not None:
-        budget.check_feasible(parts, config.quantization)
-        if config.quantization.budget.sensitivity_from is not None:
-            budget.load_statistics(parts, config.quantization)  # refuse a bad one before work
+    formats, saved = check_recipe(parts, config)
     plan = make_plan(parts, model_path, config.cluster.workers)
     local_memory_check(config, parts)
+    local_device_check(config.cluster)
     streamed = calibration.streams_needed(config.quantization, config.eval.block_errors)
     calib = calibration.run_calibration(model_path, config)
     if not streamed:
@@ -255,6 +268,10 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                 else None)
     depth_ids = (calibration.eval_windows_for(model_path, config.eval)[: config.eval.depth_errors]
                  if config.eval.depth_errors else None)
+    if depth_ids is not None and depth_ids.shape[0] < config.eval.depth_errors:
+        raise ConfigError(f"eval.depth_errors: {config.eval.depth_errors} exceeds the "
+                          f"{depth_ids.shape[0]} evaluation windows (eval.corpus, eval.seq_len, "
+                          f"eval.max_windows); use at most {depth_ids.shape[0]}")
     if config.eval.enabled and config.eval.corpus == config.calibration.corpus:
         log.warning("eval.corpus is the calibration corpus (%s): perplexity on the text the "
                     "method was fitted to flatters it; evaluate on held-out text",
@@ -264,10 +281,11 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     allocation = None
     with runtime.ray_session(config.cluster):
         if config.quantization.budget.average_bits is not None:
-            allocation = allocate_bits(plan, config, parts, model_path, calib)
+            allocation = allocate_bits(plan, config, parts, model_path, calib, saved)
             config = dataclasses.replace(config, quantization=budget.apply(
                 config.quantization, parts, allocation))
-            formats = validate_schemes(parts, config.quantization, config.export.formats)
+            formats = validate_schemes(parts, config.quantization, config.export.formats,
+                                       recipe_overrides=False)
             allocation["plot"] = budget.write_plot(config.output, allocation)
         phases = {"prepare": time.time() - start}
         mark = time.time()

@@ -20,7 +20,7 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.evaluation import perplexity_cache
-from pipeline.peft_adapter import adapter_folder
+from pipeline.peft_adapter import adapter_folder, check_adapter, read_adapter
 from pipeline.plan import make_plan, open_model
 from pipeline.streams import split_windows
 
@@ -159,9 +159,11 @@ def evaluate(model_path: str, eval_config: EvalConfig, cluster: ClusterConfig,
     its LoRC adapter (MODEL/lorc/) merged into the weights when it has one, unless `lorc` is
     false."""
     model_path = absolute(resolve_model_path(model_path))
-    adapter = adapter_folder(model_path) if lorc else None
     parts = open_model(model_path, cluster.compute_dtype)
     parts.check_shapes()
+    adapter = adapter_folder(model_path) if lorc else None
+    if adapter is not None:  # refused here, not inside a worker after Ray has started
+        check_adapter(read_adapter(adapter), parts, adapter)
     plan = make_plan(parts, model_path, cluster.workers)
     windows = calibration.eval_windows_for(model_path, eval_config)
     with runtime.ray_session(cluster):

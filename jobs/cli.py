@@ -22,6 +22,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"relayquant: error: {message}\n")
 
 
+# `relayquant eval` flags that only one of its two evaluations reads, with their defaults: a
+# flag given to the other one would be ignored silently (--abits 4 with --tasks: weight-only)
+PERPLEXITY_FLAGS: dict[str, Any] = {"corpus": "sotu:test", "seq_len": 512, "max_windows": None,
+                                    "workers": 1, "abits": 16, "address": None}
+TASK_FLAGS: dict[str, Any] = {"limit": None, "num_fewshot": None, "batch_size": 1,
+                              "include_path": None}
+
+
+def refuse_other_flags(args: argparse.Namespace, flags: dict[str, Any], why: str) -> None:
+    for name, default in flags.items():
+        if getattr(args, name) != default:
+            raise ConfigError(f"--{name.replace('_', '-')}: {why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relayquant", description="Distributed post-training quantization.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -29,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_arguments(q)
     e = sub.add_parser("eval", help="perplexity of a model folder, streamed through stages")
     e.add_argument("--model", required=True, help="model folder, fsspec URL or asset:NAME")
-    e.add_argument("--corpus", default="sotu:test")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--workers", type=int, default=1)
-    e.add_argument("--abits", type=int, default=16,
+    e.add_argument("--corpus", default=PERPLEXITY_FLAGS["corpus"])
+    e.add_argument("--seq-len", type=int, default=PERPLEXITY_FLAGS["seq_len"])
+    e.add_argument("--max-windows", type=int, default=PERPLEXITY_FLAGS["max_windows"])
+    e.add_argument("--workers", type=int, default=PERPLEXITY_FLAGS["workers"])
+    e.add_argument("--abits", type=int, default=PERPLEXITY_FLAGS["abits"],
                    help="fake-quantize the quantized linears' inputs per token to this many bits "
                         "(a W4A4 run's model: 4); 16 = off")
     e.add_argument("--no-lorc", action="store_true",
@@ -45,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'.[tasks]'; the tasks' data must be on this machine)")
     e.add_argument("--limit", type=int, default=None, help="--tasks: examples per task")
     e.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples")
-    e.add_argument("--batch-size", type=int, default=1, help="--tasks: batch size")
+    e.add_argument("--batch-size", type=int, default=TASK_FLAGS["batch_size"],
+                   help="--tasks: batch size")
     e.add_argument("--include-path", default=None,
                    help="--tasks: a folder of task YAMLs (e.g. with local data files)")
     e.add_argument("--json", action="store_true")
@@ -105,7 +120,10 @@ def run_guarded(action: Callable[[], dict[str, Any]], as_json: bool,
         with _stdout_to_stderr() as stdout:
             result = action()
     except ConfigError as e:
-        print(f"relayquant: error: {e}", file=sys.stderr)
+        # one raised in a Ray worker carries its own message as the cause, not the traceback
+        cause = getattr(e, "cause", None)
+        print(f"relayquant: error: {cause if isinstance(cause, ConfigError) else e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("relayquant: interrupted", file=sys.stderr)
@@ -129,15 +147,25 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 def tasks_command(args: argparse.Namespace) -> int:
     def action() -> dict[str, Any]:
+        from pipeline import storage
         from pipeline.assets import resolve_model_path
         from pipeline.evaluation.tasks import run_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise ConfigError("--tasks: give at least one lm-eval task name")
+        refuse_other_flags(args, PERPLEXITY_FLAGS, "applies to the perplexity evaluation, "
+                           "not to --tasks (lm-eval runs in this process, weight-only); drop it")
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit: {args.limit}; must be >= 1")
-        return run_tasks(resolve_model_path(args.model), tasks, args.limit, args.num_fewshot,
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ConfigError(f"--num-fewshot: {args.num_fewshot}; must be >= 0")
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size: {args.batch_size}; must be >= 1")
+        model = resolve_model_path(args.model)
+        storage.require_exists(model, "model.path")  # before lm-eval's slow start
+        storage.read_model_config(model)
+        return run_tasks(model, tasks, args.limit, args.num_fewshot,
                          args.batch_size, args.include_path, lorc=not args.no_lorc)
 
     def summary(r: dict[str, Any]) -> str:
@@ -155,6 +183,10 @@ def eval_command(args: argparse.Namespace) -> int:
     def action() -> dict[str, Any]:
         from cluster.coordinator import evaluate
 
+        if not args.model.strip():
+            raise ConfigError("model.path: required; give a model folder or an fsspec URL")
+        refuse_other_flags(args, TASK_FLAGS, "applies to --tasks only; add --tasks TASK, or "
+                           "drop it")
         eval_config = EvalConfig(corpus=args.corpus, seq_len=args.seq_len,
                                  max_windows=args.max_windows)
         if args.abits != 16 and not 4 <= args.abits <= 8:
@@ -174,15 +206,24 @@ def status_command(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import status
 
     def action() -> dict[str, Any]:
+        from jobs.recipes import load_recipe, parse_overrides
+        from pipeline import storage
+
+        if args.set and not args.config:
+            raise ConfigError("--set: needs --config (the recipe it changes)")
+        config = load_recipe(args.config, parse_overrides(args.set)) if args.config else None
+        try:
+            storage.filesystem(args.output)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"output: cannot open {args.output!r} ({e}); give a local folder "
+                              "or an fsspec URL whose filesystem is installed") from e
         result = status(args.output)
-        if args.config and result["relayquant"]:
-            from jobs.recipes import load_recipe, parse_overrides
+        if config is not None and result["relayquant"]:
             from pipeline.assets import resolve_model_path
             from pipeline.calibration import run_calibration
             from pipeline.output_dir import fingerprint_differences
             from pipeline.plan import open_model
 
-            config = load_recipe(args.config, parse_overrides(args.set))
             model_path = resolve_model_path(config.model.path)
             diff = fingerprint_differences(args.output, config, open_model(model_path),
                                            run_calibration(model_path, config))
@@ -215,6 +256,11 @@ def assets_command(args: argparse.Namespace) -> int:
             print(f"relayquant: error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.name is not None:  # prepare fetches every asset; a name would be ignored
+        print(f"relayquant: error: assets prepare: takes no name (it prepares every asset), "
+              f"got {args.name!r}; use `relayquant assets path {args.name}` to locate one",
+              file=sys.stderr)
+        return 2
     return run_guarded(assets.prepare_all, False, lambda r: "assets ready:\n" + "\n".join(
         f"  {k}: {v}" for k, v in r.items()))
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from jobs.recipes import read_yaml
 from pipeline.config import ConfigError, RunConfig
+from pipeline.config_tree import build_config
 
 
 def load_cluster(path: str | None) -> Any:
@@ -27,16 +26,13 @@ def load_cluster(path: str | None) -> Any:
 
     if path is None:
         return ClusterSpec()
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--cluster: cannot read {path} ({e})") from e
-    allowed = {f.name for f in dataclasses.fields(ClusterSpec)}
-    if not isinstance(data, dict) or set(data) - allowed:
-        raise ConfigError(f"--cluster: {path} must map some of {', '.join(sorted(allowed))}")
-    try:
-        return ClusterSpec(**data)
-    except (TypeError, ValueError) as e:
+    data = read_yaml(path, "--cluster")
+    if data is not None and not isinstance(data, dict):
+        allowed = ", ".join(f.name for f in dataclasses.fields(ClusterSpec))
+        raise ConfigError(f"--cluster: {path} must map some of {allowed}")
+    try:  # the types (an integer, a number) checked as a recipe's are
+        return build_config(ClusterSpec, data)
+    except ValueError as e:
         raise ConfigError(f"--cluster: {e}") from e
 
 
@@ -69,21 +65,43 @@ def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
     return device
 
 
+def check_windows(model_path: str, config: RunConfig) -> None:
+    """The calibration and evaluation windows against the model's context, as a run checks
+    them when it reads the text."""
+    from pipeline.calibration import check_seq_len, streams_needed
+
+    if streams_needed(config.quantization, config.eval.block_errors):
+        check_seq_len(model_path, config.calibration.seq_len, "calibration.seq_len")
+    if config.eval.enabled or config.eval.depth_errors:
+        check_seq_len(model_path, config.eval.seq_len, "eval.seq_len")
+
+
 def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     from pipeline import storage
     from pipeline.assets import resolve_model_path
     from pipeline.planning.cost_model import model_shape, plan_run
 
     model_path = resolve_model_path(config.model.path)
-    config_path = storage.join(model_path, "config.json")
-    if not storage.exists(config_path):
-        raise ConfigError(f"model.path: no config.json in {model_path!r}")
-    model_config = storage.read_json(config_path)
+    storage.require_exists(model_path, "model.path")
+    model_config = storage.read_model_config(model_path)
+    if local_shards(model_path):  # its headers against config.json, as a run checks them
+        from pipeline.plan import open_model
+        from pipeline.planning.preflight import check_recipe
+
+        parts = open_model(model_path)
+        parts.check_shapes()
+        check_recipe(parts, config)  # the recipe's limits that depend on the model
+    check_windows(model_path, config)
     workers = (config.cluster.workers if spec.device == "this machine"
                else spec.nodes * spec.devices_per_node)
     shape, blocks, _ = model_shape(model_config)
     if workers > blocks and config.cluster.resolved_schedule.value == "sequential":
-        raise ConfigError(f"cluster.workers: {workers} exceeds the model's {blocks} blocks")
+        given = (f"cluster.workers: {workers} exceeds" if spec.device == "this machine" else
+                 f"--cluster: {spec.nodes} nodes x {spec.devices_per_node} devices_per_node = "
+                 f"{workers} workers exceed")
+        raise ConfigError(f"{given} the model's {blocks} blocks in the sequential schedule (a "
+                          f"block range per worker); use at most {blocks}, or cluster.schedule: "
+                          "data_parallel")
     schedule = dataclasses.replace(config.cluster, workers=workers).resolved_schedule
     device = device_for(spec, config, workers, shape, model_path)
     result = plan_run(model_config, config.quantization, config.calibration.num_samples,

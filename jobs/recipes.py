@@ -25,6 +25,46 @@ def recipe_path(name: str) -> str:
     raise ConfigError(f"--config: {name!r} is neither a file nor a bundled recipe ({known})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings name each key once: PyYAML keeps the last of two silently, so a
+    recipe with two `quantization:` sections would run without the first one's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, then keys override
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader refuses it with its own message
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {first}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str, field: str) -> Any:
+    """A YAML file the user gave (a recipe, a cluster description), refused in one line that
+    names `field` when it cannot be read, is not UTF-8 text, is not YAML or repeats a key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+                          ) from e
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path} ({e.strerror}); give a YAML file") from e
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{field}: {path} is not valid YAML{where}: {problem}") from e
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
@@ -43,16 +83,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-    file = recipe_path(path)
-    try:
-        data = yaml.safe_load(Path(file).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config: {path} is not UTF-8 text ({e.reason} at byte {e.start})"
-                          ) from e
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {path} ({e.strerror}); give a YAML file") from e
+    data = read_yaml(recipe_path(path), "--config")
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections")
     return expand_home(build_config(RunConfig, apply_overrides(data, overrides or {})))

@@ -32,7 +32,10 @@ def corpus_file(name: str, split: str) -> str:
 def resolve_model_path(path: str) -> str:
     """`asset:NAME` -> the prepared folder; anything else is returned as given."""
     if path.startswith("asset:"):
-        folder = model_dir(path.removeprefix("asset:"))
+        try:
+            folder = model_dir(path.removeprefix("asset:"))
+        except ConfigError as e:
+            raise ConfigError(f"model.path: {e}") from e
         if not os.path.exists(os.path.join(folder, "config.json")):
             raise ConfigError(f"model.path: {path} is not prepared yet; run `relayquant assets "
                               "prepare` (or `make setup`)")

@@ -28,7 +28,19 @@ PARQUET_SUFFIXES = (".parquet",)
 
 
 def load_text(spec: str, text_field: str = "text", field: str = "calibration.corpus") -> str:
-    """The corpus as one string; records are joined with a blank line."""
+    """The corpus as one string; records are joined with a blank line. A corpus of only
+    whitespace, or with NUL bytes (a binary file), is refused: it would tokenize into windows
+    that calibrate or score nothing."""
+    text = _read_text(spec, text_field, field)
+    if "\0" in text:
+        raise ConfigError(f"{field}: {spec!r} holds NUL bytes, so it is not text; give a text, "
+                          "JSON lines or parquet corpus")
+    if text and not text.strip():
+        raise ConfigError(f"{field}: {spec!r} holds only whitespace; give a corpus of text")
+    return text
+
+
+def _read_text(spec: str, text_field: str, field: str) -> str:
     if ":" in spec and spec.split(":", 1)[0] in assets.CORPORA:
         name, split = spec.split(":", 1)
         try:
@@ -51,14 +63,16 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
         raise ConfigError(f"{field}: cannot read {spec!r} ({e.strerror}); give a file") from e
     if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte order mark is not text
         except UnicodeDecodeError as e:
             raise ConfigError(f"{field}: {spec!r} is not UTF-8 text ({e.reason} at byte "
                               f"{e.start})") from e
     if suffix in TEXT_SUFFIXES:
         return text
     if suffix in JSONL_SUFFIXES:
-        return "\n\n".join(_field(r, text_field, field) for r in _json_rows(text, spec, field))
+        return "\n\n".join(_field(r, number, text_field, field)
+                           for number, r in enumerate(_json_rows(text, spec, field), 1))
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -67,8 +81,12 @@ def load_text(spec: str, text_field: str = "text", field: str = "calibration.cor
         raise ConfigError(f"{field}: {spec!r} is not a readable parquet file ({e})") from e
     if text_field not in table.column_names:
         raise ConfigError(f"{field}: parquet file has no column {text_field!r}; columns: "
-                          f"{', '.join(table.column_names)} (set calibration.text_field)")
-    return "\n\n".join(str(v) for v in table.column(text_field).to_pylist())
+                          f"{', '.join(table.column_names)} ({_hint(field)})")
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ConfigError(f"{field}: column {text_field!r} of {spec!r} holds {column.type}, "
+                          f"not text ({_hint(field)})")
+    return "\n\n".join(v for v in column.to_pylist() if v is not None)
 
 
 def _json_rows(text: str, spec: str, field: str) -> list[Any]:
@@ -90,10 +108,22 @@ def _json_rows(text: str, spec: str, field: str) -> list[Any]:
     return rows
 
 
-def _field(row: Any, text_field: str, field: str) -> str:
+def _field(row: Any, number: int, text_field: str, field: str) -> str:
     if not isinstance(row, dict) or text_field not in row:
-        raise ConfigError(f"{field}: a JSON line has no {text_field!r} field (set text_field)")
-    return str(row[text_field])
+        raise ConfigError(f"{field}: record {number} has no {text_field!r} field "
+                          f"({_hint(field)})")
+    if not isinstance(row[text_field], str):
+        raise ConfigError(f"{field}: record {number}'s {text_field!r} is "
+                          f"{json.dumps(row[text_field])[:40]}, not a string of text "
+                          f"({_hint(field)})")
+    return row[text_field]
+
+
+def _hint(field: str) -> str:
+    """Where the record field that holds the text is set (evaluation reads `text`)."""
+    return ("set calibration.text_field to the field that holds the text"
+            if field.startswith("calibration") else "an evaluation corpus keeps its text in "
+            "the field 'text'")
 
 
 def _dataset_records(spec: str, text_field: str, field: str) -> list[str]:
@@ -126,9 +156,11 @@ def load_tokenizer(model_path: str) -> Any:
                           "next to its config.json")
     try:
         return AutoTokenizer.from_pretrained(storage.local_tokenizer_dir(model_path))
-    except (OSError, ValueError, KeyError) as e:  # what transformers raises for bad files
-        raise ConfigError(f"model.path: cannot load the tokenizer in {model_path!r}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except Exception as e:  # transformers and tokenizers raise many types for bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"model.path: cannot load the tokenizer in {model_path!r} "
+                          f"({type(e).__name__}: {reason}); copy the model's own tokenizer "
+                          "files next to its config.json") from e
 
 
 def model_context(model_path: str) -> tuple[int, str] | None:

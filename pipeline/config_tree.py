@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ def build_config(cls: type, data: Mapping[str, Any] | None, where: str = "") -> 
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys need not be strings
     if unknown:
         field = f"{where}.{unknown[0]}" if where else str(unknown[0])
         raise ConfigError(f"{field}: unknown key; allowed keys here: {', '.join(sorted(names))}")
@@ -65,7 +66,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        number = float(value) if abs(value) < 1e300 else math.inf  # an int float() cannot hold
+        if not math.isfinite(number):  # YAML's .nan and .inf are no setting's value
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is Any:
         return value
     if hint is str:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from pipeline.adapters import Adapter, Embedding, Positions, adapter_for
+from pipeline.adapters import ADAPTERS, Adapter, Embedding, Positions, adapter_for
 from pipeline.config import ConfigError
 from pipeline.formats import AffineFormat, gptq
 from pipeline.formats import compressed_tensors as ct
@@ -26,16 +27,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def hf_config_from_dict(config: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     data = {k: v for k, v in config.items() if k != "quantization_config"}
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ConfigError("model.path: config.json has no model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model.path: config.json's model_type {model_type!r} is not known to "
+                          f"transformers {transformers.__version__}; relayquant reads "
+                          f"{', '.join(sorted(ADAPTERS))} models")
     try:
         hf_config = AutoConfig.for_model(model_type, **data)
-    except ValueError as e:
-        raise ConfigError(f"model.path: config.json model_type {model_type!r}: {e}") from e
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        # transformers' own checks of the values (types, head counts): the last line says what
+        reason = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path: config.json is not a valid {model_type} config: "
+                          f"{reason}") from e
     hf_config._attn_implementation = "sdpa"  # mask None => causal, as the full model does
     return hf_config
 
@@ -43,8 +53,38 @@ def hf_config_from_dict(config: dict[str, Any]) -> Any:
 def build_meta_model(hf_config: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, TypeError) as e:  # e.g. a dtype that is not a float type
+        raise ConfigError(f"model.path: config.json does not describe a model transformers "
+                          f"can build: {str(e).strip().splitlines()[0]}") from e
+
+
+def block_count(config: dict[str, Any], adapter: Adapter) -> int:
+    """The model's depth from config.json (transformers would default a missing one)."""
+    key = adapter.num_blocks_key
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        said = "has no " + key if key not in config else f"has {key} {value!r}"
+        raise ConfigError(f"model.path: config.json {said}; it must be the model's number of "
+                          "blocks, a positive integer")
+    return value
+
+
+def meta_model(config: dict[str, Any]) -> tuple[str, Adapter, Any, nn.Module, int]:
+    """(architecture, adapter row, HF config, the model on the meta device, block count) of a
+    config.json, each checked, so a config that cannot describe a supported model is refused
+    before any weight is read."""
+    architecture, adapter = adapter_for(config.get("architectures"))
+    blocks = block_count(config, adapter)
+    hf_config = hf_config_from_dict(config)
+    meta = build_meta_model(hf_config)
+    if type(meta).__name__ != architecture:
+        raise ConfigError(f"model.path: config.json's model_type {config['model_type']!r} "
+                          f"builds {type(meta).__name__}, but its architectures say "
+                          f"{architecture}; the two must name the same model")
+    return architecture, adapter, hf_config, meta, blocks
 
 
 @dataclasses.dataclass
@@ -58,10 +98,8 @@ class ModelParts:
     lora: LoraWeights | None = None
 
     def __post_init__(self) -> None:
-        self.architecture, self.adapter = adapter_for(self.reader.config.get("architectures"))
-        self.hf_config = hf_config_from_dict(self.reader.config)
-        self.meta = build_meta_model(self.hf_config)
-        self.num_blocks = int(self.reader.config[self.adapter.num_blocks_key])
+        (self.architecture, self.adapter, self.hf_config, self.meta,
+         self.num_blocks) = meta_model(self.reader.config)
         self._rotary: nn.Module | None = None
         self.packed = packed_linears(self.reader.config.get("quantization_config"),
                                      self.block_linears(), self.reader.entries)
@@ -101,20 +139,42 @@ class ModelParts:
     def check_shapes(self) -> None:
         """config.json and the stored tensors describe the same model (headers only, no
         weights read): otherwise the first block would fail to load minutes into a run."""
+        self._refuse_blocks_beyond_the_config()
         paths = [*self.adapter.embed_modules,
                  *(self.block_path(i) for i in range(self.num_blocks)),
                  *self.adapter.head_modules]
         for path in paths:
             if not self.has_module(path):
                 continue
-            expected = {k: tuple(v.shape) for k, v in self.meta.get_submodule(path).state_dict().items()}
+            expected = self.meta.get_submodule(path).state_dict()
             for key, name in self.tensor_names(path).items():
-                stored = tuple(self.reader.entries[name].shape)
-                if stored != expected[key]:
+                entry = self.reader.entries[name]
+                if tuple(entry.shape) != tuple(expected[key].shape):
                     raise ConfigError(
-                        f"model.path: tensor {name} has shape {list(stored)} in the checkpoint, "
-                        f"but config.json makes {path}.{key} {list(expected[key])}; the config "
-                        "and the weights are of different models")
+                        f"model.path: tensor {name} has shape {list(entry.shape)} in the "
+                        f"checkpoint, but config.json makes {path}.{key} "
+                        f"{list(expected[key].shape)}; the config and the weights are of "
+                        "different models")
+                if expected[key].is_floating_point() and not entry.dtype.is_floating_point:
+                    raise ConfigError(
+                        f"model.path: tensor {name} is stored as "
+                        f"{str(entry.dtype).removeprefix('torch.')}, but it is a float weight "
+                        "and config.json has no quantization_config that says how to unpack "
+                        "it; give an unquantized checkpoint or a compressed-tensors or GPTQ one")
+
+    def _refuse_blocks_beyond_the_config(self) -> None:
+        """Blocks stored past config.json's depth would be left out of the run (and of its
+        output) without a word."""
+        blocks = self.adapter.blocks
+        pattern = re.compile(rf"(?:{re.escape(blocks)}|{re.escape(blocks.removeprefix('model.'))})"
+                             r"\.(\d+)\.")
+        beyond = [n for n in self.reader.entries
+                  if (m := pattern.match(n)) and int(m.group(1)) >= self.num_blocks]
+        if beyond:
+            raise ConfigError(
+                f"model.path: the checkpoint holds tensor {min(beyond)}, past the "
+                f"{self.num_blocks} blocks that config.json's {self.adapter.num_blocks_key} "
+                "says; the config and the weights are of different models")
 
     def packed_tensor_names(self, path: str) -> dict[str, list[str]]:
         """Weight key -> the packed tensors it is read from, for packed linears under `path`."""
@@ -152,6 +212,13 @@ class ModelParts:
             state[key] = self.packed[linear].unpack(local, self.compute_dtype)
         if self.lora is not None:
             self.lora.merge_(path, state)
+        # one sum per tensor (no copy): a NaN or Inf would otherwise surface blocks later as a
+        # Hessian that is not positive definite, or as a NaN perplexity
+        damaged = next((k for k, t in state.items() if t.is_floating_point()
+                        and not torch.isfinite(t.sum(dtype=torch.float32))), None)
+        if damaged is not None:
+            raise ConfigError(f"model.path: tensor {path}.{damaged} holds NaN or infinite "
+                              "values; the checkpoint is damaged, so copy or download it again")
         module = copy.deepcopy(self.meta.get_submodule(path))
         module.load_state_dict(state, strict=True, assign=True)
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -197,17 +264,23 @@ def packed_linears(qconfig: dict[str, Any] | None, linears: list[str],
     """Linears stored packed (compressed-tensors pack-quantized, or GPTQ v1), by full name."""
     if not qconfig:
         return {}
-    method = qconfig.get("quant_method")
-    if method == "compressed-tensors":
-        formats = ct.module_formats(qconfig, linears)
-        return {n: PackedLayout(method, f) for n, f in formats.items()
-                if f"{n}.weight_packed" in entries}
-    if method == "gptq":
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method not in ("compressed-tensors", "gptq"):
+        raise ConfigError(f"model.path: config.json's quantization_config (quant_method "
+                          f"{method!r}) is not one relayquant reads; give an unquantized "
+                          "checkpoint or a compressed-tensors or GPTQ one")
+    try:
+        if method == "compressed-tensors":
+            formats = ct.module_formats({"config_groups": {}, **qconfig}, linears)
+            return {n: PackedLayout(method, f) for n, f in formats.items()
+                    if f"{n}.weight_packed" in entries}
         group = qconfig.get("group_size", -1)
         fmt = AffineFormat(int(qconfig["bits"]), None if group in (-1, None) else int(group),
                            bool(qconfig.get("sym", True)))
-        return {n: PackedLayout(method, fmt) for n in linears if f"{n}.qweight" in entries}
-    return {}
+    except (KeyError, TypeError, ValueError, AttributeError, re.error) as e:
+        raise ConfigError(f"model.path: config.json's {method} quantization_config cannot be "
+                          f"read ({type(e).__name__}: {e})") from e
+    return {n: PackedLayout(method, fmt) for n in linears if f"{n}.qweight" in entries}
 
 
 def embed(parts: ModelParts, modules: list[nn.Module | None], ids: torch.Tensor) -> torch.Tensor:

@@ -56,9 +56,14 @@ def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
 
 
 def check_output_location(out: str) -> None:
-    """The output must be a folder (new or existing) that this process can create and write."""
+    """The output must be a folder (new or existing) that this process can create and write,
+    and that the run's workers, other processes, reach too."""
     try:
         fs, inner = storage.filesystem(out)
+        if "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            raise ConfigError(f"output: {out} lives in this process's memory, but the stages "
+                              "that write the blocks are other processes; give a local folder "
+                              "or a store every worker reaches (s3://, gs://, a shared mount)")
         if fs.isfile(inner):
             raise ConfigError(f"output: {out} is a file; give a folder (new or empty)")
         fs.makedirs(inner, exist_ok=True)
@@ -71,6 +76,29 @@ def check_output_location(out: str) -> None:
         reason = getattr(e, "strerror", None) or str(e)
         raise ConfigError(f"output: cannot create or write {out} ({reason}); choose a folder "
                           "this process can write") from e
+
+
+def _location(path: str) -> str:
+    """A path or URL as one spelling: local paths resolved (links, `..`), URLs unslashed."""
+    if "://" not in path or path.startswith("file://"):
+        return os.path.realpath(path.removeprefix("file://"))
+    return path.rstrip("/")
+
+
+def check_output_apart(out: str, model_path: str) -> None:
+    """The output is neither the model folder, nor inside it, nor around it: the run writes
+    (and --restart deletes) the output folder, which must never touch the model it reads."""
+    o, m = _location(out), _location(model_path)
+    if o == m:
+        raise ConfigError(f"output: {out} is the model folder (model.path); choose a new "
+                          "folder for the result")
+    if o.startswith(m.rstrip("/") + "/"):
+        raise ConfigError(f"output: {out} is inside the model folder {model_path} "
+                          "(model.path); choose a folder outside it")
+    if m.startswith(o.rstrip("/") + "/"):
+        raise ConfigError(f"output: {out} holds the model folder {model_path} (model.path), "
+                          "which writing or --restart there could overwrite; choose a folder "
+                          "that does not contain the model")
 
 
 def predicted_output_bytes(parts: ModelParts, config: RunConfig) -> int:
@@ -124,6 +152,7 @@ def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan,
     """Refuse a folder that holds something else or cannot be written; write the manifest;
     return it."""
     out = config.output
+    check_output_apart(out, parts.reader.folder)
     check_output_location(out)
     check_free_space(out, predicted_output_bytes(parts, config))
     fresh = fingerprint(config, parts, calib)

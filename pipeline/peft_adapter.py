@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from pipeline import storage
 from pipeline.compensation import PEFT_PREFIX, STATE_FOLDER
 from pipeline.config import ConfigError, LorcConfig, LorcDtype
 from pipeline.storage import CheckpointReader
+
+if TYPE_CHECKING:
+    from pipeline.model_parts import ModelParts
 
 FOLDER = "lorc"
 CONFIG_NAME = "adapter_config.json"
@@ -71,10 +74,39 @@ def read_adapter(folder: str) -> LoraWeights:
         raise ConfigError(f"lorc: {folder} holds no PEFT LoRA adapter (peft_type LORA)")
     if config.get("use_dora") or config.get("lora_bias"):
         raise ConfigError(f"lorc: {folder} uses DoRA or LoRA biases; only plain LoRA merges")
-    r = int(config["r"])
-    alpha = float(config.get("lora_alpha", r))
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or \
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"lorc: {folder}/{CONFIG_NAME} has r {r!r} and lora_alpha {alpha!r}; "
+                          "r must be a positive integer and lora_alpha a number")
     scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-    return LoraWeights(CheckpointReader(folder, config={}, files=[WEIGHTS_NAME]), scaling)
+    weights = storage.join(folder, WEIGHTS_NAME)
+    if not storage.exists(weights):
+        raise ConfigError(f"lorc: {folder} has no {WEIGHTS_NAME}")
+    try:
+        return LoraWeights(CheckpointReader(folder, config={}, files=[WEIGHTS_NAME]), scaling)
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"lorc: {e}") from e
+
+
+def check_adapter(lora: LoraWeights, parts: ModelParts, folder: str) -> None:
+    """Every factor pair fits the linear it names (headers only, no weights read), so a bad
+    adapter is refused before any worker merges it."""
+    entries = lora.reader.entries
+    for a in (n for n in entries if n.endswith(".lora_A.weight")):
+        module = a.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        b = a.replace(".lora_A.weight", ".lora_B.weight")
+        if b not in entries or not parts.has_module(module):
+            raise ConfigError(f"lorc: {folder} holds {a} but " + (
+                f"not {b}" if b not in entries else f"the model has no module {module}"))
+        weight = parts.meta.get_submodule(module).state_dict().get("weight")
+        expected = list(weight.shape) if weight is not None else None
+        shape_a, shape_b = list(entries[a].shape), list(entries[b].shape)
+        if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != shape_b[1] or \
+                [shape_b[0], shape_a[1]] != expected:
+            raise ConfigError(f"lorc: {folder}: factors A {shape_a} and B {shape_b} do not fit "
+                              f"{module}'s weight {expected} (A [r, in], B [out, r]); the "
+                              "adapter is of another model")
 
 
 def target_modules(names: list[str], blocks: str, linears: Sequence[str],

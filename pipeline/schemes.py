@@ -17,15 +17,18 @@ from pipeline.model_parts import ModelParts
 log = logging.getLogger(__name__)
 
 
-def format_for(name: str, quantization: QuantizationConfig) -> AffineFormat | None:
-    change: dict | None = {}
+def override_for(name: str, quantization: QuantizationConfig) -> str | None:
+    """The override that sets linear `name`'s format: its exact name, else the first `re:`
+    pattern that matches it; None: the recipe's format."""
     if name in quantization.overrides:
-        change = quantization.overrides[name]
-    else:
-        for pattern, value in quantization.overrides.items():
-            if pattern.startswith("re:") and re.fullmatch(pattern[3:], name):
-                change = value
-                break
+        return name
+    return next((p for p in quantization.overrides
+                 if p.startswith("re:") and re.fullmatch(p[3:], name)), None)
+
+
+def format_for(name: str, quantization: QuantizationConfig) -> AffineFormat | None:
+    pattern = override_for(name, quantization)
+    change = {} if pattern is None else quantization.overrides[pattern]
     if change is None:
         return None
     return AffineFormat(change.get("bits", quantization.bits),
@@ -43,9 +46,12 @@ def block_formats(parts: ModelParts, index: int, quantization: QuantizationConfi
 
 
 def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
-                     formats: list[ExportFormat]) -> dict[str, AffineFormat | None]:
+                     formats: list[ExportFormat], recipe_overrides: bool = True
+                     ) -> dict[str, AffineFormat | None]:
     """Every linear's group size divides its in_features; fused linears share one scheme;
-    GPTQ export gets one scheme for all. Returns full name -> format."""
+    GPTQ export gets one scheme for all; something is quantized. With `recipe_overrides` (the
+    user's, not an allocation's exact names added to them) every override takes effect.
+    Returns full name -> format."""
     out: dict[str, AffineFormat | None] = {}
     in_features = {}
     for i in range(parts.num_blocks):
@@ -66,8 +72,12 @@ def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
     for full, fmt in out.items():
         if fmt is not None and fmt.group_size and in_features[full] % fmt.group_size:
             options = ", ".join(str(g) for g in valid_group_sizes(list(in_features.values())))
+            pattern = override_for(full, quantization)
+            field = ("quantization.group_size" if pattern is None or "group_size" not in
+                     (quantization.overrides[pattern] or {})
+                     else f"quantization.overrides[{pattern!r}].group_size")
             raise ConfigError(
-                f"quantization.group_size: {fmt.group_size} does not divide in_features "
+                f"{field}: {fmt.group_size} does not divide in_features "
                 f"{in_features[full]} of {full}; choose one of {options or '(none)'}, or null "
                 "for per-channel")
     if ExportFormat.GPTQ in formats and len(set(out.values())) > 1:
@@ -78,7 +88,12 @@ def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
         raise ConfigError(f"export.formats: gptq packs the input dimension 32 values at a time, "
                           f"but {odd[0]} has in_features {in_features[odd[0]]}; drop gptq (the "
                           "compressed-tensors folder has no such limit)")
-    _require_overrides_match(quantization, list(out))
+    if out and all(fmt is None for fmt in out.values()):
+        raise ConfigError(f"quantization.overrides: keep all {len(out)} linears of the model in "
+                          "full precision, so nothing would be quantized; narrow the null "
+                          "overrides")
+    if recipe_overrides:
+        _require_overrides_match(quantization, list(out))
     servable, why = vllm_servable(out.values())
     if not servable:  # export.target: vllm refused such a recipe already
         log.warning("vLLM cannot serve this output: %s (export.target: vllm refuses such a "
@@ -87,15 +102,24 @@ def validate_schemes(parts: ModelParts, quantization: QuantizationConfig,
 
 
 def _require_overrides_match(quantization: QuantizationConfig, linears: list[str]) -> None:
-    """An override that names no linear of the model is a typo, not a no-op."""
+    """An override that names no linear of the model is a typo, not a no-op; so is one whose
+    every linear an earlier pattern (or an exact name) takes first."""
+    winners = {n: override_for(n, quantization) for n in linears}
     for pattern in quantization.overrides:
         regex = pattern[3:] if pattern.startswith("re:") else None
-        if not any(re.fullmatch(regex, n) if regex is not None else n == pattern
-                   for n in linears):
+        matched = [n for n in linears
+                   if (re.fullmatch(regex, n) if regex is not None else n == pattern)]
+        if not matched:
             raise ConfigError(
                 f"quantization.overrides[{pattern!r}]: matches none of this model's "
                 f"{len(linears)} quantizable linears (e.g. {linears[0]}); give an exact module "
                 "name or re: and a regex matched against the whole name")
+        if all(winners[n] != pattern for n in matched):
+            raise ConfigError(
+                f"quantization.overrides[{pattern!r}]: every linear it matches is taken first "
+                f"by another override (e.g. {matched[0]} by {winners[matched[0]]!r}; exact "
+                "names first, then the first matching re: pattern), so it changes nothing; "
+                "move it before that pattern, or drop it")
 
 
 def vllm_servable(formats: Iterable[AffineFormat | None]) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import uuid
@@ -51,14 +52,32 @@ def exists(path: str) -> bool:
 
 def require_exists(path: str, field: str, kind: str = "folder") -> None:
     """A user-given path or URL that can be opened and exists, or a ConfigError naming `field`:
-    an unknown protocol or a missing filesystem package (s3fs, gcsfs) is an input error too."""
+    an unknown protocol, a missing filesystem package (s3fs, gcsfs) or an unreachable store is
+    an input error too. A local path must also be of the `kind` asked for ("folder" or
+    "file") and readable: a FIFO or a device given as a file would block the first read."""
     try:
-        found = exists(path)
-    except (ValueError, ImportError) as e:
+        fs, inner = filesystem(path)
+        found = bool(fs.exists(inner))
+    except Exception as e:  # each fsspec backend (s3fs, httpx, aiohttp) raises its own types
         raise ConfigError(f"{field}: cannot open {path!r} ({e}); give a local {kind} or an "
                           "fsspec URL whose filesystem is installed") from e
     if not found:
         raise ConfigError(f"{field}: {path!r} does not exist")
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        _require_local_kind(path, inner, field, kind)
+
+
+def _require_local_kind(path: str, inner: str, field: str, kind: str) -> None:
+    if kind == "folder":
+        if not os.path.isdir(inner):
+            raise ConfigError(f"{field}: {path!r} is a file; give the folder that holds it")
+        try:
+            os.listdir(inner)
+        except OSError as e:
+            raise ConfigError(f"{field}: cannot read the folder {path!r} ({e.strerror})") from e
+    elif not os.path.isdir(inner) and not stat.S_ISREG(os.stat(inner).st_mode):
+        raise ConfigError(f"{field}: {path!r} is not a regular file (a pipe or a device); "
+                          "give a file")
 
 
 def list_names(folder: str) -> list[str]:
@@ -203,6 +222,24 @@ def read_json_file(path: str, field: str) -> Any:
         return json.loads(read_bytes(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{field}: {path} is not valid JSON ({e})") from e
+    except OSError as e:  # a folder of that name, no permission
+        raise ConfigError(f"{field}: cannot read {path} ({e.strerror or e})") from e
+
+
+def read_model_config(folder: str) -> dict[str, Any]:
+    """A model folder's config.json, which must exist and hold a JSON object."""
+    config_path = join(folder, "config.json")
+    if not exists(config_path):
+        if exists(join(folder, "manifest.json")):
+            raise ConfigError(f"model.path: {folder!r} is an unfinished relayquant run (a "
+                              "manifest, no config.json yet); finish it with relayquant "
+                              "quantize (it resumes), or give a finished output or a model")
+        raise ConfigError(f"model.path: no config.json in {folder!r}; give a Hugging Face "
+                          "model folder (config.json + safetensors) or its fsspec URL")
+    config = read_json_file(config_path, "model.path")
+    if not isinstance(config, dict):
+        raise ConfigError(f"model.path: {config_path} must hold a JSON object")
+    return config
 
 
 def _read_exactly(f: Any, nbytes: int, name: str) -> bytearray:
@@ -225,19 +262,7 @@ class CheckpointReader:
         """`config` and `files` stand in for config.json and the index, for a folder that is
         still being written (a run's finished block shards)."""
         self.folder = folder.rstrip("/")
-        config_path = join(self.folder, "config.json")
-        if config is None and not exists(config_path):
-            if exists(join(self.folder, "manifest.json")):
-                raise ConfigError(f"model.path: {folder!r} is an unfinished relayquant run (a "
-                                  "manifest, no config.json yet); finish it with relayquant "
-                                  "quantize (it resumes), or give a finished output or a model")
-            raise ConfigError(f"model.path: no config.json in {folder!r}; give a Hugging Face "
-                              "model folder (config.json + safetensors) or its fsspec URL")
-        if config is None:
-            config = read_json_file(config_path, "model.path")
-            if not isinstance(config, dict):
-                raise ConfigError(f"model.path: {config_path} must hold a JSON object")
-        self.config: dict[str, Any] = config
+        self.config: dict[str, Any] = read_model_config(self.folder) if config is None else config
         self.files = files
         self.entries: dict[str, TensorEntry] = {}
         for file in self.weight_files():
@@ -245,12 +270,25 @@ class CheckpointReader:
             if files is None and not exists(path):
                 raise ConfigError(f"model.path: {INDEX_NAME} names {file}, which is missing "
                                   f"from {self.folder!r}; copy or download it again")
+            field = "model.path: " if files is None else ""  # else the message names the file
             try:
-                self.entries.update(read_header(path))
+                entries = read_header(path)
+            except OSError as e:  # a folder of that name, no permission
+                raise ConfigError(f"{field}cannot read {path} ({e.strerror or e})") from e
             except ConfigError as e:
-                if files is not None:  # a run's own shards: the message names the file
-                    raise
-                raise ConfigError(f"model.path: {e}") from e
+                raise ConfigError(f"{field}{e}") from e
+            if files is None:
+                self._refuse_duplicates(entries, path)
+            self.entries.update(entries)
+
+    def _refuse_duplicates(self, entries: dict[str, TensorEntry], path: str) -> None:
+        """A tensor stored in two shards: which copy a loader takes differs between loaders,
+        so neither is taken silently."""
+        both = next((n for n in entries if n in self.entries), None)
+        if both is not None:
+            raise ConfigError(f"model.path: tensor {both} is stored twice, in "
+                              f"{self.entries[both].file} and {path}; a checkpoint holds each "
+                              "tensor once, so copy or download the model again")
 
     def weight_files(self) -> list[str]:
         if self.files is not None:

@@ -64,3 +64,8 @@ def test_builtin_corpus_needs_preparing(tmp_path, monkeypatch):
     assert calibration.load_text("sotu:test") == "abc"
     with pytest.raises(ConfigError, match="corpus sotu:dev is not known"):
         calibration.load_text("sotu:dev")
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello world")
+    assert calibration.load_text(str(tmp_path / "bom.txt")) == "hello world"

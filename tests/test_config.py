@@ -98,3 +98,65 @@ def test_overrides_and_export_formats():
         build_config(RunConfig, {**BASE, "export": {"formats": ["awq"]}})
     with pytest.raises(ConfigError, match="export.formats: must include compressed-tensors"):
         build_config(RunConfig, {**BASE, "export": {"formats": ["gptq"]}})
+
+
+# values no run can use, refused when the recipe is read (test_bad_inputs.py: the same through
+# the command line)
+
+@pytest.mark.parametrize("section,value", [
+    ({"quantization": {"gptq": {"damp": float("nan")}}}, "quantization.gptq.damp"),
+    ({"quantization": {"omniquant": {"lwc_lr": float("inf")}}}, "quantization.omniquant.lwc_lr"),
+    ({"quantization": {"omniquant": {"lwc_init": float("-inf")}}},
+     "quantization.omniquant.lwc_init"),
+    ({"quantization": {"budget": {"average_bits": float("nan")}}},
+     "quantization.budget.average_bits"),
+    ({"quantization": {"omniquant": {"sde": {"penalty": float("inf")}}}},
+     "quantization.omniquant.sde.penalty"),
+])
+def test_numbers_must_be_finite(section, value):
+    with pytest.raises(ConfigError, match=f"^{value}: expected a finite number, got -?(nan|inf)$"):
+        build_config(RunConfig, {**BASE, **section})
+
+
+@pytest.mark.parametrize("field,seed", [("calibration.seed", -1), ("calibration.seed", 2**70),
+                                        ("quantization.budget.seed", 2**40)])
+def test_seeds_in_range(field, seed):
+    section, *rest = field.split(".")
+    data = {rest[-1]: seed}
+    if len(rest) == 2:
+        data = {rest[0]: data}
+    with pytest.raises(ConfigError, match=f"^{field}: {seed}; use an integer from 0 to "
+                                          "4294967295$"):
+        build_config(RunConfig, {**BASE, section: data})
+
+
+@pytest.mark.parametrize("section,pattern", [
+    ({"quantization": {"budget": {"choices": [3, 3, 4]}}},
+     r"quantization.budget.choices: \[3, 3, 4\]; give distinct bit widths from 2 to 8"),
+    ({"export": {"formats": ["compressed-tensors", "gptq", "gptq"]}},
+     "export.formats: compressed-tensors, gptq, gptq names a format twice; list each once"),
+    ({"quantization": {"overrides": {"x": {"group_size": True}}}},
+     r"quantization.overrides\['x'\].group_size: True; use a positive integer or null"),
+    ({"quantization": {"symmetric_range": "full"}},
+     "quantization.symmetric_range: full applies to symmetric grids, but "
+     "quantization.symmetric is false"),
+    ({"quantization": {"method": "gptq", "omniquant": {"sde": {"band": 1}}}},
+     "quantization.omniquant.sde: applies to method omniquant only, but quantization.method "
+     "is gptq"),
+    ({"quantization": {"method": "rtn", "omniquant": {"cross_layer": {"depth": 1}}}},
+     "quantization.omniquant.cross_layer: applies to method omniquant only"),
+])
+def test_settings_that_would_be_ignored_or_repeat(section, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config(RunConfig, {**BASE, **section})
+
+
+def test_symmetric_range_for_symmetric_overrides_only():
+    config = build_config(RunConfig, {**BASE, "quantization": {
+        "symmetric_range": "full", "overrides": {"re:.*down_proj": {"symmetric": True}}}})
+    assert config.quantization.symmetric_range == "full"
+
+
+def test_recipe_keys_need_not_be_strings():
+    with pytest.raises(ConfigError, match="^1: unknown key; allowed keys here: calibration"):
+        build_config(RunConfig, {**BASE, 1: "a", "b": "c"})

@@ -148,6 +148,11 @@ def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_fil
     with pytest.raises(ConfigError, match="do not cover this model's quantized linears"):
         quantize(opt)
     assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+    # another budget in the same folder, from that folder's own report: --restart clears the
+    # folder, so the statistics are read before it does
+    d = config_to_dict(reusing("x", average_bits=uniform - 0.5))
+    in_place = quantize(build_config(RunConfig, {**d, "output": out}), restart=True)
+    assert in_place["allocation"]["units"] == lower["units"]
 
 
 def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_files, tmp_path):

@@ -93,6 +93,10 @@ ADAPTERS: dict[str, Adapter] = {
 
 
 def adapter_for(architectures: list[str] | None) -> tuple[str, Adapter]:
+    if architectures is not None and not (isinstance(architectures, list) and all(
+            isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"model.path: config.json's architectures is {architectures!r}; it "
+                          "must be a list of class names, e.g. [\"LlamaForCausalLM\"]")
     for name in architectures or []:
         if name in ADAPTERS:
             return name, ADAPTERS[name]

@@ -13,6 +13,14 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, where: str) -> None:
+    """A random seed: what torch's generators take from every code path that uses one."""
+    _require(0 <= seed <= MAX_SEED, f"{where}: {seed}; use an integer from 0 to {MAX_SEED}")
+
+
 def check_module_pattern(pattern: str, where: str) -> None:
     """A module name, or `re:` and a regular expression that must compile."""
     if pattern.startswith("re:"):

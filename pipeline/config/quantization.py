@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from pipeline.config.base import _require, check_module_pattern
+from pipeline.config.base import _require, check_module_pattern, check_seed
 
 
 class Method(str, enum.Enum):
@@ -228,13 +228,15 @@ class BudgetConfig:
         _require(self.sensitivity_from is None or self.average_bits is not None,
                  f"{where}.sensitivity_from: needs {where}.average_bits")
         _require(bool(self.choices) and all(isinstance(c, int) and 2 <= c <= 8
-                                            for c in self.choices),
-                 f"{where}.choices: {self.choices}; give bit widths from 2 to 8")
+                                            for c in self.choices)
+                 and len(set(self.choices)) == len(self.choices),
+                 f"{where}.choices: {self.choices}; give distinct bit widths from 2 to 8")
         if self.average_bits is not None:
             _require(min(self.choices) <= self.average_bits,
                      f"{where}.average_bits: {self.average_bits} is below the smallest choice "
                      f"{min(self.choices)}")
         _require(self.pca_dims >= 1, f"{where}.pca_dims: {self.pca_dims}; must be >= 1")
+        check_seed(self.seed, f"{where}.seed")
 
 
 class LorcDtype(str, enum.Enum):
@@ -310,6 +312,16 @@ class QuantizationConfig:
                  "restricted (or null) or full")
         if self.symmetric_range == "restricted":  # the default's explicit name
             object.__setattr__(self, "symmetric_range", None)
+        _require(self.symmetric_range is None or self.symmetric or any(
+            isinstance(c, dict) and c.get("symmetric") is True for c in self.overrides.values()),
+                 f"quantization.symmetric_range: {self.symmetric_range} applies to symmetric "
+                 "grids, but quantization.symmetric is false (and no override sets it); set "
+                 "symmetric: true, or drop symmetric_range")
+        for name in ("sde", "cross_layer"):
+            _require(self.method is Method.OMNIQUANT or getattr(self.omniquant, name) is None,
+                     f"quantization.omniquant.{name}: applies to method omniquant only, but "
+                     f"quantization.method is {self.method.value}; set method: omniquant, or "
+                     f"{name}: null")
         _require(self.observer is Observer.MINMAX or self.method is not Method.OMNIQUANT,
                  f"quantization.observer: {self.observer.value} applies to methods rtn and gptq; "
                  "omniquant learns its range (omniquant.lwc), so leave the observer minmax")
@@ -333,7 +345,8 @@ class QuantizationConfig:
             _require(isinstance(bits, int) and 2 <= bits <= 8,
                      f"{where}.bits: {bits!r} is not allowed; choose an integer from 2 to 8")
             group = change.get("group_size", self.group_size)
-            _require(group is None or (isinstance(group, int) and group >= 1),
+            _require(group is None or (isinstance(group, int) and not isinstance(group, bool)
+                                       and group >= 1),
                      f"{where}.group_size: {group!r}; use a positive integer or null")
             _require(isinstance(change.get("symmetric", False), bool),
                      f"{where}.symmetric: expected true or false")

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import re
 
-from pipeline.config.base import _require
+from pipeline.config.base import _require, check_seed
 from pipeline.config.quantization import Method, QuantizationConfig
 
 
@@ -60,6 +60,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _require(self.num_samples >= 1, f"calibration.num_samples: {self.num_samples}; must be >= 1")
         _require(self.seq_len >= 2, f"calibration.seq_len: {self.seq_len}; must be >= 2")
+        check_seed(self.seed, "calibration.seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,9 @@ class ExportConfig:
     target: ExportTarget | None = None
 
     def __post_init__(self) -> None:
+        _require(len(set(self.formats)) == len(self.formats),
+                 f"export.formats: {', '.join(f.value for f in self.formats)} names a format "
+                 "twice; list each once")
         _require(ExportFormat.COMPRESSED_TENSORS in self.formats,
                  "export.formats: must include compressed-tensors (the output folder itself is "
                  "that checkpoint); gptq and fake_quant are written beside it")

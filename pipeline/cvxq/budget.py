@@ -229,7 +229,7 @@ def load_statistics(parts: ModelParts, quantization: QuantizationConfig
     assert path is not None
     if not storage.exists(path):
         raise ConfigError(f"{where}: {path!r} does not exist")
-    data = storage.read_json(path)
+    data = storage.read_json_file(path, where)
     data = data.get("allocation", data) if isinstance(data, dict) else None
     keys = ("name", "linears", "params", "grad_sq", "weight_var", "block", "kind")
     if (not isinstance(data, dict) or not isinstance(data.get("units"), list)

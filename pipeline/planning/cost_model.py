@@ -302,24 +302,30 @@ class ClusterSpec:
         if self.device != "this machine" and self.device not in PRESETS:
             raise ValueError(f"device: {self.device!r}; choose one of this machine, "
                              f"{', '.join(PRESETS)}")
-        if self.nodes < 1 or self.devices_per_node < 1:
-            raise ValueError("nodes and devices_per_node must be >= 1")
+        for name in ("nodes", "devices_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)}; must be an integer >= 1")
+            if self.device == "this machine" and getattr(self, name) != 1:
+                raise ValueError(f"{name}: {getattr(self, name)} needs a device preset (this "
+                                 "machine is one node, its workers cluster.workers); name the "
+                                 f"device: {', '.join(PRESETS)}")
+        if self.network_bytes_per_s is not None and not self.network_bytes_per_s > 0:
+            raise ValueError(f"network_bytes_per_s: {self.network_bytes_per_s}; must be > 0 "
+                             "(bytes per second of one link between workers) or absent")
 
 
 def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]]]:
     """The block shape, the block count and the Hessian-sharing groups of a model, from its
     config.json alone (the model is built on the meta device)."""
-    from pipeline.adapters import adapter_for
-    from pipeline.model_parts import build_meta_model, hf_config_from_dict
+    from pipeline.model_parts import meta_model
 
-    _, adapter = adapter_for(config.get("architectures"))
-    meta = build_meta_model(hf_config_from_dict(config))
+    _, adapter, _, meta, blocks = meta_model(config)
     block = meta.get_submodule(f"{adapter.blocks}.0")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype.removeprefix("torch."), 4)
     shape = block_shape(block, list(adapter.linears), config, width)
     shared = [list(consumers) for _norm, consumers in adapter.norm_to_linears]
-    return shape, int(config[adapter.num_blocks_key]), shared
+    return shape, blocks, shared
 
 
 def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
