@@ -266,6 +266,8 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
                  "measure each block's output error)", config.quantization.method.value)
     eval_ids = (calibration.eval_windows_for(model_path, config.eval) if config.eval.enabled
                 else None)
+    if calib is None and eval_ids is None:  # the output ships the tokenizer: it must load
+        calibration.load_tokenizer(model_path)
     depth_ids = (calibration.eval_windows_for(model_path, config.eval)[: config.eval.depth_errors]
                  if config.eval.depth_errors else None)
     if depth_ids is not None and depth_ids.shape[0] < config.eval.depth_errors:

@@ -156,6 +156,8 @@ def load_tokenizer(model_path: str) -> Any:
                           "next to its config.json")
     try:
         return AutoTokenizer.from_pretrained(storage.local_tokenizer_dir(model_path))
+    except ConfigError:
+        raise
     except Exception as e:  # transformers and tokenizers raise many types for bad files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"model.path: cannot load the tokenizer in {model_path!r} "

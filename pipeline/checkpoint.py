@@ -12,12 +12,14 @@ tokenizer and report.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import torch
 
 from pipeline import storage
+from pipeline.config import ConfigError
 
 BASE_SHARD = "model-base.safetensors"
 MANIFEST = "manifest.json"
@@ -130,12 +132,33 @@ def is_relayquant_output(output: str) -> bool:
     return storage.exists(storage.join(output, MANIFEST))
 
 
+def read_manifest(output: str) -> dict[str, Any]:
+    """The run's manifest.json, checked for what resuming and `status` read from it; a damaged
+    one is refused naming the file (the run cannot be resumed from it, only restarted)."""
+    path = storage.join(output, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+        blocks = manifest["plan"]["num_blocks"]
+        manifest["config"]["quantization"]["method"]
+        if not isinstance(manifest.get("fingerprint"), dict) or isinstance(blocks, bool) or \
+                not isinstance(blocks, int) or blocks < 1:
+            raise ValueError("fingerprint or plan.num_blocks")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ConfigError(f"output: {path} is damaged ({reason}); the run cannot resume from "
+                          "it: pass --restart to quantize it again, or choose another output "
+                          "folder") from e
+    except OSError as e:
+        raise ConfigError(f"output: cannot read {path} ({e.strerror or e})") from e
+    return manifest
+
+
 def status(output: str) -> dict[str, Any]:
     """What a run has done so far, from the files alone."""
     if not is_relayquant_output(output):
         return {"output": output, "exists": storage.exists(output), "relayquant": False,
                 "done": 0, "total": 0, "complete": False}
-    manifest = storage.read_json(storage.join(output, MANIFEST))
+    manifest = read_manifest(output)
     markers = read_markers(output)
     total = int(manifest["plan"]["num_blocks"])
     done = sorted(i for i in markers if i < total)

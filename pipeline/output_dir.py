@@ -51,7 +51,7 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
                             calib: torch.Tensor | None) -> list[str]:
     """What differs between the run in `output` and `config` (empty: same run)."""
-    old = storage.read_json(storage.join(output, checkpoint.MANIFEST))
+    old = checkpoint.read_manifest(output)
     return _differences(old.get("fingerprint"), fingerprint(config, parts, calib))
 
 
@@ -156,15 +156,15 @@ def prepare_output(config: RunConfig, parts: ModelParts, plan: Plan,
     check_output_location(out)
     check_free_space(out, predicted_output_bytes(parts, config))
     fresh = fingerprint(config, parts, calib)
-    if checkpoint.is_relayquant_output(out):
-        old = storage.read_json(storage.join(out, checkpoint.MANIFEST))
+    if checkpoint.is_relayquant_output(out) and restart:
+        storage.remove(out)  # a damaged manifest is no obstacle to starting over
+    elif checkpoint.is_relayquant_output(out):
+        old = checkpoint.read_manifest(out)
         diff = _differences(old.get("fingerprint"), fresh)
         if diff and not restart:
             raise ConfigError(
                 f"output: {out} holds a different run ({'; '.join(diff[:3])}); pass --restart to "
                 "discard it, or choose another output folder")
-        if restart:
-            storage.remove(out)
     elif storage.list_names(out):
         raise ConfigError(f"output: {out} exists and is not a relayquant output; choose a new or "
                           "empty folder")

@@ -87,9 +87,23 @@ def list_names(folder: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
 
 
-def read_bytes(path: str) -> bytes:
+def open_to_read(path: str) -> Any:
+    """`path` opened for reading; a local pipe, socket or device is refused first (opening a
+    FIFO would wait for a writer forever)."""
     fs, inner = filesystem(path)
-    with fs.open(inner, "rb") as f:
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        try:
+            mode = os.stat(inner).st_mode
+        except OSError:
+            mode = None  # missing or unreadable: open() says so
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise ConfigError(f"{path} is not a regular file (a pipe, socket or device); give "
+                              "the file itself")
+    return fs.open(inner, "rb")
+
+
+def read_bytes(path: str) -> bytes:
+    with open_to_read(path) as f:
         return f.read()
 
 
@@ -133,9 +147,8 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def sha256_file(path: str) -> str:
-    fs, inner = filesystem(path)
     digest = hashlib.sha256()
-    with fs.open(inner, "rb") as f:
+    with open_to_read(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -169,7 +182,7 @@ def read_header(path: str) -> dict[str, TensorEntry]:
     that is not safetensors, or is cut short, is refused here rather than read as garbage."""
     fs, inner = filesystem(path)
     file_size = int(fs.size(inner))
-    with fs.open(inner, "rb") as f:
+    with open_to_read(path) as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise ConfigError(f"{path}: not a safetensors file ({file_size} bytes, shorter than "
@@ -343,6 +356,9 @@ def local_tokenizer_dir(folder: str) -> str:
     """A local folder with the model's tokenizer files (copied when `folder` is remote)."""
     fs, inner = filesystem(folder)
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        for name in TOKENIZER_FILES + ("config.json",):  # transformers would block on a pipe
+            if os.path.exists(os.path.join(inner, name)):
+                open_to_read(os.path.join(inner, name)).close()
         return inner
     target = tempfile.mkdtemp(prefix="relayquant-tok-")
     for name in TOKENIZER_FILES + ("config.json",):

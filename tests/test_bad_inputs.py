@@ -266,6 +266,44 @@ def test_model_file_that_is_a_folder(capsys, tmp_path, tiny_model, corpus_files,
             f"model.path: cannot read {path} (Is a directory)")
 
 
+def test_broken_tokenizer_is_refused_before_a_data_free_run(capsys, tmp_path, tiny_model,
+                                                            corpus_files):
+    """RTN with evaluation off reads no text, but the output ships the tokenizer: a broken one
+    is refused before any block is quantized, not when the export copies it."""
+    model = copied_model(tiny_model, tmp_path)
+    with open(os.path.join(model, "tokenizer.json"), "w") as f:
+        f.write("{not json")
+    refused(capsys, tmp_path, quantize_args(tmp_path, model, corpus_files[0]),
+            "model.path: cannot load the tokenizer")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "shard",
+                                  "tokenizer.json"])
+def test_model_file_that_is_a_pipe(capsys, tmp_path, tiny_model, corpus_files, name):
+    """A FIFO in place of a model file is refused, not opened (opening it waits for a writer);
+    should the check ever miss, a writer thread ends the wait after 30 s so the test fails
+    rather than hangs."""
+    import threading
+
+    model = copied_model(tiny_model, tmp_path)
+    path = os.path.join(model, shards(model)[0] if name == "shard" else name)
+    os.remove(path)
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock() -> None:
+        if not done.wait(30):
+            with open(path, "wb"):
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        refused(capsys, tmp_path, quantize_args(tmp_path, model, corpus_files[0]),
+                f"{path} is not a regular file (a pipe, socket or device)")
+    finally:
+        done.set()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 @pytest.mark.parametrize("name", ["config.json", "shard", "folder"])
 def test_model_file_that_cannot_be_read(capsys, tmp_path, tiny_model, corpus_files, name):
@@ -782,3 +820,21 @@ def test_output_in_this_process_memory(capsys, tmp_path, tiny_model, corpus_file
     refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0],
                                             output="memory://relayquant-test/out"),
             "output: memory://relayquant-test/out lives in this process's memory")
+
+
+@pytest.mark.parametrize("content", ["{}", "[1]", "not json", '{"plan": {"num_blocks": "4"}}'])
+def test_damaged_manifest_in_the_output(capsys, tmp_path, tiny_model, corpus_files, content):
+    """A run folder whose manifest.json is damaged is named, for quantize (which would resume
+    from it) and for status, with exit 2; nothing is written over it."""
+    model = copied_model(tiny_model, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(content)
+    for argv in (quantize_args(tmp_path, model, corpus_files[0]), ["status", str(out)]):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("relayquant: error")]
+        assert len(err) == 1 and f"{out / 'manifest.json'} is damaged" in err[0], err
+        assert "--restart" in err[0]
+    assert (out / "manifest.json").read_text() == content
+    assert not (out / "report.json").exists()
