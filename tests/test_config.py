@@ -160,3 +160,9 @@ def test_symmetric_range_for_symmetric_overrides_only():
 def test_recipe_keys_need_not_be_strings():
     with pytest.raises(ConfigError, match="^1: unknown key; allowed keys here: calibration"):
         build_config(RunConfig, {**BASE, 1: "a", "b": "c"})
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_text_field_must_name_a_field(value):
+    with pytest.raises(ConfigError, match="calibration.text_field: empty"):
+        build_config(RunConfig, {**BASE, "calibration": {"text_field": value}})

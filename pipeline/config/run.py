@@ -61,6 +61,8 @@ class CalibrationConfig:
         _require(self.num_samples >= 1, f"calibration.num_samples: {self.num_samples}; must be >= 1")
         _require(self.seq_len >= 2, f"calibration.seq_len: {self.seq_len}; must be >= 2")
         check_seed(self.seed, "calibration.seed")
+        _require(bool(self.text_field.strip()), "calibration.text_field: empty; give the name "
+                 "of the record field that holds the text (default text)")
 
 
 @dataclasses.dataclass(frozen=True)
