@@ -13,6 +13,7 @@ tokenizer and report.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 
 from pipeline import storage
 from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 BASE_SHARD = "model-base.safetensors"
 MANIFEST = "manifest.json"
@@ -55,7 +58,19 @@ def read_markers(output: str) -> dict[int, dict[str, Any]]:
     markers = {}
     for name in storage.list_names(folder):
         if name.endswith(".json") and name[:-5].isdigit():
-            markers[int(name[:-5])] = storage.read_json(storage.join(folder, name))
+            path = storage.join(folder, name)
+            try:
+                marker = json.loads(storage.read_bytes(path))
+                files = marker["files"]
+                ok = isinstance(files, dict) and all(
+                    isinstance(f, dict) and {"file", "sha256"} <= set(f) for f in files.values())
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                ok = False
+            if not ok:  # written by rename, so only outside damage gets here: redo the block
+                log.warning("%s is damaged; block %d will be quantized again", path,
+                            int(name[:-5]))
+                continue
+            markers[int(name[:-5])] = marker
     return markers
 
 

@@ -38,6 +38,19 @@ def test_markers_verify_and_damage_is_detected(tmp_path, kind):
     assert not storage.exists(checkpoint.marker_path(out, 1))  # so the block is redone
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"files": 3}', b'{"metrics": {}}'])
+def test_a_damaged_marker_counts_as_not_done(tmp_path, content):
+    """A marker that cannot be read (only outside damage: markers are written by rename) is
+    skipped with a warning, so its block is quantized again instead of the run failing."""
+    out = str(tmp_path / "out")
+    for i in range(3):
+        write(out, i, seed=i)
+    storage.write_bytes(checkpoint.marker_path(out, 1), content)
+    good, bad = checkpoint.verified_markers(out, 3)
+    assert sorted(good) == [0, 2] and bad == []
+    assert sorted(checkpoint.read_markers(out)) == [0, 2]
+
+
 class FailingFS(LocalFileSystem):
     """Local files, but the n-th write (open for writing or rename) raises."""
 
