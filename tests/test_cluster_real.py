@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import psutil
 import pytest
@@ -87,13 +88,24 @@ def two_node_cluster():
            "VIRTUAL_ENV": os.path.dirname(venv_bin)}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
+
+    def agent_ports() -> list[str]:
+        # each node's agents on ports of their own: Ray's fixed defaults (52365 for the job
+        # agent) would collide with any other Ray on this machine, and the job server would
+        # then answer "No available agent to submit job"
+        return [f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}"]
+
     try:
         ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
-            "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env)
+            *agent_ports(), "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            env=env)
         ray("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            "--disable-usage-stats", env=env)
+            *agent_ports(), "--disable-usage-stats", env=env)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "gcs": gcs,
                "temp_dir": temp_dir}
     finally:
@@ -121,10 +133,20 @@ def test_ray_job_submit_runs_on_two_nodes(two_node_cluster, tmp_path, tiny_model
     assert "token" in (refused.stdout + refused.stderr).lower()
     # the README's command: the repository as the working dir (.gitignore/.rayignore keep
     # .venv, .git, runs/ and benchmark results out of the upload); model and output are paths
-    submitted = subprocess.run(
-        [RAY, "job", "submit", f"--address={c['dashboard']}", "--working-dir", ".", "--no-wait",
-         "--", "python", "-m", "jobs.quantize", "--config", str(recipe), "--json"],
-        cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=300, check=False)
+    # the job server answers before its per-node agent has started (on a loaded machine for
+    # tens of seconds) with "No available agent to submit job, please try again later": as a
+    # user would, try again, for at most two minutes
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = subprocess.run(
+            [RAY, "job", "submit", f"--address={c['dashboard']}", "--working-dir", ".",
+             "--no-wait", "--", "python", "-m", "jobs.quantize", "--config", str(recipe),
+             "--json"],
+            cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=300, check=False)
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job = next(w for w in (submitted.stdout + submitted.stderr).split()
                if w.strip("'").startswith("raysubmit_")).strip("'")
