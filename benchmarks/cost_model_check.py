@@ -96,6 +96,8 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
                        "cluster.threads": row["threads"], "cluster.schedule": row["schedule"]}
             if epochs is not None and part == "learned":
                 changes["quantization.omniquant.epochs"] = epochs
+            if part == "gptq":  # recorded before the recipe's observer became mse: min-max
+                changes.setdefault("quantization.observer", "minmax")
             cfg = load_recipe(recipe, changes)
             # measured around the whole quantize() call (start included; no evaluation)
             rows.append(compare(config, cfg, devices[row["threads"]],

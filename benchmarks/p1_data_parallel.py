@@ -37,6 +37,9 @@ from results_file import RESULTS, write_result
 
 log = logging.getLogger("p1_data_parallel")
 RECIPES = {"learned": "p1-signround-w3g64", "gptq": "p1-gptq-w4"}
+# the GPTQ rows time min-max GPTQ, as every recorded row did and as llm-compressor runs it by
+# default (the recipe's mse observer since 2026-12-02 adds its search); --set overrides
+PINNED = {"gptq": {"quantization.observer": "minmax"}}
 # (label, workers, threads, schedule)
 SETUPS = {"1x1": ("1 worker x 1 thread", 1, 1, "sequential"),
           "2x1": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
@@ -56,6 +59,7 @@ def cluster(workers: int, threads: int, schedule: str) -> dict:
 def quantize_part(part: str, work: str, epochs: int | None, evaluate_outputs: bool = True,
                   setups: list[str] | None = None, changes_in: dict | None = None) -> dict:
     rows = []
+    changes_in = {**PINNED.get(part, {}), **(changes_in or {})}
     for key in setups or list(SETUPS):
         label, workers, threads, schedule = SETUPS[key]
         out = os.path.join(work, f"{part}-{workers}w{threads}t")
