@@ -12,7 +12,8 @@ thread count) next to the measured one, for
     python benchmarks/cost_model_check.py [--no-rtn-runs]
 
 Writes benchmarks/results/cost_model_check.json (predicted / measured per row; the target is
-every ratio within 0.75-1.25). Run it on an otherwise idle machine: the rates are measured when
+every ratio within 0.75-1.25; the 70B-width rows also compare the worker's predicted memory with
+the stage's measured peak). Run it on an otherwise idle machine: the rates are measured when
 it runs.
 """
 from __future__ import annotations
@@ -87,11 +88,8 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
                                 report["phase_seconds"]["quantize"]))
     measured = _load("p1_data_parallel.json") or {}
     for part in ("learned", "gptq"):
-        key = newest(measured, part)
-        if key is None:
-            continue
-        recipe, epochs = measured[key]["recipe"], measured[key].get("epochs")
-        for row in measured[key]["rows"]:
+        for key, row in newest_rows(measured, part):
+            recipe, epochs = measured[key]["recipe"], measured[key].get("epochs")
             changes = {**measured[key].get("changes", {}), "cluster.workers": row["workers"],
                        "cluster.threads": row["threads"], "cluster.schedule": row["schedule"]}
             if epochs is not None and part == "learned":
@@ -106,30 +104,38 @@ def p1_rows(config: dict[str, Any], devices: dict[int, Device], rtn_runs: bool
     return rows
 
 
-def newest(measured: dict[str, Any], part: str) -> str | None:
-    """The key of `part`'s most recent measurement in p1_data_parallel.json: PART or
-    PART:TAG, by its measured_at (an entry without one counts as the oldest)."""
-    keys = [k for k in measured if k == part or k.startswith(f"{part}:")]
-    return max(keys, key=lambda k: (measured[k].get("measured_at") or "", k), default=None)
+def newest_rows(measured: dict[str, Any], part: str) -> list[tuple[str, dict[str, Any]]]:
+    """Per setup (workers, threads, schedule), the most recent row of `part` in
+    p1_data_parallel.json (entries PART or PART:TAG, by their measured_at; one without counts
+    as the oldest), with the key it came from."""
+    keys = sorted((k for k in measured if k == part or k.startswith(f"{part}:")),
+                  key=lambda k: (measured[k].get("measured_at") or "", k))
+    rows: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+    for key in keys:  # oldest first: a newer row replaces an older one of the same setup
+        for r in measured[key]["rows"]:
+            rows[(r["workers"], r["threads"], r["schedule"])] = (key, r)
+    return list(rows.values())
 
 
-def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str, Any]]:
-    """The 70B-width runs, the disk rate measured on that model's own shards when they are
-    still in `work` (`--work` of larger_than_ram.py); the P1 rate otherwise."""
+def larger_than_ram_rows(work: str) -> tuple[list[dict[str, Any]], dict[int, Device]]:
+    """The 70B-width runs, predicted as `relayquant plan` predicts them: rates measured on a
+    stand-in of that model's block (its shapes; the Cholesky rate at 4096 columns), the disk
+    rate the run recorded just before it started, else one measured now on the model's own
+    shards when they are still in `work` (`--work` of larger_than_ram.py), else on a
+    temporary file."""
     import dataclasses
 
     from larger_than_ram import synthetic_config
 
     from jobs.plan import local_shards
-    from pipeline.planning.device_rates import disk_read_bytes_per_second
 
     result = _load("larger_than_ram.json")
     if not result:
-        return []
+        return [], {}
     shards = local_shards(os.path.join(work, f"llama70b-width-{result['blocks']}"))
-    device = devices[1]
-    if shards:
-        device = dataclasses.replace(device, disk_bytes=disk_read_bytes_per_second(shards))
+    shape, _blocks, _ = model_shape(synthetic_config(result["blocks"]))
+    devices = {t: measure_device(shape, 128, t, psutil.virtual_memory().total // 2,
+                                 disk_files=shards) for t in (1, 2)}
     rows = []
     for label, run in result["runs"].items():
         seconds = (run.get("phase_seconds") or {}).get("quantize")
@@ -142,11 +148,21 @@ def larger_than_ram_rows(devices: dict[int, Device], work: str) -> list[dict[str
                                           "quantization.group_size": 128}).quantization
         schedule = Schedule.DATA_PARALLEL if workers > 1 else Schedule.SEQUENTIAL
         threads = 1 if workers > 1 else 2
-        r = plan_run(config, cfg_q, windows, 128, workers, schedule, None,
-                     dataclasses.replace(devices[threads], disk_bytes=device.disk_bytes))
+        # the disk rate probed just before the run where it recorded one (that disk), else now
+        device = devices[threads]
+        if run.get("disk_read_bytes_per_second"):
+            device = dataclasses.replace(device, disk_bytes=run["disk_read_bytes_per_second"])
+        r = plan_run(config, cfg_q, windows, 128, workers, schedule, None, device)
         rows.append(row(f"70B width {label} ({run['blocks']} blocks, {workers} worker(s) x "
                         f"{threads} thread(s))", schedule.value, r, seconds))
-    return rows
+        # memory too: the worker's predicted peak against the stage's own (ru_maxrss, as its
+        # block markers report it)
+        measured = run.get("stage_reported_peak_rss_bytes")
+        if measured:
+            rows[-1].update({"predicted_memory_per_worker_bytes": r["memory_per_worker_bytes"],
+                             "measured_stage_peak_rss_bytes": measured,
+                             "memory_ratio": r["memory_per_worker_bytes"] / measured})
+    return rows, devices
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -164,17 +180,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     devices = {t: measure_device(shape, 512, t, psutil.virtual_memory().total // 2,
                                  disk_files=local_shards(model)) for t in (1, 2)}
-    rows = (p1_rows(config, devices, not args.no_rtn_runs)
-            + larger_than_ram_rows(devices, args.ltr_work))
+    wide_rows, wide_devices = larger_than_ram_rows(args.ltr_work)
+    rows = p1_rows(config, devices, not args.no_rtn_runs) + wide_rows
     result = {"benchmark": "cost_model_check", "rows": rows,
               "disk_bytes_per_s": {"p1 (page cache)": devices[1].disk_bytes},
               "devices": {t: d.to_dict() for t, d in devices.items()},
+              "devices_70b_width": {t: d.to_dict() for t, d in wide_devices.items()},
               "within_25_percent": [abs(r["ratio"] - 1) <= 0.25 for r in rows],
-              "all_within_25_percent": all(abs(r["ratio"] - 1) <= 0.25 for r in rows)}
+              "all_within_25_percent": all(abs(r["ratio"] - 1) <= 0.25 for r in rows),
+              "memory_all_within_25_percent": all(abs(r["memory_ratio"] - 1) <= 0.25
+                                                  for r in rows if "memory_ratio" in r)}
     write_result(os.path.join(RESULTS, "cost_model_check.json"), result)
     for r in rows:
         print(f"{r['run']:70s} predicted {r['predicted_seconds']:8.1f} s  measured "
-              f"{r['measured_seconds']:8.1f} s  ratio {r['ratio']:.2f}")
+              f"{r['measured_seconds']:8.1f} s  ratio {r['ratio']:.2f}"
+              + (f"  memory {r['predicted_memory_per_worker_bytes'] / 2**30:.1f} / "
+                 f"{r['measured_stage_peak_rss_bytes'] / 2**30:.1f} GiB ({r['memory_ratio']:.2f})"
+                 if "memory_ratio" in r else ""))
     return result
 
 

@@ -11,12 +11,12 @@ stage actor, Ray's raylet / GCS / object store) sampled twice a second:
 - the same at half the depth (the same shards, a shorter index), for the stage peak's growth
   with depth (target: deep / shallow <= 1.15);
 - GPTQ W4 g128 on a few calibration windows, over the first `--gptq-blocks` blocks, on
-  min(2, blocks) workers (its 28672 x 28672 Hessian solve takes ~10-20 min per block on 2
-  cores; the whole 70B-width stack would take hours, so the run says how many blocks it
-  covered);
+  min(2, blocks) workers, or fewer where the pre-flight memory check refuses two (each
+  data-parallel worker holds a block's Hessians: 14.5 GiB per worker against 11.8 GiB each on
+  24 GiB; the refusal is recorded). A block takes ~7 min on 2 cores, all 17 about 2 h;
 - the output's codes for sampled linears against an independent RTN written here.
 
-    python benchmarks/larger_than_ram.py [--blocks 17] [--gptq-blocks 2] [--work DIR]
+    python benchmarks/larger_than_ram.py [--blocks 17] [--gptq-blocks N] [--work DIR]
 
 Writes benchmarks/results/larger_than_ram.json. Needs ~30 GB (+ ~9 GB of output) of free disk
 under --work (default: a temporary folder, removed at the end).
@@ -161,11 +161,19 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int,
         "eval": {"corpus": corpus, "seq_len": 128, "max_windows": eval_windows or None,
                  "fp": False, "enabled": eval_windows > 0},
         "cluster": {"workers": workers}})
+    from jobs.plan import local_shards
+    from pipeline.planning.device_rates import disk_read_bytes_per_second
+
+    # the disk as the run will find it (the cost model's input; a virtual disk may serve
+    # recently written shards from the host's cache, so a rate probed at another time, or
+    # on another machine, describes another disk)
+    disk = disk_read_bytes_per_second(local_shards(model))
     start = time.perf_counter()
     with MemorySampler() as sampler:
         report = quantize(config)
     blocks = report["blocks"]
     return {"method": method, "blocks": len(blocks), "workers": workers,
+            "disk_read_bytes_per_second": disk,
             "wall_seconds": time.perf_counter() - start,
             "quantize_seconds": report.get("phase_seconds", {}).get("quantize"),
             "phase_seconds": report.get("phase_seconds"),
@@ -173,6 +181,7 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int,
             "eval_windows": eval_windows,
             "block_seconds": [round(b["seconds"], 2) for b in blocks],
             "stage_reported_peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
+            "block_peak_rss_bytes": [b["peak_rss_bytes"] for b in blocks],
             "memory": sampler.summary(), "memory_by_phase": phase_peaks(sampler, report)}
 
 
@@ -225,8 +234,8 @@ def independent_rtn_check(model: str, out: str, names: list[str]) -> list[dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=17)
-    parser.add_argument("--gptq-blocks", type=int, default=2,
-                        help="GPTQ on the first N blocks (0: skip)")
+    parser.add_argument("--gptq-blocks", type=int, default=None,
+                        help="GPTQ on the first N blocks (default: all of them; 0: skip)")
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for the model and outputs")
     parser.add_argument("--keep", nargs="*", default=[],
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(RESULTS, "larger_than_ram.json"))
     args = parser.parse_args(argv)
+    if args.gptq_blocks is None:
+        args.gptq_blocks = args.blocks
     if args.build_only:
         build_model(args.build_only, args.blocks)
         return {}
@@ -294,10 +305,24 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
         if not os.path.exists(cut):
             shallower(deep, cut, args.gptq_blocks)
         out = os.path.join(work, "out-gptq")
-        # one worker per block at most (a plan never has more workers than blocks)
-        result["runs"]["gptq"] = run(cut, out, corpus, "gptq", 0,
-                                     workers=min(2, args.gptq_blocks))
-        shutil.rmtree(out, ignore_errors=True)
+        # two workers (one per block at most); where the pre-flight memory check refuses them
+        # (each data-parallel worker holds every Hessian of a block), the most that fit, with
+        # the refusal recorded
+        from pipeline.config import ConfigError
+
+        result.pop("gptq_refused", None)
+        for workers in range(min(2, args.gptq_blocks), 0, -1):
+            try:
+                result["runs"]["gptq"] = run(cut, out, corpus, "gptq", 0, workers=workers)
+                break
+            except ConfigError as e:
+                if "would need" not in str(e):
+                    raise
+                result.setdefault("gptq_refused", []).append(
+                    {"workers": workers, "error": str(e)})
+                print(f"gptq on {workers} workers refused: {e}", flush=True)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
     return write_and_return(args.out, summarize(result))
 
 
@@ -333,6 +358,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if "gptq" in runs:
         used = runs["gptq"]["memory"]["peak_used_above_idle_bytes"]
         result["gptq_margin_under_ram_bytes"] = result["machine_ram_bytes"] - used
+        peaks = runs["gptq"].get("block_peak_rss_bytes") or []
+        if len(peaks) > 1:  # the stage's peak by depth: the last block's over the first's
+            result["gptq_stage_peak_last_over_first"] = peaks[-1] / peaks[0]
     return result
 
 

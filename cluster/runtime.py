@@ -86,11 +86,30 @@ def plan_resources(cluster: ClusterConfig) -> Resources:
     per_worker = math.floor(per_worker * 100) / 100  # the bundles must fit in the total
     if cluster.threads is not None:
         threads = cluster.threads
+        warn_oversubscribed(threads, per_worker, not use_gpu and
+                            cluster.resolved_schedule is Schedule.DATA_PARALLEL)
     elif use_gpu or cluster.resolved_schedule is Schedule.DATA_PARALLEL:
         threads = max(1, int(per_worker))  # every worker computes at once: its own cores
     else:
         threads = 0  # one stage computes at a time: it takes every core it can see
     return Resources(per_worker, 1 if use_gpu else 0, threads)
+
+
+def warn_oversubscribed(threads: int, cpus_per_worker: float, together: bool) -> None:
+    """cluster.threads above the cores of the largest node (a remote cluster's nodes need not
+    be this machine) oversubscribes every stage's node: the torch threads then take turns on
+    the cores and the run slows down; so does more than a stage's share of the CPUs when the
+    stages compute `together` (data-parallel CPU stages). A warning, since it still runs."""
+    cores = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
+                 if n.get("Alive", True)), default=0.0)
+    if cores and threads > cores:
+        log.warning("cluster.threads: %d torch threads per stage, but the largest node of the "
+                    "cluster has %d CPUs; the stages will be oversubscribed and slower. Set at "
+                    "most %d, or null (automatic)", threads, int(cores), int(cores))
+    elif together and cpus_per_worker >= 1 and threads > math.ceil(cpus_per_worker):
+        log.warning("cluster.threads: %d torch threads per stage, but each stage has %.2g of the "
+                    "cluster's CPUs; stages computing at once will share cores. Null (automatic) "
+                    "gives each its share", threads, cpus_per_worker)
 
 
 def reserve(resources: Resources, workers: int) -> PlacementGroup:

@@ -188,9 +188,10 @@ class StageActor:
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def join(self, address: str | None, rank: int, world: int,
-             activation_memory_bytes: int | None = None) -> None:
+             activation_memory_bytes: int | None = None, shared_memory: bool = True) -> None:
         group: Collective = Solo() if world == 1 else TorchCollective(
-            str(address), rank, world, "nccl" if self.device.startswith("cuda") else "gloo")
+            str(address), rank, world, "nccl" if self.device.startswith("cuda") else "gloo",
+            shared_memory=shared_memory)
         self.worker = DataParallelWorker(group, self.compute_dtype, self.device,
                                          activation_memory_bytes)
         self.worker.models = self.models

@@ -67,7 +67,11 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
         try:
             address = (ray.get(actors[0].rendezvous_address.remote()) if len(actors) > 1
                        else None)
-            gather([a.join.remote(address, r, len(actors), cluster.activation_memory_bytes)
+            # RELAYQUANT_SHARED_MEMORY=0 (the driver's): no shared memory between the workers
+            # even on one node; they exchange through gloo, as on several nodes
+            shared = os.environ.get("RELAYQUANT_SHARED_MEMORY") != "0"
+            gather([a.join.remote(address, r, len(actors), cluster.activation_memory_bytes,
+                                  shared)
                     for r, a in enumerate(actors)])
         except BaseException:
             runtime.release(actors, group)

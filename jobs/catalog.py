@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.recipes import CONFIG_DIR, load_recipe
+from jobs.recipes import CONFIG_DIR, load_recipe, unread_sections
 from pipeline.config import Autocast, ConfigError, Method, RunConfig
 from pipeline.config_tree import config_to_dict
 from pipeline.output_dir import RESULT_SECTIONS
@@ -27,6 +27,8 @@ def result_key(config: RunConfig) -> str:
     without it still is the recipe's figure."""
     data = config_to_dict(config)
     data["export"] = {k: v for k, v in data["export"].items() if k != "target"}
+    for name in unread_sections(config.quantization):  # settings the method never reads
+        data["quantization"].pop(name, None)
     return json.dumps({"model": config.model.path, **{k: data[k] for k in RESULT_SECTIONS}},
                       sort_keys=True, default=str)
 
@@ -80,7 +82,9 @@ def measured() -> dict[str, dict[str, Any]]:
             return  # a row of a recipe that has since changed shape
         out[result_key(config)] = {
             "perplexity": row["perplexity"], "quantize_seconds": row.get("quantize_seconds"),
-            "workers": row.get("workers"), "source": f"benchmarks/results/{source}"}
+            "workers": row.get("workers"), "source": f"benchmarks/results/{source}",
+            # a row whose run shared the machine (its note says with what): no time figure
+            "seconds_disturbed": bool(row.get("seconds_disturbed"))}
 
     for row in _results("p1_reconstruct.json").get("rows", []):
         try:
@@ -151,6 +155,8 @@ def summarize(result: dict[str, Any]) -> str:
                        is not None else "")
             if seconds and m.get("workers"):
                 seconds += f" on {m['workers']} worker{'s' if m['workers'] > 1 else ''}"
+            if seconds and m.get("seconds_disturbed"):
+                seconds = ", quantize time not a figure (another job shared the machine)"
             figure = f"P1 perplexity {m['perplexity']:.3f}{seconds}"
             if "by_autocast" in m:  # autocast: auto, measured per precision
                 figure = "P1 perplexity " + ", ".join(

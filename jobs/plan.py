@@ -22,7 +22,7 @@ from pipeline.config_tree import build_config
 
 
 def load_cluster(path: str | None) -> Any:
-    from pipeline.planning.cost_model import ClusterSpec
+    from pipeline.planning.clusters import ClusterSpec
 
     if path is None:
         return ClusterSpec()
@@ -47,11 +47,10 @@ def local_shards(model_path: str) -> list[str]:
 
 def device_for(spec: Any, config: RunConfig, workers: int, shape: Any,
                model_path: str = "") -> Any:
-    from pipeline.planning.cost_model import PRESETS
     from pipeline.planning.device_rates import measure_device
 
     if spec.device != "this machine":
-        device = PRESETS[spec.device]
+        device = spec.preset()
     else:
         import psutil
 
@@ -92,6 +91,11 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
         parts.check_shapes()
         check_recipe(parts, config)  # the recipe's limits that depend on the model
     check_windows(model_path, config)
+    if config.output:  # what a run would refuse of its output, without writing anything
+        from pipeline.output_dir import check_output_apart, check_output_kind
+
+        check_output_apart(config.output, model_path)
+        check_output_kind(config.output)
     workers = (config.cluster.workers if spec.device == "this machine"
                else spec.nodes * spec.devices_per_node)
     shape, blocks, _ = model_shape(model_config)
@@ -138,5 +142,5 @@ def summarize(r: dict[str, Any]) -> str:
 def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.recipes import load_recipe, parse_overrides
 
-    config = load_recipe(args.config, parse_overrides(args.set))
+    config = load_recipe(args.config, parse_overrides(args.set), warn=True)
     return plan(config, load_cluster(args.cluster))

@@ -17,7 +17,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         overrides["cluster.workers"] = args.workers
     if args.address is not None:
         overrides["cluster.address"] = args.address
-    config = load_recipe(args.config, overrides)
+    config = load_recipe(args.config, overrides, warn=True)
     from cluster import progress
     from cluster.coordinator import quantize
 

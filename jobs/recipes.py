@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, Method, RunConfig
+from pipeline.config.quantization import Rounding
 from pipeline.config_tree import apply_overrides, build_config
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -57,12 +61,36 @@ def read_yaml(path: str, field: str) -> Any:
     except OSError as e:
         raise ConfigError(f"{field}: cannot read {path} ({e.strerror}); give a YAML file") from e
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{field}: {path} is not valid YAML{where}: {problem}") from e
+    if _expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{field}: {path} expands to more than {MAX_YAML_VALUES} values "
+                          "(aliases of aliases?); a recipe is a few dozen settings")
+    return data
+
+
+# YAML aliases share one object, so a few lines of nested aliases load small but expand
+# exponentially once copied (`apply_overrides`) or walked: such a file is refused first
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """The number of values `data` holds counted as if every alias were copied, stopping
+    once past `limit` (so the count itself stays cheap)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -82,12 +110,46 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_recipe(path: str, overrides: dict[str, Any] | None = None,
+                warn: bool = False) -> RunConfig:
+    """The recipe at `path` (or a bundled one's name) with `overrides`; `warn`: log a warning
+    for each section the chosen method does not read (`ignored_settings`)."""
     data = read_yaml(recipe_path(path), "--config")
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections")
-    return expand_home(build_config(RunConfig, apply_overrides(data, overrides or {})))
+    data = apply_overrides(data, overrides or {})
+    config = expand_home(build_config(RunConfig, data))
+    for line in ignored_settings(data, config) if warn else []:
+        log.warning("%s", line)
+    return config
+
+
+def unread_sections(quantization: Any) -> list[str]:
+    """The `quantization` subsections the configured method does not read: `omniquant` but
+    for method omniquant; `gptq` but for method gptq and omniquant rounding with GPTQ
+    (`rounding: gptq` or `round_init: gptq`)."""
+    method, omni = quantization.method, quantization.omniquant
+    out = [] if method is Method.OMNIQUANT else ["omniquant"]
+    if not (method is Method.GPTQ or (method is Method.OMNIQUANT and (
+            omni.rounding is Rounding.GPTQ or omni.round_init == "gptq"))):
+        out.append("gptq")
+    return out
+
+
+def ignored_settings(data: dict[str, Any], config: RunConfig) -> list[str]:
+    """The sections a recipe (after its overrides) sets that the chosen method does not read:
+    the dataclasses fill in every default, so only the recipe's own mapping can tell them."""
+    q = data.get("quantization")
+    if not isinstance(q, dict):
+        return []
+    method = config.quantization.method.value
+    why = {"omniquant": f"it applies to method omniquant only, and quantization.method is "
+                        f"{method}",
+           "gptq": f"quantization.method {method} does not round with GPTQ (method gptq does, "
+                   f"and omniquant with rounding: gptq or round_init: gptq)"}
+    return [f"quantization.{name}: ignored: {why[name]}"
+            for name in unread_sections(config.quantization) if q.get(name)]
 
 
 def expand_home(config: RunConfig) -> RunConfig:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.config.quantization import OVERRIDE_KEYS
 
 
 def build_config(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
@@ -93,10 +94,17 @@ def config_to_dict(config: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of `data` with dotted `key.path` overrides set (values already parsed)."""
+    """Return a copy of `data` with dotted `key.path` overrides set (values already parsed).
+    Under `quantization.overrides` the keys are module names, which hold dots themselves:
+    `quantization.overrides.NAME.bits` (or `group_size`, `symmetric`) sets one key of NAME's
+    entry, `quantization.overrides.NAME` the whole entry (a mapping, or null)."""
     out = _deep_copy(data)
     for dotted, value in overrides.items():
         keys = dotted.split(".")
+        if keys[:2] == ["quantization", "overrides"] and len(keys) > 2:
+            rest = keys[2:]
+            name_keys = rest[:-1] if len(rest) > 1 and rest[-1] in OVERRIDE_KEYS else rest
+            keys = ["quantization", "overrides", ".".join(name_keys)] + rest[len(name_keys):]
         node = out
         for key in keys[:-1]:
             child = node.get(key)

@@ -2,11 +2,12 @@
 the shared tensors, index, config and tokenizer at the end, the report last."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,10 +56,10 @@ def fingerprint_differences(output: str, config: RunConfig, parts: ModelParts,
     return _differences(old.get("fingerprint"), fingerprint(config, parts, calib))
 
 
-def check_output_location(out: str) -> None:
-    """The output must be a folder (new or existing) that this process can create and write,
-    and that the run's workers, other processes, reach too."""
-    try:
+def check_output_kind(out: str) -> None:
+    """What can be told of the output without writing anything (what `relayquant plan`
+    checks): not a file, and not in this process's memory."""
+    with _refused_unless_usable(out, "open"):
         fs, inner = storage.filesystem(out)
         if "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
             raise ConfigError(f"output: {out} lives in this process's memory, but the stages "
@@ -66,16 +67,31 @@ def check_output_location(out: str) -> None:
                               "or a store every worker reaches (s3://, gs://, a shared mount)")
         if fs.isfile(inner):
             raise ConfigError(f"output: {out} is a file; give a folder (new or empty)")
-        fs.makedirs(inner, exist_ok=True)
-        probe = storage.join(out, f".relayquant-write-test-{os.getpid()}")
-        storage.write_bytes(probe, b"")
-        storage.remove(probe)
+
+
+@contextlib.contextmanager
+def _refused_unless_usable(out: str, what: str) -> Iterator[None]:
+    """A storage error inside becomes one line naming `output` (ConfigErrors pass as they are)."""
+    try:
+        yield
     except ConfigError:
         raise
     except (OSError, ValueError, ImportError) as e:
         reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"output: cannot create or write {out} ({reason}); choose a folder "
-                          "this process can write") from e
+        raise ConfigError(f"output: cannot {what} {out} ({reason}); choose a folder this "
+                          "process can write") from e
+
+
+def check_output_location(out: str) -> None:
+    """The output must be a folder (new or existing) that this process can create and write,
+    and that the run's workers, other processes, reach too."""
+    check_output_kind(out)
+    with _refused_unless_usable(out, "create or write"):
+        fs, inner = storage.filesystem(out)
+        fs.makedirs(inner, exist_ok=True)
+        probe = storage.join(out, f".relayquant-write-test-{os.getpid()}")
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
 
 
 def _location(path: str) -> str:

@@ -26,7 +26,7 @@ from pipeline.config import ClipParam, GPTQConfig, OmniQuantConfig, Quantization
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.methods.cross_layer import Downstream, downstream_targets
-from pipeline.methods.gptq import gptq_quantize
+from pipeline.methods.gptq import SharedFactors, gptq_quantize
 from pipeline.methods.gptq_block import assign_by_cost, collect_hessians, gptq_block
 from pipeline.methods.hooks import (
     activation_quant,
@@ -40,6 +40,7 @@ from pipeline.methods.lwc import ClippingFactors
 from pipeline.methods.sde import SingularExpansion
 from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
+from pipeline.parallel.exchange import SharedMemoryShards
 from pipeline.parallel.shares import WindowShare
 from pipeline.streams import ChunkStore
 from pipeline.training import (
@@ -137,14 +138,16 @@ class BlockQuantizer(nn.Module):
         how many codes lie beyond the offsets' [-0.5, 0.5] reach."""
         t = self.transformed()
         unreached = 0
+        factors = SharedFactors(gptq)
         for n in self.names:
             clip = self.clip(n)
             weight = t[f"{n}.weight"].float()
             scale, zero = clip.qparams(weight)
             qparams = QuantParams(scale.to(dtypes[f"{n}.weight"]).float(), zero.float())
-            result = gptq_quantize(weight, hessians[n], clip.fmt, damp=gptq.damp,
+            result = gptq_quantize(weight, None, clip.fmt, damp=gptq.damp,
                                    block_size=gptq.block_size, act_order=gptq.act_order,
-                                   scale_dtype=dtypes[f"{n}.weight"], qparams=qparams)
+                                   scale_dtype=dtypes[f"{n}.weight"], qparams=qparams,
+                                   factor=factors.of(hessians[n]))
             unreached += clip.start_rounding_at_(weight, result.codes)
         return unreached
 
@@ -183,15 +186,17 @@ class BlockQuantizer(nn.Module):
         for name, value in t.items():
             block.get_parameter(name).copy_(value)
         h = hessians() if hessians is not None else None
+        factors = SharedFactors(gptq) if gptq is not None else None
         out = {}
         for n in self.names:
             weight = block.get_parameter(f"{n}.weight")
             clip = self.clip(n)
             fake, codes, qparams = clip.export(weight, dtypes[f"{n}.weight"])
-            if h is not None and gptq is not None:
-                result = gptq_quantize(weight, h[n], clip.fmt, damp=gptq.damp,
+            if h is not None and gptq is not None and factors is not None:
+                result = gptq_quantize(weight, None, clip.fmt, damp=gptq.damp,
                                        block_size=gptq.block_size, act_order=gptq.act_order,
-                                       scale_dtype=dtypes[f"{n}.weight"], qparams=qparams)
+                                       scale_dtype=dtypes[f"{n}.weight"], qparams=qparams,
+                                       factor=factors.of(h[n]))
                 fake, codes = result.weight, result.codes
             weight.copy_(fake)
             out[n] = QuantizedLinear(codes.cpu(), QuantParams(qparams.scale.cpu(),
@@ -366,6 +371,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                "epochs": len(epoch_losses),
                                **({"quantizer_split": shards is not None}
                                   if group.world > 1 else {}),
+                               **({"quantizer_exchange": "shared_memory" if isinstance(
+                                   shards.exchange, SharedMemoryShards) else "distributed"}
+                                  if shards is not None else {}),
                                "train_precision": precision.name,
                                **sde_metrics(model),
                                **({"cross_layer_blocks": downstream.indices}

@@ -14,7 +14,8 @@ import torch
 
 from pipeline.config import Autocast, OmniQuantConfig, Optimizer
 from pipeline.formats import AffineFormat
-from pipeline.parallel.collective import Collective, SharedMemoryShards, TorchCollective
+from pipeline.parallel.collective import Collective, TorchCollective
+from pipeline.parallel.exchange import DistributedShards, SharedMemoryShards
 from pipeline.streams import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -145,17 +146,18 @@ class Batches:
 
 @dataclasses.dataclass
 class QuantizerShards:
-    """A step's quantizer split among the data-parallel workers of one node. Each of the
-    block's tensors in the learnable parameters' graph (`owners`: key -> worker, spread by
-    size) is computed by its owner alone, which publishes it through shared memory and, once
-    the window gradients are summed, sends the sum back through its part of the quantizer.
+    """A step's quantizer split among the data-parallel workers. Each of the block's tensors
+    in the learnable parameters' graph (`owners`: key -> worker, spread by size) is computed
+    by its owner alone, which publishes it (`exchange`: shared memory within a node, else
+    torch.distributed) and, once the window gradients are summed, sends the sum back through
+    its part of the quantizer.
     The parameters only one tensor depends on (`exclusive`: a linear's clipping factors,
     rounding offsets, SDE factors) are therefore trained by its owner only and sent to the
     other workers after training (`share_exclusive_`); the others (`shared`, e.g. LET's
     scales) get their gradient from every owner's part, summed over the workers. Without
     the split every worker computes the whole quantizer and goes back through all of it."""
 
-    exchange: SharedMemoryShards
+    exchange: SharedMemoryShards | DistributedShards
     group: TorchCollective
     exclusive: dict[str, list[torch.nn.Parameter]]
 
@@ -172,7 +174,7 @@ class QuantizerShards:
         """Every key's gradient contributions to the shared parameters (`mine`: this worker's
         keys'), each computed by the key's owner. One sum through gloo of a table with one
         row per key, filled by its owner only (zeros elsewhere), so every entry arrives
-        exactly."""
+        exactly (any order: one non-zero addend)."""
         # a row: a flag per parameter (1: a contribution), then the contributions
         spans, start = [], len(shared)
         for p in shared:
@@ -204,8 +206,9 @@ def quantizer_shards(tensors: dict[str, torch.Tensor],
                      assign: Callable[[list[str], list[float], int], list[int]],
                      batch: int) -> QuantizerShards | None:
     """The split quantizer for a block whose full step computes `tensors` (global batches of
-    up to `batch` windows), or None where it does not apply: one worker, no shared memory
-    among the workers (several nodes, CUDA), or no room for it."""
+    up to `batch` windows), or None where it does not apply: one worker, or tensors not in
+    float32. Workers of one node exchange through shared memory, others (several nodes,
+    GPUs) through torch.distributed (`TorchCollective.shards`)."""
     if group.world == 1 or not isinstance(group, TorchCollective):
         return None
     keys = [k for k, v in tensors.items() if v.requires_grad]
@@ -216,8 +219,6 @@ def quantizer_shards(tensors: dict[str, torch.Tensor],
     # the step's gradient sums: float32 up to two windows, float64 above (StepGradients)
     exchange = group.shards({k: tensors[k].shape for k in keys}, owners,
                             4 if batch <= 2 else 8)
-    if exchange is None:
-        return None
     return QuantizerShards(exchange, group, exclusive)
 
 

@@ -173,8 +173,12 @@ def test_home_in_recipe_paths_is_the_home_folder(capsys, tmp_path, tiny_model, c
     ("model: {path: /m}\noutput: /o\nquantization:\n  bits: 3\n  bits: 4\n",
      "is not valid YAML at line 5, column 3: key 'bits' appears twice (first at line 4)"),
     ("model:\n\tpath: /m\n", "is not valid YAML at line 2, column 1: found character '\\t'"),
+    # nested aliases ("billion laughs"): 9 levels of 9 would copy to 9^9 values
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+     + "model: {path: /m}\noutput: /o\n", "expands to more than 100000 values"),
 ])
-def test_recipe_yaml_with_a_repeated_key_or_a_tab(capsys, tmp_path, text, pattern):
+def test_recipe_yaml_with_a_repeated_key_a_tab_or_nested_aliases(capsys, tmp_path, text, pattern):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     line = refused(capsys, tmp_path, ["quantize", "--config", str(path)], pattern)
@@ -356,3 +360,21 @@ def test_damaged_manifest_in_the_output(capsys, tmp_path, tiny_model, corpus_fil
         assert "--restart" in err[0]
     assert (out / "manifest.json").read_text() == content
     assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "file", "memory"])
+def test_plan_checks_the_output_without_writing(capsys, tmp_path, tiny_model, corpus_files,
+                                                where):
+    """`relayquant plan` refuses what a run would refuse of its output, and writes nothing."""
+    model = copied_model(tiny_model, tmp_path)
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    output = {"same": model, "file": str(taken), "memory": "memory://plan-out"}[where]
+    pattern = {"same": f"output: {model} is the model folder (model.path)",
+               "file": f"output: {taken} is a file; give a folder",
+               "memory": "output: memory://plan-out lives in this process's memory"}[where]
+    args = quantize_args(tmp_path, model, corpus_files[0], output=output)
+    before = sorted(os.listdir(tmp_path))
+    refused(capsys, tmp_path, ["plan", *args[1:]], pattern)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert taken.read_text() == "not a folder"

@@ -57,3 +57,32 @@ def test_gptq_without_the_fp_stream_gives_the_same_block(tiny_model, tmp_path):
     assert loaded_fp is None
     assert all(torch.equal(store.get(a), store.get(b))
                for a, b in zip(loaded_q, alone.q_out, strict=True))
+
+
+@pytest.mark.unit
+def test_the_hessian_pass_stops_after_the_last_linear_reads_its_input(tiny_model):
+    """collect_hessians stops each window's forward once every watched linear has read its
+    input (the down projection is not computed); the Hessians are those of full forwards."""
+    from block_helpers import stream
+
+    from pipeline.methods import gptq
+    from pipeline.methods.gptq_block import collect_hessians
+    from pipeline.methods.hooks import input_hooks
+    from pipeline.model_parts import run_block
+
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    block = parts.load_block(0)
+    names = list(parts.adapter.linears)
+    calls = []
+    down = block.get_submodule(names[-1])
+    counter = down.register_forward_hook(lambda *_: calls.append(1))
+    got = collect_hessians(parts, block, names, list(fp), store, 16)
+    counter.remove()
+    assert not calls  # stopped at its input: the down projection never ran
+    full = {n: gptq.Hessian(block.get_submodule(n).in_features) for n in names}
+    with torch.no_grad(), input_hooks(block, names, lambda n, x: full[n].add(x)):
+        for h in fp:
+            run_block(parts, block, store.get(h))
+    for n in names:
+        assert torch.equal(got[n], full[n].value()), n

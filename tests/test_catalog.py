@@ -37,6 +37,16 @@ def test_the_table_reads_one_line_per_recipe(capsys):
     text = [line for line in lines if not line.startswith("relayquant:")]
     assert len(text) == len(catalog()["recipes"]) + 1
     assert any(line.startswith("p1-gptq-w4 ") and "P1 perplexity" in line for line in text)
+    # a row whose run shared the machine shows its perplexity but no time
+    with open(os.path.join(RESULTS, "p1_reconstruct.json")) as f:
+        disturbed = [r for r in json.load(f)["rows"] if r.get("seconds_disturbed")]
+    assert disturbed
+    listed = {r["name"]: r for r in catalog()["recipes"]}
+    names = [n for n, r in listed.items() if r["measured"] and r["measured"]["seconds_disturbed"]]
+    assert names
+    for name in names:
+        line = next(x for x in text if x.startswith(f"{name} "))
+        assert "quantize time not a figure" in line and " s on " not in line
 
 
 def test_autocast_auto_shows_the_row_of_each_precision(capsys):

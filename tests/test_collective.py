@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.parallel import collective
+from pipeline.parallel import exchange as shard_exchange
 
 
 def _rank(rank: int, world: int, address: str, out: str) -> None:
@@ -75,11 +76,19 @@ def test_shared_memory_needs_room(monkeypatch):
 
 def _shards_rank(rank: int, world: int, address: str, out: str) -> None:
     torch.set_num_threads(1)
-    group = collective.TorchCollective(address, rank, world, "gloo")
+    # workers that share no memory (other nodes) exchange through torch.distributed; the
+    # out file's name says which kind this run is
+    shared = not out.endswith(("-distributed/r", "-unordered/r"))
+    group = collective.TorchCollective(address, rank, world, "gloo", shared_memory=shared)
     shapes = {"a": torch.Size([300, 200]), "b": torch.Size([7]), "c": torch.Size([64, 1000])}
     owners = {"a": 0, "b": 1 % world, "c": (world - 1)}
     exchange = group.shards(shapes, owners, 8)
-    assert exchange is not None
+    assert isinstance(exchange, shard_exchange.SharedMemoryShards if shared
+                      else shard_exchange.DistributedShards)
+    if not shared:
+        exchange.chunk = 5000  # several gathers per owner
+        # GPUs' path (NCCL's reduce, no fixed order), here through gloo's reduce
+        exchange.ordered = not out.endswith("-unordered/r")
     got = {}
     for step in range(2):  # the buffers are reused step after step
         for dtype in (torch.float32, torch.float64):
@@ -101,12 +110,18 @@ def _shards_rank(rank: int, world: int, address: str, out: str) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("kind", ["shared", "distributed", "unordered"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world):
+def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world, kind):
     """Each worker publishes its own tensors and reads everyone's; each owner gets the sum of
     its tensors' gradients over the workers in worker order (a missing one counts as zero),
-    in float32 and float64; the extras are summed everywhere; /dev/shm is left clean."""
-    results = _run_ranks(_shards_rank, world, tmp_path)
+    in float32 and float64, the same bits through shared memory (one node) and through
+    torch.distributed (workers on several nodes); GPUs' unordered reduce (run here through
+    gloo) the same sums, exactly with two workers; the extras are summed everywhere;
+    /dev/shm is left clean."""
+    folder = tmp_path / f"run-{kind}"
+    folder.mkdir()
+    results = _run_ranks(_shards_rank, world, folder)
     shapes = {"a": (300, 200), "b": (7,), "c": (64, 1000)}
     for step, dtype_name in results[0]:
         dtype = torch.float32 if dtype_name.endswith("float32") else torch.float64
@@ -121,4 +136,7 @@ def test_quantizer_shards_gather_and_reduce_to_the_owners(tmp_path, world):
                 expected = parts[0] + parts[1]
                 for p in parts[2:]:
                     expected = expected + p
-                assert torch.equal(total, expected), (rank, key)
+                if kind == "unordered" and world > 2:  # the reduce's own order
+                    assert torch.allclose(total, expected, rtol=1e-6, atol=1e-6), (rank, key)
+                else:
+                    assert torch.equal(total, expected), (rank, key)

@@ -1,4 +1,5 @@
 import glob
+import logging
 import os
 
 import pytest
@@ -62,6 +63,23 @@ def test_overrides():
                          "cluster.address": "ray://h:10001"}
     with pytest.raises(ConfigError, match="--set"):
         parse_overrides(["bits"])
+
+
+def test_set_overrides_by_module_name():
+    """--set under quantization.overrides: the module name keeps its dots; a trailing bits /
+    group_size / symmetric sets that key of the entry, anything else is the whole entry."""
+    config = load_recipe("p1-rtn-w4", parse_overrides([
+        "quantization.overrides.model.layers.0.mlp.down_proj.bits=8",
+        "quantization.overrides.model.layers.0.mlp.down_proj.group_size=64",
+        "quantization.overrides.re:.*\\.o_proj={bits: 6}",
+        "quantization.overrides.lm_head=null"]))
+    assert config.quantization.overrides == {
+        "model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 64},
+        "re:.*\\.o_proj": {"bits": 6}, "lm_head": None}
+    with pytest.raises(ConfigError, match=r"overrides\['model.layers.0.mlp.up_proj'\].bitz: "
+                                          "unknown key"):
+        load_recipe("p1-rtn-w4", parse_overrides([
+            "quantization.overrides.model.layers.0.mlp.up_proj={bitz: 3}"]))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(CONFIG_DIR / "*.yaml"))),
@@ -138,11 +156,11 @@ def test_seeds_in_range(field, seed):
     ({"quantization": {"overrides": {"x": {"group_size": True}}}},
      r"quantization.overrides\['x'\].group_size: True; use a positive integer or null"),
     ({"quantization": {"symmetric_range": "full"}},
-     "quantization.symmetric_range: full applies to symmetric grids, but "
-     "quantization.symmetric is false"),
+     ("quantization.symmetric_range: full applies to symmetric grids, but "
+     "quantization.symmetric is false")),
     ({"quantization": {"method": "gptq", "omniquant": {"sde": {"band": 1}}}},
-     "quantization.omniquant.sde: applies to method omniquant only, but quantization.method "
-     "is gptq"),
+     ("quantization.omniquant.sde: applies to method omniquant only, but quantization.method "
+     "is gptq")),
     ({"quantization": {"method": "rtn", "omniquant": {"cross_layer": {"depth": 1}}}},
      "quantization.omniquant.cross_layer: applies to method omniquant only"),
 ])
@@ -166,3 +184,24 @@ def test_recipe_keys_need_not_be_strings():
 def test_text_field_must_name_a_field(value):
     with pytest.raises(ConfigError, match="calibration.text_field: empty"):
         build_config(RunConfig, {**BASE, "calibration": {"text_field": value}})
+
+
+@pytest.mark.unit
+def test_sections_the_method_does_not_read_are_warned(caplog):
+    """Every default is filled in, so only the recipe's own mapping tells a setting that the
+    chosen method ignores; quantize and plan warn of it (catalog reads stay quiet)."""
+    from jobs.recipes import load_recipe
+
+    with caplog.at_level(logging.WARNING, logger="jobs.recipes"):
+        load_recipe("p1-gptq-w4", {"quantization.omniquant.epochs": 3}, warn=True)
+        load_recipe("p1-rtn-w4", {"quantization.gptq.damp": 0.1}, warn=True)
+        load_recipe("p1-rtn-w4", {"quantization.gptq.damp": 0.1})  # warn off: quiet
+        load_recipe("p1-gptq-w4", {"quantization.gptq.damp": 0.1}, warn=True)  # read: quiet
+        load_recipe("p1-omniquant-w4", {"quantization.omniquant.rounding": "gptq",
+                                        "quantization.gptq.damp": 0.1}, warn=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        ("quantization.omniquant: ignored: it applies to method omniquant only, and "
+         "quantization.method is gptq"),
+        ("quantization.gptq: ignored: quantization.method rtn does not round with GPTQ (method "
+         "gptq does, and omniquant with rounding: gptq or round_init: gptq)")]

@@ -6,7 +6,8 @@ import pytest
 from jobs.cli import main
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
 from pipeline.config_tree import build_config
-from pipeline.planning.cost_model import PRESETS, Workload, estimate, model_shape, worker_memory
+from pipeline.planning.clusters import PRESETS
+from pipeline.planning.cost_model import Workload, estimate, model_shape, worker_memory
 
 pytestmark = pytest.mark.unit
 
@@ -68,6 +69,45 @@ def test_plan_prints_memory_and_time_for_the_presets(tmp_path, capsys, device, n
     rc = main(["plan", "--config", recipe(tmp_path, folder, "omniquant", 64, bits=2),
                "--cluster", cluster_file(tmp_path, device, nodes, per_node)])
     assert rc == 0 and "memory per worker" in capsys.readouterr().err
+
+
+def test_one_node_collectives_use_the_node_link(tmp_path, capsys):
+    """Eight H100s of one node all-reduce over NVLink; across nodes over the NICs."""
+    folder = llama70b_folder(tmp_path)
+    collective = {}
+    for nodes, per_node in ((1, 8), (2, 4)):
+        assert main(["plan", "--config", recipe(tmp_path, folder, "omniquant", 64, bits=2),
+                     "--cluster", cluster_file(tmp_path, "h100-80g", nodes, per_node),
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["device"]["network_bytes"] == (PRESETS["h100-80g"].node_link_bytes
+                                                  if nodes == 1 else 50e9)
+        collective[nodes] = out["block_seconds"]["collective"]
+    assert collective[1] < collective[2] / 4
+
+
+def test_the_scale_table_is_what_plan_predicts(tmp_path, capsys):
+    """docs/scale.md's Llama-2-70B table: every row's predicted time and memory per worker
+    as `relayquant plan` gives them now (the table cannot drift from the model)."""
+    import os
+    import re
+
+    folder = llama70b_folder(tmp_path)
+    doc = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "scale.md")
+    with open(doc) as f:
+        rows = re.findall(r"^\|[^|]*`(llama-70b-[\w-]+)`[^|]*\| (?:(\d+) nodes x )?(\d+) x "
+                          r"([AH]100-\d+G)[^|]*\| ([\d.]+) (h|min) \| ([\d.]+) GiB \|", f.read(),
+                          re.MULTILINE)
+    assert len(rows) == 12
+    for name, nodes, per_node, device, seconds, unit, memory in rows:
+        assert main(["plan", "--config", name, "--set", f"model.path={folder}",
+                     "--set", f"output={tmp_path / 'out'}",
+                     "--cluster", cluster_file(tmp_path, device.lower(), int(nodes or 1),
+                                               int(per_node)), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        predicted = out["predicted_quantize_phase_seconds"] / (3600 if unit == "h" else 60)
+        assert (f"{predicted:.1f}", f"{out['memory_per_worker_bytes'] / 2**30:.1f}") == (
+            seconds, memory), (name, nodes, per_node, device)
 
 
 def test_more_workers_are_faster_and_hold_fewer_windows(tmp_path):
@@ -137,9 +177,10 @@ def test_quantize_refuses_a_run_that_cannot_fit_this_machine(tiny_model, corpus_
 
 
 def test_host_workers_split_the_learned_quantizer(tmp_path):
-    """Data-parallel host workers split the quantizer's work (each does 1/N of it) and move
-    their gradient sums through shared memory; GPU workers (NCCL) and shard_quantizer: false
-    keep the whole quantizer on every worker."""
+    """Data-parallel workers split the quantizer's work (each does 1/N of it); host workers
+    move their gradient sums through shared memory, GPU workers over the links (each owner's
+    tensors broadcast in float32, the sums reduced to it); shard_quantizer: false keeps the
+    whole quantizer on every worker, with one all-reduce of the gradient."""
     import dataclasses
 
     from pipeline.planning.cost_model import QUANTIZER_PASSES, training_seconds
@@ -158,11 +199,17 @@ def test_host_workers_split_the_learned_quantizer(tmp_path):
     split = training_seconds(shape, learned(True), work, host, 32)
     whole = training_seconds(shape, learned(False), work, host, 32)
     gpu = training_seconds(shape, learned(True), work, PRESETS["a100-80g"], 32)
-    assert split["train"] < whole["train"] and gpu["train"] == whole["train"]
+    gpu_whole = training_seconds(shape, learned(False), work, PRESETS["a100-80g"], 32)
+    assert split["train"] < whole["train"] and gpu["train"] < gpu_whole["train"]
     # 64 steps, each worker doing 1/4 of the quantizer's passes instead of all of them
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / host.elementwise_bytes
     assert whole["train"] - split["train"] == pytest.approx(64 * quantizer * 3 / 4)
-    assert split["collective"] != whole["collective"] and gpu["collective"] == whole["collective"]
+    assert split["collective"] != whole["collective"]
+    link = PRESETS["a100-80g"].network_bytes
+    # float32 sums (batch 2): 4 bytes out, 4 back per weight, against a ring all-reduce of
+    # 4 bytes per parameter (2 (N - 1) / N of them)
+    assert gpu["collective"] == pytest.approx(64 * shape.linear_params * 8 / link)
+    assert gpu_whole["collective"] == pytest.approx(64 * shape.params * 4 * 1.5 / link)
 
 
 def test_the_mse_observer_is_charged_per_weight(tmp_path):
@@ -196,3 +243,47 @@ def test_the_mse_observer_is_charged_per_weight(tmp_path):
     dp = block_seconds(shape, q("mse", "gptq"), Workload(128, 512, 4, Schedule.DATA_PARALLEL),
                        measured, shared)
     assert dp["observer"] == pytest.approx(shape.linear_params / 2e6 / 4)
+
+
+def test_gptq_factorizations_are_charged_once_per_hessian_and_grow_to_the_matmul_rate(tmp_path):
+    """One factorization per distinct Hessian (q/k/v and gate/up share theirs). A rate measured
+    at one size gives that size its measured time and tends to the matmul rate at large sizes
+    (the blocked factorization is mostly matrix products); presets' rates hold at any size."""
+    import dataclasses
+
+    from pipeline.methods.gptq import factor_flops
+    from pipeline.planning.cost_model import factor_seconds, sweep_seconds
+
+    shape, _blocks, shared = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    preset = PRESETS["a100-80g"]
+    assert factor_seconds(28672, preset) == pytest.approx(
+        factor_flops(28672) / preset.cholesky32_flops)
+    unshared = sweep_seconds(shape, preset)
+    shared_once = sweep_seconds(shape, preset, shared)
+    # q/k/v (8192) and gate/up (8192) each factorized once instead of three and two times
+    assert unshared - shared_once == pytest.approx(3 * factor_seconds(8192, preset))
+    host = dataclasses.replace(preset, gptq_float64=False, forward_flops=80e9,
+                               cholesky32_flops=50e9, cholesky32_n=4096)
+    assert factor_seconds(4096, host) == pytest.approx(factor_flops(4096) / 50e9)
+    big = factor_seconds(28672, host)
+    assert factor_flops(28672) / 80e9 < big < factor_flops(28672) / 50e9
+    assert big == pytest.approx(factor_flops(28672) / 80e9, rel=0.1)
+
+
+def test_the_stages_start_inside_the_quantize_phase(tmp_path):
+    import dataclasses
+
+    from pipeline.planning.cost_model import STARTUP_SECONDS, plan_run
+
+    config = json.loads((llama70b_folder(tmp_path) / "config.json").read_text())
+    q = build_config(QuantizationConfig, {"method": "rtn", "bits": 4, "group_size": 128},
+                     "quantization")
+    device = PRESETS["a100-80g"]
+    runs = [plan_run(config, q, 0, 512, 1, Schedule.SEQUENTIAL, None,
+                     dataclasses.replace(device, stage_start_seconds=start))
+            for start in (0.0, 7.0)]
+    assert runs[1]["predicted_quantize_phase_seconds"] == pytest.approx(
+        runs[0]["predicted_quantize_phase_seconds"] + 7.0)
+    assert runs[1]["predicted_seconds"] - runs[1]["predicted_quantize_phase_seconds"] == \
+        pytest.approx(STARTUP_SECONDS)

@@ -158,16 +158,20 @@ def _learned(optimizer, batch_size):
 @cluster
 @pytest.mark.cluster
 @pytest.mark.e2e
-@pytest.mark.parametrize("optimizer,batch_size,counts,split", [("adamw", 4, (2, 3), False),
-                                                               ("signsgd", 2, (2, 3), True)])
+@pytest.mark.parametrize("optimizer,batch_size,counts,split,shm", [
+    ("adamw", 4, (2, 3), False, True), ("signsgd", 2, (2, 3), True, True),
+    ("adamw", 4, (3,), True, False)])
 def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp_path, optimizer,
-                                                   batch_size, counts, split):
+                                                   batch_size, counts, split, shm, monkeypatch):
     """LWC + LET + learned rounding with keep_best: the weights within 1e-5 relative of one
     worker's and the same best step in every block (3 workers on a batch of 4: uneven shares
     2 + 1 + 1, float64 sums; signsgd with a batch of 2: float32 sums, and on 3 workers one
     holds no window and only joins the collectives), with the quantizer split among the
     workers (each computes its share of the linears; LET's scales summed from every owner's
-    part) and without."""
+    part) and without; the split exchanging through shared memory (one node) and through
+    gloo (as workers on several nodes, or GPUs through NCCL, do)."""
+    if not shm:
+        monkeypatch.setenv("RELAYQUANT_SHARED_MEMORY", "0")
     model = tiny_model("llama")
     quantization = _learned(optimizer, batch_size)
     quantization["omniquant"]["shard_quantizer"] = split
@@ -185,6 +189,8 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
             assert diff <= 1e-5 * ref[name].double().norm(), (workers, name)
         for mine, theirs in zip(report["blocks"], ref_report["blocks"], strict=True):
             assert mine["quantizer_split"] is split
+            if split:
+                assert mine["quantizer_exchange"] == ("shared_memory" if shm else "distributed")
             assert mine["best_step"] == theirs["best_step"]
             assert mine["best_train_loss"] == pytest.approx(theirs["best_train_loss"], rel=1e-4)
             assert mine["loss_before"] == pytest.approx(theirs["loss_before"], rel=1e-5)

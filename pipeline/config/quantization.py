@@ -141,9 +141,10 @@ class OmniQuantConfig:
     # keep the parameters of the step with the lowest training loss instead of the last ones
     # (AutoRound's rule; the loss of a step is that of the parameters before its update)
     keep_best: bool = False
-    # data-parallel workers on one node split the quantizer: each computes and trains its share
-    # of the linears' fake-quant (the others read it from shared memory) instead of all of it;
-    # false: every worker computes the whole quantizer (the reference for the split)
+    # data-parallel workers split the quantizer: each computes and trains its share of the
+    # linears' fake-quant (the others read it: shared memory on one node, else
+    # torch.distributed) instead of all of it; false: every worker computes the whole
+    # quantizer (the reference for the split)
     shard_quantizer: bool = True
     # the precision of the block's forward and backward while training (the learned parameters,
     # the quantizer and the loss stay float32); the probes, the fold and the streams are

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import QuantizationConfig
 from pipeline.export import QuantizedLinear
 from pipeline.formats import AffineFormat, QuantParams
-from pipeline.methods.gptq import Hessian, gptq_quantize
+from pipeline.methods.gptq import Hessian, InverseFactor, gptq_quantize, inverse_factor
 from pipeline.methods.hooks import activation_quant, input_hooks, quantized_names
 from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo
@@ -21,12 +21,18 @@ from pipeline.streams import ChunkStore
 log = logging.getLogger(__name__)
 
 
+class _InputsTaken(Exception):
+    """Every watched linear has read its input: the block's forward stops there."""
+
+
 @torch.no_grad()
 def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in: list[Any],
                      store: ChunkStore, abits: int, group: Collective | None = None
                      ) -> dict[str, torch.Tensor]:
     """Each named linear's Hessian from the quantized stream through `block` as it is now. The
-    consumers of one norm read the same input and share one Hessian (one tensor). With several
+    consumers of one norm read the same input and share one Hessian (one tensor). Each
+    window's forward stops once the last linear has read its input (a block's linears run
+    once per forward), which spares the down projection's product. With several
     data-parallel workers, every worker's sums are added (float64 on CPU, so the total does not
     depend on how the windows were shared)."""
     shared: dict[str, str] = {}
@@ -37,12 +43,21 @@ def collect_hessians(parts: ModelParts, block: nn.Module, names: list[str], q_in
     hessians = {n: Hessian(block.get_parameter(f"{n}.weight").shape[1], parts.device)
                 for n in watched}
 
+    taken: set[str] = set()
+
     def visit(name: str, x: torch.Tensor) -> None:
         hessians[name].add(x)
+        taken.add(name)
+        if len(taken) == len(watched):  # the rest of the forward (down_proj on) is not needed
+            raise _InputsTaken
 
     with activation_quant(block, names, abits), input_hooks(block, watched, visit):
         for h in q_in:
-            run_block(parts, block, store.get(h).to(parts.device))
+            taken.clear()
+            try:
+                run_block(parts, block, store.get(h).to(parts.device))
+            except _InputsTaken:
+                pass
     if group is not None and group.world > 1:
         counts = torch.tensor([float(h.count) for h in hessians.values()], dtype=torch.float64)
         group.sum_([h.matrix for h in hessians.values()] + [counts])
@@ -82,16 +97,32 @@ def gptq_block(parts: ModelParts, block: nn.Module, formats: dict[str, AffineFor
     owners = assign_by_cost(names, [float(r) * c * c for r, c in shapes], group.world)
     out, damps = {}, {}
     cfg = quantization.gptq
+    # linears that read one input share its Hessian and so its factor: factorized once, by
+    # each worker that solves one of them, and freed after the last of them
+    mine = [n for n, o in zip(names, owners, strict=True) if o == group.rank]
+    sharer = {n: next(m for m in names if hessians[m] is hessians[n]) for n in names}
+    left = {k: sum(1 for n in mine if sharer[n] == k) for k in set(sharer.values())}
+    factors: dict[str, InverseFactor] = {}
     for name, owner in zip(names, owners, strict=True):
         fmt = formats[name]
         assert fmt is not None
         weight = block.get_parameter(f"{name}.weight")
-        # each Hessian is handed over, not kept: freed once its linears are solved (a 70B
-        # down_proj's is 3.3 GB, and the solve holds up to three more)
+        # each Hessian is handed over, not kept: freed once its factor is made (a 70B
+        # down_proj's is 3.3 GB, and the factorization holds one more and half of one)
         if owner == group.rank:
-            result = gptq_quantize(weight, hessians.pop(name), fmt,
-                                   damp=cfg.damp, block_size=cfg.block_size,
-                                   act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"])
+            h = hessians.pop(name)
+            key = sharer[name]
+            if key not in factors:
+                factors[key] = inverse_factor(h, cfg.damp, cfg.act_order)
+            del h
+            factor = factors[key]
+            left[key] -= 1
+            if not left[key]:
+                del factors[key]
+            result = gptq_quantize(weight, None, fmt, damp=cfg.damp, block_size=cfg.block_size,
+                                   act_order=cfg.act_order, scale_dtype=dtypes[f"{name}.weight"],
+                                   factor=factor)
+            del factor
             fake, codes = result.weight, result.codes
             scale, zero = result.qparams.scale, result.qparams.zero_point
             damp = torch.tensor([result.damp], dtype=torch.float64, device=weight.device)

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.parallel.exchange import DistributedShards, SharedMemoryShards
+
 
 class Collective(Protocol):
     rank: int
@@ -134,93 +136,6 @@ class SharedMemorySum:
         flat.copy_(out)
 
 
-class SharedMemoryShards:
-    """The exchanges of a training step whose quantizer is split among the workers of one node
-    (`pipeline.training.QuantizerShards`): every tensor of the step has one owner, which
-    computes it and, once the window gradients are summed, sends the sum back through the
-    quantizer. `gather` publishes each worker's own tensors and returns every tensor as a view
-    of shared memory (valid until the next `gather`); `reduce` returns the sums over the
-    workers of the gradients of this worker's own tensors, in worker order (worker 0 + 1 +
-    ...: the bits `SharedMemorySum` gives). Uses the buffers of `memory`: no `SharedMemorySum.sum_`
-    may run between a `gather` and the end of the step's window passes, and two `reduce`s must
-    have a `gather` (its barrier) between them, or a fast worker would overwrite what a slow
-    one still reads."""
-
-    def __init__(self, memory: SharedMemorySum, shapes: dict[str, torch.Size],
-                 owners: dict[str, int], clock: Any = None):
-        self.memory, self.owners, self.clock = memory, owners, clock
-        self.shapes = shapes
-        self.offsets: dict[str, int] = {}
-        total = 0
-        for key, shape in shapes.items():
-            self.offsets[key] = total
-            total += math.prod(shape)
-        self.numel = total
-
-    def _room(self, nbytes: int) -> None:
-        if nbytes > self.memory.capacity:
-            self.memory._grow(nbytes)
-
-    def _view(self, buffer: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
-        start = self.offsets[key] * dtype.itemsize
-        end = start + math.prod(self.shapes[key]) * dtype.itemsize
-        return buffer[start:end].view(dtype).view(self.shapes[key])
-
-    def gather(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every key's tensor (float32), each written by its owner."""
-        self._room(self.numel * 4)
-        start = time.perf_counter()
-        for key, value in own.items():
-            self._view(self.memory.out, key, torch.float32).copy_(value)
-        self.memory.dist.barrier()
-        self._count(start)
-        return {key: self._view(self.memory.out, key, torch.float32) for key in self.shapes}
-
-    def reduce(self, grads: dict[str, torch.Tensor | None], dtype: torch.dtype,
-               extra: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{own key: the sum over the workers of its gradient (None counts as zero)}; `extra`
-        (a few float64 numbers, the same length everywhere) <- its sum over the workers."""
-        tail = -(-self.numel * dtype.itemsize // 8) * 8  # the extras after them, 8-aligned
-        self._room(tail + 8 * extra.numel())
-        start = time.perf_counter()
-        rank = self.memory.rank
-        mine = self.memory.inputs[rank]
-        for key in self.shapes:
-            if self.owners[key] == rank:  # its owner reads its own part where it is
-                continue
-            view = self._view(mine, key, dtype)
-            g = grads.get(key)
-            if g is None:
-                view.zero_()
-            else:
-                view.copy_(g)
-        extras = [b[tail:tail + 8 * extra.numel()].view(torch.float64)
-                  for b in self.memory.inputs]
-        extras[rank].copy_(extra)
-        self.memory.dist.barrier()
-        extra.copy_(extras[0])
-        for other in extras[1:]:
-            extra.add_(other)
-        out = {}
-        for key, owner in self.owners.items():
-            if owner != rank:
-                continue
-            own = grads.get(key)
-            parts = [(own.to(dtype) if own is not None else
-                      torch.zeros(self.shapes[key], dtype=dtype)) if r == rank
-                     else self._view(b, key, dtype) for r, b in enumerate(self.memory.inputs)]
-            total = torch.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].clone()
-            for other in parts[2:]:
-                total.add_(other)
-            out[key] = total
-        self._count(start)
-        return out
-
-    def _count(self, start: float) -> None:
-        if self.clock is not None:
-            self.clock.wait_seconds += time.perf_counter() - start
-
-
 def shared_memory_possible(world: int, nbytes: int = 1 << 30) -> bool:
     """/dev/shm exists and has room for every worker's buffer and the result at `nbytes`."""
     try:
@@ -269,22 +184,28 @@ class TorchCollective:
         return self.shm is not None
 
     def shards(self, shapes: dict[str, torch.Size], owners: dict[str, int], itemsize: int = 8
-               ) -> SharedMemoryShards | None:
+               ) -> SharedMemoryShards | DistributedShards:
         """The exchanges of a step with a split quantizer over tensors of `shapes` (gradients
-        summed at `itemsize` bytes), or None where they cannot run (no shared memory among all
-        workers, or no room): decided by all workers together."""
-        if self.shm is None:
-            return None
-        if not self._room_for(max(itemsize, 4) * sum(math.prod(s) for s in shapes.values())
-                              + 4096):
-            return None
-        assert self.shm is not None
-        return SharedMemoryShards(self.shm, shapes, owners, self)
+        summed at `itemsize` bytes): through shared memory where every worker is on this node
+        and /dev/shm has room (decided by all workers together), else through
+        `torch.distributed` (several nodes, GPUs)."""
+        if self.shm is not None and self._room_for(
+                max(itemsize, 4) * sum(math.prod(s) for s in shapes.values()) + 4096):
+            assert self.shm is not None
+            return SharedMemoryShards(self.shm, shapes, owners, self)
+        return DistributedShards(self.dist, self.rank, self.world, shapes, owners,
+                                 self.device, self)
 
     def small_sum_(self, tensor: torch.Tensor) -> None:
-        """A sum through gloo only (never the shared buffers: safe during a split step)."""
+        """A sum through the process group only (never the shared buffers: safe during a
+        split step); through the GPU and back under NCCL."""
         start = time.perf_counter()
-        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
+        if self.device is not None and tensor.device != self.device:
+            moved = tensor.to(self.device)
+            self.dist.all_reduce(moved, op=self.dist.ReduceOp.SUM)
+            tensor.copy_(moved)
+        else:
+            self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
         self.wait_seconds += time.perf_counter() - start
 
     def close(self) -> None:

@@ -28,16 +28,17 @@ from pipeline.config import (
     Schedule,
 )
 from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
-from pipeline.planning.memory_model import hessian_float64, worker_memory
+from pipeline.planning.memory_model import hessian_float64, solve_float64, worker_memory
 
-__all__ = ["hessian_float64", "worker_memory"]  # re-exported: the memory side of the model
+__all__ = ["hessian_float64", "solve_float64", "worker_memory"]  # re-exported: the memory side of the model
 
 # float32 words moved per weight of a linear in one learned step (the fused fake-quant: about
 # 14 elementwise passes forward and 18 backward, each a read and a write; LET's transform and
 # the optimizer's update and clamp about 6 more), once per step whatever the batch
 QUANTIZER_PASSES = 80
-# Ray's start, the actors' creation and the first reads before the first block (a run's
-# "prepare" phase), counted in a run's prediction but not in its quantize phase
+# Ray's start and the model's first reads before the first block (a run's "prepare" phase),
+# counted in a run's prediction but not in its quantize phase (which starts the stages:
+# `Device.stage_start_seconds`)
 STARTUP_SECONDS = 15.0
 # bytes moved per weight by the mse observer's search where no rate was measured: each of its
 # round trips about 12 elementwise float32 passes (divide, round, clamp, dequantize, error,
@@ -64,32 +65,31 @@ class Device:
     # weights/s through the mse observer's search (`quantization.observer: mse`); None: from
     # elementwise_bytes at SEARCH_BYTES per weight
     search_params: float | None = None
-    # FLOP/s of GPTQ's three factorizations (Cholesky, its inverse, Cholesky again: ~5/3 n^3),
-    # which run well below the matmul rate, in float64 (CPU Hessians) and float32 (wide ones)
+    # FLOP/s of GPTQ's factorization (`pipeline.methods.gptq.inverse_factor`: a Cholesky and
+    # a triangular inversion, factor_flops), which runs below the matmul rate, in float64 (CPU
+    # solves of narrow inputs) and float32 (wide ones, GPUs)
     cholesky64_flops: float = 5e12
     cholesky32_flops: float = 10e12
+    # the sizes those rates were measured at (`device_rates`); None: presets, taken as they are
+    cholesky64_n: int | None = None
+    cholesky32_n: int | None = None
+    # starting the stages, at the head of the quantize phase: each actor's process imports
+    # torch and relayquant and opens the model (they start at once; measured on the host by
+    # timing a process that imports them)
+    stage_start_seconds: float = 5.0
     # bytes/s writing a block's shard and marker (checksummed, renamed into place), and the
     # fixed cost per block of doing so
     write_bytes: float = 500e6
     block_write_seconds: float = 0.05
     # a host (CPU) worker: data-parallel workers of one node split the learned quantizer
-    # through shared memory (`quantization.omniquant.shard_quantizer`); not on GPUs (NCCL)
+    # through shared memory (`quantization.omniquant.shard_quantizer`); GPUs through NCCL
     host: bool = True
+    # bytes/s of a collective among the devices of one node (NVLink through NVSwitch), where
+    # it differs from `network_bytes` (between nodes); a one-node cluster's collectives use it
+    node_link_bytes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# published dense rates (fp16/bf16 tensor cores under autocast; fp32 for the Hessians),
-# derated: a block's forward reaches about 40 % of peak, forward + backward about 30 %
-PRESETS: dict[str, Device] = {
-    "h100-80g": Device("h100-80g", 400e12, 300e12, 50e12, 1.5e12, 2e9, 50e9, 80 * 2**30,
-                       False, host=False),
-    "a100-80g": Device("a100-80g", 125e12, 95e12, 15e12, 1.0e12, 2e9, 25e9, 80 * 2**30, False,
-                       host=False),
-    "a100-40g": Device("a100-40g", 125e12, 95e12, 15e12, 0.8e12, 2e9, 25e9, 40 * 2**30, False,
-                       host=False),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,7 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
         out["quantize"] = quantize_weights
     elif q.method is Method.GPTQ:
         out["hessians"] = one_pass + hessian_seconds(shape, tokens, device, shared_hessians)
-        solve = sweep_seconds(shape, device)
+        solve = sweep_seconds(shape, device, shared_hessians)
         out["gptq"] = solve / work.workers if dp else solve
         if dp and "observer" in out:  # searched by each linear's solver only
             out["observer"] /= work.workers
@@ -187,22 +187,54 @@ def _gptq_rate(device: Device, columns: int) -> float:
     return device.fp64_flops if hessian_float64(device, columns) else device.forward_flops
 
 
+def _solve_rate(device: Device, columns: int) -> float:
+    return device.fp64_flops if solve_float64(device, columns) else device.forward_flops
+
+
 def hessian_seconds(shape: BlockShape, tokens: int, device: Device,
                     shared: list[list[str]]) -> float:
     return sum(2.0 * tokens * c * c / _gptq_rate(device, c)
                for c in shape.hessian_columns(shared))
 
 
-def sweep_seconds(shape: BlockShape, device: Device) -> float:
-    """GPTQ's column sweep: the error feedback (2 x rows x columns^2) at the matmul rate, the
-    factorizations (5/3 columns^3) at the measured Cholesky rate, per linear, plus a fixed
-    cost per column (the loop's small kernels)."""
-    def cholesky_rate(i: int) -> float:
-        return (device.cholesky64_flops if hessian_float64(device, i)
-                else device.cholesky32_flops)
+# the column loop's elementwise traffic per weight, in words of the solve's precision: each
+# weight of the working block of 128 columns is updated about 64 times, each update reading and
+# writing it and a temporary (calibrated on a Llama-70B-width block on a 2-core AVX2 host: 50-77
+# ns per float32 weight at 28 GB/s, 2026-12-02)
+SWEEP_WORDS_PER_WEIGHT = 384
 
-    return sum(2.0 * o * i * i / _gptq_rate(device, i) + 5.0 / 3.0 * i ** 3 / cholesky_rate(i)
-               + i * device.column_seconds for _, o, i in shape.linears)
+
+def factor_seconds(columns: int, device: Device) -> float:
+    """One GPTQ factorization of `columns` inputs. With the rate measured at one size
+    (`cholesky*_n`), the time is the flops at the matmul rate (what the factorization tends to
+    at large sizes, being blocked into matrix products) plus a part growing as n^2 (its
+    panels), sized so that the measured size takes the measured time; presets' rates are
+    taken as they are."""
+    from pipeline.methods.gptq import factor_flops
+
+    fp64 = solve_float64(device, columns)
+    rate = device.cholesky64_flops if fp64 else device.cholesky32_flops
+    at = device.cholesky64_n if fp64 else device.cholesky32_n
+    if at is None:
+        return factor_flops(columns) / rate
+    matmul = max(_solve_rate(device, columns), rate)
+    overhead = (factor_flops(at) / rate - factor_flops(at) / matmul) / (at * at)
+    return factor_flops(columns) / matmul + overhead * columns * columns
+
+
+def sweep_seconds(shape: BlockShape, device: Device,
+                  shared: list[list[str]] | None = None) -> float:
+    """GPTQ's solve: per linear, the lazy batches' error feedback (rows x columns^2 flops) at
+    the matmul rate, the column loop's elementwise traffic and its fixed cost per column; one
+    factorization per distinct Hessian (`shared`: the linears that share one; None: none
+    do)."""
+    def width(i: int) -> int:
+        return 8 if solve_float64(device, i) else 4
+
+    sweeps = sum(float(o) * i * i / _solve_rate(device, i)
+                 + float(o) * i * SWEEP_WORDS_PER_WEIGHT * width(i) / device.elementwise_bytes
+                 + i * device.column_seconds for _, o, i in shape.linears)
+    return sweeps + sum(factor_seconds(i, device) for i in shape.hessian_columns(shared or []))
 
 
 def write_seconds(shape: BlockShape, bits: int, device: Device) -> float:
@@ -219,11 +251,11 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
     # each window runs forward and backward; every step builds the quantized weights once and
-    # sends the windows' summed gradient back through the quantizer once (data-parallel host
+    # sends the windows' summed gradient back through the quantizer once (data-parallel
     # workers split that work among them)
     dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
     # (not under float16 loss scaling, as in training)
-    split = dp and cfg.shard_quantizer and device.host and cfg.autocast is not Autocast.FLOAT16
+    split = dp and cfg.shard_quantizer and cfg.autocast is not Autocast.FLOAT16
     train = cfg.epochs * share * per_window + steps * quantizer / (work.workers if split else 1)
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
@@ -246,10 +278,14 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         # the summed gradient of the block's quantized tensors, float32 for global batches of
         # up to two windows, else float64
         width = 4 if cfg.batch_size <= 2 else 8
-        if split:  # through shared memory: each worker writes its gradient sums and its share
-            # of the tensors, and reads the others' part of the sums of its own share
+        if split and device.host:  # through shared memory: each worker writes its gradient
+            # sums and its share of the tensors, and reads the others' part of the sums of its
+            # own share
             words = 4 / work.workers + width * (1 + 1 / work.workers)
             out["collective"] = steps * shape.linear_params * words / device.elementwise_bytes
+        elif split:  # over the links (NCCL): each owner broadcasts its tensors (float32) and
+            # the gradient sums are reduced to their owners, each pipelined through a ring
+            out["collective"] = steps * shape.linear_params * (4 + width) / device.network_bytes
         else:
             ring = 2.0 * (work.workers - 1) / work.workers
             out["collective"] = steps * shape.params * width * ring / device.network_bytes
@@ -278,40 +314,12 @@ def estimate(shape: BlockShape, blocks: int, q: QuantizationConfig, work: Worklo
     workers."""
     per_block = block_seconds(shape, q, work, device, shared_hessians)
     total = sum(per_block.values())
-    seconds = startup_seconds + (total * math.ceil(blocks / work.workers) if work.windows == 0
-                                 else total * blocks)
+    seconds = startup_seconds + device.stage_start_seconds + (
+        total * math.ceil(blocks / work.workers) if work.windows == 0 else total * blocks)
     memory = worker_memory(shape, q, work, shared_hessians, device)
     in_memory = sum(v for k, v in memory.items() if k != "streams_on_disk")
     return Estimate([per_block] * blocks, memory, seconds, in_memory <= device.memory_bytes,
                     device)
-
-
-# --- planning a run from its model's config.json -------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ClusterSpec:
-    """Where a planned run will go: `nodes` x `devices_per_node` workers of one device kind
-    (a preset name, or `this machine` measured now)."""
-
-    device: str = "this machine"
-    nodes: int = 1
-    devices_per_node: int = 1
-    network_bytes_per_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.device != "this machine" and self.device not in PRESETS:
-            raise ValueError(f"device: {self.device!r}; choose one of this machine, "
-                             f"{', '.join(PRESETS)}")
-        for name in ("nodes", "devices_per_node"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: {getattr(self, name)}; must be an integer >= 1")
-            if self.device == "this machine" and getattr(self, name) != 1:
-                raise ValueError(f"{name}: {getattr(self, name)} needs a device preset (this "
-                                 "machine is one node, its workers cluster.workers); name the "
-                                 f"device: {', '.join(PRESETS)}")
-        if self.network_bytes_per_s is not None and not self.network_bytes_per_s > 0:
-            raise ValueError(f"network_bytes_per_s: {self.network_bytes_per_s}; must be > 0 "
-                             "(bytes per second of one link between workers) or absent")
 
 
 def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]]]:

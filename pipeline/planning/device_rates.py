@@ -45,9 +45,15 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
         column = _gptq_column_seconds()
         rtn = _rtn_params_per_second(seconds)
         search = _search_params_per_second(seconds)
-        chol64 = _cholesky_flops(torch.float64, 1024, seconds / 2)
-        chol32 = _cholesky_flops(torch.float32, 2048, seconds / 2)
+        chol64_n = 1024
+        chol64 = _cholesky_flops(torch.float64, chol64_n, seconds / 2)
+        # float32 solves are of wide inputs (a 70B model's 8192 and 28672 columns): measured
+        # at the widest input up to 4096 (0.9 s a factorization on 2 cores of this machine);
+        # the cost model extends it to larger sizes (`cost_model.factor_seconds`)
+        chol32_n = min(max(max(i for _, _, i in shape.linears), 2048), 4096)
+        chol32 = _cholesky_flops(torch.float32, chol32_n, seconds / 2)
         write_rate, write_fixed = _write_rates()
+        stage_start = _stage_start_seconds()
     finally:
         torch.set_num_threads(previous)
     return Device(f"this machine ({threads} thread{'s' if threads > 1 else ''})", fwd, train,
@@ -55,17 +61,31 @@ def measure_device(shape: BlockShape, seq_len: int, threads: int, memory_bytes: 
                   network_bytes=2e9,
                   memory_bytes=memory_bytes, column_seconds=column, rtn_params=rtn,
                   search_params=search,
-                  cholesky64_flops=chol64, cholesky32_flops=chol32, write_bytes=write_rate,
+                  cholesky64_flops=chol64, cholesky32_flops=chol32, cholesky64_n=chol64_n,
+                  cholesky32_n=chol32_n, write_bytes=write_rate,
+                  stage_start_seconds=stage_start,
                   block_write_seconds=write_fixed)
 
 
+def _stage_start_seconds() -> float:
+    """A stage's start: a new process importing what a stage actor imports (torch,
+    transformers, relayquant's block pass)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import pipeline.block_pass, transformers"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def _cholesky_flops(dtype: torch.dtype, n: int, seconds: float) -> float:
-    """GPTQ's factorizations (`pipeline.methods.gptq._inverse_factor`) on an n x n Hessian."""
-    from pipeline.methods.gptq import _inverse_factor
+    """GPTQ's factorization (`pipeline.methods.gptq.inverse_factor`) on an n x n Hessian."""
+    from pipeline.methods.gptq import factor_flops, inverse_factor
 
     x = torch.randn(4 * n, n, dtype=dtype)
     h = x.T @ x / (4 * n)
-    return _rate(lambda: _inverse_factor(h, 0.01), 5.0 / 3.0 * n ** 3, seconds)
+    return _rate(lambda: inverse_factor(h, 0.01, dtype=dtype), factor_flops(n), seconds)
 
 
 def _write_rates() -> tuple[float, float]:

@@ -22,11 +22,19 @@ DATA_FREE_SLICE_BYTES = (1 << 24) * 4 * 6
 
 
 def hessian_float64(device: Device, columns: int) -> bool:
-    """GPTQ's rule (`pipeline.methods.gptq.sweep_dtype`): float64 on CPU unless the matrix
-    would exceed FLOAT64_HESSIAN_BYTES."""
+    """GPTQ's rule for the Hessian's sums (`pipeline.methods.gptq.hessian_dtype`): float64 on
+    CPU unless the matrix would exceed FLOAT64_HESSIAN_BYTES."""
     from pipeline.methods.gptq import FLOAT64_HESSIAN_BYTES
 
     return device.gptq_float64 and columns * columns * 8 <= FLOAT64_HESSIAN_BYTES
+
+
+def solve_float64(device: Device, columns: int) -> bool:
+    """GPTQ's rule for its factorization and sweep (`pipeline.methods.gptq.solve_dtype`):
+    float64 on CPU up to FLOAT64_SOLVE_BYTES."""
+    from pipeline.methods.gptq import FLOAT64_SOLVE_BYTES
+
+    return device.gptq_float64 and columns * columns * 8 <= FLOAT64_SOLVE_BYTES
 
 
 def learnable_params(shape: BlockShape, q: QuantizationConfig) -> int:
@@ -71,12 +79,18 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
             q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq")):
         hessians = shape.hessian_columns(shared_hessians)
         width = {c: 8 if hessian_float64(device, c) else 4 for c in hessians}
-        widest = max(hessians, key=lambda c: c * c * width[c])
-        # every Hessian of the block, plus the solve's working copies of the largest one (two
-        # at once, a third when act-order permutes it)
-        copies = 3 if q.gptq.act_order else 2
-        out["hessians"] = (sum(c * c * width[c] for c in hessians)
-                           + copies * widest * widest * width[widest])
+        solve = {c: 8 if solve_float64(device, c) else 4 for c in hessians}
+
+        def working(c: int) -> float:
+            # the factorization (`pipeline.methods.gptq.inverse_factor`): the reordered copy
+            # (gathered in the sums' precision, then converted), factorized and inverted in
+            # place with half a matrix more
+            gather = width[c] + solve[c] if width[c] != solve[c] else solve[c]
+            return c * c * max(gather, 1.5 * solve[c])
+
+        # every Hessian of the block, plus the largest factorization's working copies
+        out["hessians"] = int(sum(c * c * width[c] for c in hessians)
+                              + max(working(c) for c in hessians))
     if q.method is Method.OMNIQUANT:
         learnable = learnable_params(shape, q)
         state = 2 if q.omniquant.optimizer is Optimizer.ADAMW else 0
