@@ -262,7 +262,8 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
 
     deep = os.path.join(work, f"llama70b-width-{args.blocks}")
     started = time.perf_counter()
-    if not os.path.exists(os.path.join(deep, "model.safetensors.index.json")):
+    built = not os.path.exists(os.path.join(deep, "model.safetensors.index.json"))
+    if built:
         subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks),
                         "--build-only", deep], check=True)
     build_seconds = time.perf_counter() - started
@@ -281,7 +282,10 @@ def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
         with open(args.out) as f:
             kept = json.load(f)
         result["runs"] = {k: v for k, v in kept.get("runs", {}).items() if k in args.keep}
-        result.update({k: v for k, v in kept.items() if k in ("rtn_check", "build_seconds")})
+        # the build's time only where this run did not build the model itself
+        carried = ("rtn_check",) + (("build_seconds",) if not built else ()) + (
+            ("gptq_refused",) if "gptq" in args.keep else ())
+        result.update({k: v for k, v in kept.items() if k in carried})
     half = args.blocks // 2
     shallow = os.path.join(work, f"llama70b-width-{half}")
     if not os.path.exists(shallow):
