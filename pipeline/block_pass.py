@@ -350,6 +350,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
         if omni.aug_loss:
             with torch.no_grad():
                 aug = [store.put(_run(parts, block, store, h)) for h in q_in]
+        # learned methods always carry the FP stream (`calibration.fp_stream_needed`)
+        assert fp_out is not None, "a learned reconstruction needs the FP targets"
         linears, extra = train_block(parts, index, block, formats, q_in, fp_out, aug, stats,
                                      quantization, store, dtypes, group, share,
                                      reference if lorc is not None else None)

@@ -237,7 +237,8 @@ def sde_metrics(model: BlockQuantizer) -> dict[str, Any]:
     if model.sde is None:
         return {}
     with torch.no_grad():
-        change = max(float(e.relative_change().sqrt()) for e in model.sde.values())
+        change = max(float(e.relative_change().sqrt())  # type: ignore[operator]
+                     for e in model.sde.values())
     return {"sde_relative_change": change}
 
 

@@ -298,8 +298,9 @@ class StepGradients:
                 c = every.get(k, [None] * len(self.shared))[i]
                 if c is not None:
                     total = c.clone() if total is None else total.add_(c)
-            if kept[i] is not None:
-                total = kept[i] if total is None else total.add_(kept[i])
+            own = kept[i]
+            if own is not None:
+                total = own if total is None else total.add_(own)
             p.grad = total
 
     def add_penalty(self, penalty: torch.Tensor, scaled: torch.Tensor) -> None:
@@ -323,12 +324,15 @@ class StepGradients:
             self.tensors, self.leaves, self.sums = {}, {}, {}
             return float(extra[-1].item())
         if self.group.world > 1:
-            sums = [self.sums[k] if self.sums[k] is not None else
-                    torch.zeros_like(self.leaves[k], dtype=self.dtype) for k in keys]
-            device = sums[0].device if sums else torch.device("cpu")
+            summed: list[torch.Tensor] = []
+            for k in keys:
+                part = self.sums[k]
+                summed.append(part if part is not None else
+                              torch.zeros_like(self.leaves[k], dtype=self.dtype))
+            device = summed[0].device if summed else torch.device("cpu")
             extra = torch.cat([seen, self.loss]).to(device)
-            self.group.sum_([*sums, extra])
-            self.sums = dict(zip(keys, sums, strict=True))
+            self.group.sum_([*summed, extra])
+            self.sums = dict(zip(keys, summed, strict=True))
             seen, self.loss = extra[:-1].cpu(), extra[-1:].cpu()
         used = [k for k, flag in zip(keys, seen.tolist(), strict=True) if flag]
         self._back(keys, used, self.sums)  # type: ignore[arg-type]

@@ -37,6 +37,13 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class SingularExpansion(nn.Module):
     """Δ for one linear and the weight change U Δ Vh it makes."""
 
+    # buffers (registered below), typed for the checker
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    norm2: torch.Tensor
+    unit: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, band: int, block: int, relative: bool = True):
         super().__init__()
         w = weight.detach().float()
@@ -67,6 +74,11 @@ class SingularExpansion(nn.Module):
         self.dense_unit = (torch.outer(root[:k], root[:k]) if relative
                            else torch.ones(k, k, device=w.device)) if k else None
 
+    def _dense_scaled(self) -> torch.Tensor:
+        """The dense k x k block in the singular values' scale (only where there is one)."""
+        assert self.dense is not None and self.dense_unit is not None
+        return self.dense * self.dense_unit
+
     def learnable(self) -> list[nn.Parameter]:
         out = [self.diagonal, *self.above, *self.below]
         return out + ([self.dense] if self.dense is not None else [])
@@ -86,7 +98,7 @@ class SingularExpansion(nn.Module):
         delta = self.band_matrix(self.rank)
         if self.dense is not None:
             k = self.block
-            delta = delta + nn.functional.pad(self.dense * self.dense_unit,
+            delta = delta + nn.functional.pad(self._dense_scaled(),
                                               (0, self.rank - k, 0, self.rank - k))
         return delta
 
@@ -102,8 +114,7 @@ class SingularExpansion(nn.Module):
             out = out + nn.functional.pad(u[:, d:] * (b * unit), (0, d))
         if self.dense is not None:
             k = self.block
-            out = out + nn.functional.pad(u[:, :k] @ (self.dense * self.dense_unit),
-                                          (0, r - k))
+            out = out + nn.functional.pad(u[:, :k] @ self._dense_scaled(), (0, r - k))
         return out
 
     def weight_change(self) -> torch.Tensor:
@@ -123,6 +134,6 @@ class SingularExpansion(nn.Module):
         if self.dense is not None:
             # the block overlaps the band's top-left corner: count that corner densely
             band_corner = self.band_matrix(self.block)
-            corner = band_corner + self.dense * self.dense_unit
+            corner = band_corner + self._dense_scaled()
             total = total - band_corner.pow(2).sum() + corner.pow(2).sum()
         return total / self.norm2.clamp(min=1e-30)

@@ -22,8 +22,9 @@ def check_recipe(parts: ModelParts, config: RunConfig
     formats = validate_schemes(parts, q, config.export.formats)
     if q.lorc is not None:
         compensation.require_targets_match(q.lorc, {
-            n: tuple(parts.meta.get_submodule(n).get_parameter("weight").shape)
-            for n, f in formats.items() if f is not None})
+            n: (int(shape[0]), int(shape[1]))
+            for n, f in formats.items() if f is not None
+            for shape in [parts.meta.get_submodule(n).get_parameter("weight").shape]})
     saved = None
     if q.budget.average_bits is not None:
         budget.check_feasible(parts, q)
