@@ -228,7 +228,9 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
                             config.cluster.workers, config.cluster.resolved_schedule,
                             config.cluster.activation_memory_bytes,
                             psutil.virtual_memory().total // config.cluster.workers,
-                            config.eval.block_errors)
+                            config.eval.block_errors,
+                            advise=lambda: cost_model.fewer_local_workers(
+                                parts.reader.config, config, config.cluster.workers))
 
 
 def local_device_check(cluster: ClusterConfig) -> None:

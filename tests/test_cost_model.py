@@ -156,23 +156,36 @@ def test_bad_cluster_file_is_refused(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("total, share, fewer", [
+    # 1.5 GiB for 3 workers: less than a worker process needs each; 1 worker (1.0 GiB) fits
+    (3 * 2**29, "0.5", 1),
+    (2**29, "0.2", None),  # half a GiB: not even one worker fits, so no worker count is named
+])
 def test_quantize_refuses_a_run_that_cannot_fit_this_machine(tiny_model, corpus_files,
-                                                             tmp_path, monkeypatch):
+                                                             tmp_path, monkeypatch, total,
+                                                             share, fewer):
     import psutil
 
     from cluster.coordinator import quantize
     from pipeline.config import RunConfig
 
     class Small:
-        total = 2**30  # 1 GiB for 3 workers: less than a worker process needs
+        pass
 
+    Small.total = total
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Small())
     config = build_config(RunConfig, {
         "model": {"path": tiny_model("llama")}, "output": str(tmp_path / "out"),
         "calibration": {"corpus": corpus_files[0], "num_samples": 4, "seq_len": 32},
         "cluster": {"workers": 3}})
-    with pytest.raises(ConfigError, match="plan: a worker would need .* but has 0.3 GiB"):
+    with pytest.raises(ConfigError, match=f"plan: a worker would need .* but has {share} GiB"
+                       ) as e:
         quantize(config)
+    # workers on one machine share its memory: fewer of them, not more, is what fits
+    if fewer:
+        assert f"cluster.workers: {fewer} fits this machine" in str(e.value)
+    else:
+        assert "fits this machine" not in str(e.value)
     assert not (tmp_path / "out" / "report.json").exists()
 
 
