@@ -124,24 +124,6 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
                      if spec.device == "this machine" else None)
     return result
 
-    import psutil
-
-    from pipeline.planning.cost_model import Device, plan_run
-
-    total = psutil.virtual_memory().total
-    for fewer in range(workers - 1, 0, -1):
-        schedule = dataclasses.replace(config.cluster, workers=fewer).resolved_schedule
-        share = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, total // fewer)
-        r = plan_run(model_config, config.quantization, config.calibration.num_samples,
-                     config.calibration.seq_len, fewer, schedule,
-                     config.cluster.activation_memory_bytes, share, config.eval.block_errors)
-        if r["fits"]:
-            return (f"cluster.workers: {fewer} fits this machine (each of its workers "
-                    f"{r['memory_per_worker_bytes'] / 2**30:.1f} GiB of "
-                    f"{share.memory_bytes / 2**30:.1f} GiB; workers on one machine share its "
-                    "memory)")
-    return None
-
 
 def summarize(r: dict[str, Any]) -> str:
     free = " (data-free)" if r["data_free"] else ""
