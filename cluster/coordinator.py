@@ -56,7 +56,7 @@ from pipeline.export import format_config
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
-from pipeline.planning import cost_model
+from pipeline.planning import fit
 from pipeline.planning.preflight import check_recipe
 from pipeline.reconstruct import TrainingError
 from pipeline.reporting import report_html
@@ -223,13 +223,13 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
         return
     import psutil
 
-    cost_model.check_memory(parts.reader.config, config.quantization,
+    fit.check_memory(parts.reader.config, config.quantization,
                             config.calibration.num_samples, config.calibration.seq_len,
                             config.cluster.workers, config.cluster.resolved_schedule,
                             config.cluster.activation_memory_bytes,
                             psutil.virtual_memory().total // config.cluster.workers,
                             config.eval.block_errors,
-                            advise=lambda: cost_model.fewer_local_workers(
+                            advise=lambda: fit.fewer_local_workers(
                                 parts.reader.config, config, config.cluster.workers))
 
 

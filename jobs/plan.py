@@ -114,7 +114,7 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
                       config.eval.block_errors)
     result.update(model=model_path, cluster=dataclasses.asdict(spec))
     if not result["fits"]:
-        from pipeline.planning.cost_model import check_memory, fewer_local_workers
+        from pipeline.planning.fit import check_memory, fewer_local_workers
 
         check_memory(model_config, config.quantization, config.calibration.num_samples,
                      config.calibration.seq_len, workers, schedule,

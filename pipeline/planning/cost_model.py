@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pipeline.config import (
     Autocast,
-    ConfigError,
     Method,
     Observer,
     QuantizationConfig,
@@ -360,49 +358,3 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
             "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
             "device": device.to_dict()}
 
-
-def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
-                 workers: int, schedule: Schedule, activation_memory_bytes: int | None,
-                 memory_bytes: int, block_errors: bool | None = None,
-                 advise: Callable[[], str | None] | None = None) -> dict[str, Any]:
-    """Refuse, before any work, a run whose workers would need more memory than each has;
-    returns the estimate (rates are not needed for memory). `advise`: asked only on a
-    refusal, the change known to fit (e.g. fewer workers sharing one host), named first."""
-    device = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, memory_bytes)
-    result = plan_run(config, q, windows, seq_len, workers, schedule, activation_memory_bytes,
-                      device, block_errors)
-    if not result["fits"]:
-        parts = sorted(result["memory_per_worker"].items(), key=lambda kv: -kv[1])
-        biggest = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts[:3])
-        advice = advise() if advise is not None else None
-        raise ConfigError(
-            f"plan: a worker would need {result['memory_per_worker_bytes'] / 2**30:.1f} GiB "
-            f"but has {memory_bytes / 2**30:.1f} GiB ({biggest}); "
-            + (f"{advice}; or " if advice else "")
-            + "use machines with more memory, more workers (cluster.workers) with "
-            "cluster.schedule data_parallel, cluster.activation_memory_bytes to spill the "
-            "streams to disk, or a method without Hessians")
-    return result
-
-
-def fewer_local_workers(model_config: dict[str, Any], run: Any, workers: int) -> str | None:
-    """On one machine the workers share its memory, so more of them only makes each share
-    smaller: the most workers (fewer than `workers`) whose share fits this machine, named as
-    the change to make, or None. `run`: the RunConfig."""
-    if workers < 2:
-        return None
-    import psutil
-
-    total = psutil.virtual_memory().total
-    for fewer in range(workers - 1, 0, -1):
-        schedule = dataclasses.replace(run.cluster, workers=fewer).resolved_schedule
-        share = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, total // fewer)
-        r = plan_run(model_config, run.quantization, run.calibration.num_samples,
-                     run.calibration.seq_len, fewer, schedule,
-                     run.cluster.activation_memory_bytes, share, run.eval.block_errors)
-        if r["fits"]:
-            return (f"cluster.workers: {fewer} fits this machine (each worker "
-                    f"{r['memory_per_worker_bytes'] / 2**30:.1f} GiB of its "
-                    f"{share.memory_bytes / 2**30:.1f} GiB share; workers on one machine share "
-                    "its memory)")
-    return None
