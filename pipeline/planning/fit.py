@@ -10,6 +10,11 @@ from pipeline.config import ConfigError, QuantizationConfig, Schedule
 from pipeline.planning.cost_model import Device, plan_run
 
 
+def memory_only(memory_bytes: int) -> Device:
+    """A device for memory questions alone (its rates are never read)."""
+    return Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, memory_bytes)
+
+
 def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
                  workers: int, schedule: Schedule, activation_memory_bytes: int | None,
                  memory_bytes: int, block_errors: bool | None = None,
@@ -17,7 +22,7 @@ def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, se
     """Refuse, before any work, a run whose workers would need more memory than each has;
     returns the estimate (rates are not needed for memory). `advise`: asked only on a
     refusal, the change known to fit (e.g. fewer workers sharing one host), named first."""
-    device = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, memory_bytes)
+    device = memory_only(memory_bytes)
     result = plan_run(config, q, windows, seq_len, workers, schedule, activation_memory_bytes,
                       device, block_errors)
     if not result["fits"]:
@@ -45,7 +50,7 @@ def fewer_local_workers(model_config: dict[str, Any], run: Any, workers: int) ->
     total = psutil.virtual_memory().total
     for fewer in range(workers - 1, 0, -1):
         schedule = dataclasses.replace(run.cluster, workers=fewer).resolved_schedule
-        share = Device("memory only", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, total // fewer)
+        share = memory_only(total // fewer)
         r = plan_run(model_config, run.quantization, run.calibration.num_samples,
                      run.calibration.seq_len, fewer, schedule,
                      run.cluster.activation_memory_bytes, share, run.eval.block_errors)
