@@ -99,6 +99,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "omniquant_signround_let_direct_bf16": ("p1-omniquant-{scheme}", {
         **SIGNROUND, **LET, "quantization.omniquant.clip_param": "direct",
         "quantization.omniquant.lwc_lr": 5e-3, "quantization.omniquant.autocast": "bfloat16"}),
+    # the presets (issue 14) as run on a CPU with bfloat16 kernels: p1-signround-*-fast (2
+    # epochs, to finish before AutoRound at 50 steps) and -best (6 epochs, before AutoRound at
+    # its default 200); the peer beside them from benchmarks/p1_peers.py --peer autoround
+    "fast_bf16": ("p1-signround-{scheme}-fast", {"quantization.omniquant.autocast": "bfloat16"}),
+    "best_bf16": ("p1-signround-{scheme}-best", {"quantization.omniquant.autocast": "bfloat16"}),
 }
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
