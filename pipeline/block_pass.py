@@ -6,6 +6,7 @@ whatever the model's depth.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import time
@@ -36,6 +37,7 @@ from pipeline.reconstruct import (
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
+from pipeline.training import training_precision
 
 
 def peak_rss_bytes() -> int:
@@ -174,7 +176,19 @@ def score_stream(parts: ModelParts, stream: list[Any], ids_chunks: list[torch.Te
 
 
 def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: Any) -> torch.Tensor:
-    return run_block(parts, block, store.get(handle).to(parts.device)).cpu()
+    h = store.get(handle)
+    return run_block(parts, block, h.to(parts.device)).to(h.dtype).cpu()
+
+
+def stream_precision(parts: ModelParts, formats: dict[str, AffineFormat | None],
+                     quantization: QuantizationConfig) -> contextlib.AbstractContextManager:
+    """The precision of a block's calibration stream passes: the training's autocast with
+    `quantization.omniquant.stream_autocast` (a learned method), else plain float32."""
+    omni = quantization.omniquant
+    if quantization.method is not Method.OMNIQUANT or not omni.stream_autocast:
+        return contextlib.nullcontext()
+    return training_precision(parts.device, formats, quantization.abits,
+                              omni.autocast).autocast()
 
 
 @dataclasses.dataclass
@@ -325,7 +339,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
         raise ValueError("a learned method needs the FP stream (its targets)")
     fp_out: list[Any] | None = None if fp_in is None else []
     private = private_bytes()
-    with torch.no_grad(), input_hooks(block, names if collect else [], visit):
+    with torch.no_grad(), input_hooks(block, names if collect else [], visit), \
+            stream_precision(parts, formats, quantization):
         for h in fp_in or []:
             fp_out.append(store.put(_run(parts, block, store, h)))  # type: ignore[union-attr]
             private = max(private, private_bytes())
@@ -348,7 +363,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     else:
         aug = None
         if omni.aug_loss:
-            with torch.no_grad():
+            with torch.no_grad(), stream_precision(parts, formats, quantization):
                 aug = [store.put(_run(parts, block, store, h)) for h in q_in]
         # learned methods always carry the FP stream (`calibration.fp_stream_needed`)
         assert fp_out is not None, "a learned reconstruction needs the FP targets"
@@ -370,7 +385,8 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     if fp_out is not None and len(fp_out) != len(q_in):
         raise ValueError(f"{len(fp_out)} FP chunks for {len(q_in)} quantized ones")
-    with torch.no_grad(), activation_quant(block, names, quantization.abits):
+    with torch.no_grad(), activation_quant(block, names, quantization.abits), \
+            stream_precision(parts, formats, quantization):
         for k, hq in enumerate(q_in):
             y = _run(parts, block, store, hq)
             if fp_out is not None:

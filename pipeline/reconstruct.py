@@ -311,10 +311,11 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 # the quantizer in float32, once per step (every worker: each goes back
                 # through it with the same summed gradient)
                 tensors = step.start(whole, model.tensors(mine))
-                for w in range(size):
+                for w in range(0, size, cfg.micro_batch):
+                    n = min(cfg.micro_batch, size - w)  # windows in this pass (mean over them)
                     with precision.autocast():
                         loss = block_loss(parts, block, tensors,
-                                          [t[w:w + 1] for t in batch], downstream) / whole
+                                          [t[w:w + n] for t in batch], downstream) * n / whole
                     step.add(loss, scaler.scale(loss) if scaler is not None else loss)
                 penalty = model.penalty(mine)
                 if penalty is not None:

@@ -187,3 +187,70 @@ def test_auto_precision_follows_the_cpu_bf16_kernels(monkeypatch, caplog, kernel
     assert training.training_precision("cpu", w4, 16, Autocast.FLOAT32).dtype is None
     assert training.training_precision("cuda:0", w4, 16, Autocast.AUTO).dtype is torch.float16
     assert training.training_precision("cuda:0", w8, 16, Autocast.AUTO).dtype is None
+
+
+def test_micro_batch_passes_several_windows_at_once_with_the_same_loss(tiny_model):
+    """micro_batch 2 runs a step's two windows as one pass: the step's loss is the same mean
+    (to float rounding), the training follows the same path closely, and every pass holds
+    micro_batch windows; 1 (the default) is one window per pass. Out of [1, batch_size] is
+    refused with the field's name."""
+    from pipeline import reconstruct
+
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    real = reconstruct.block_loss
+    sizes: dict[int, set] = {}
+    out = {}
+    for micro in (1, 2):
+        def spy(parts_, block, tensors, batch, *rest, _micro=micro):
+            sizes.setdefault(_micro, set()).add(int(batch[0].shape[0]))
+            return real(parts_, block, tensors, batch, *rest)
+
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 2, "batch_size": 2, "micro_batch": micro,
+                                    "rounding": "learned", "optimizer": "adamw",
+                                    "autocast": "float32"})
+        reconstruct.block_loss = spy
+        try:
+            torch.manual_seed(0)
+            out[micro] = block_pass.quantize_block(parts, 0, fp, fp, q,
+                                                   [ExportFormat.COMPRESSED_TENSORS], store)
+        finally:
+            reconstruct.block_loss = real
+    assert sizes == {1: {1, 8}, 2: {2, 8}}  # 8: the loss probes before and after, at once
+    a, b = out[1].metrics, out[2].metrics
+    assert a["loss_before"] == pytest.approx(b["loss_before"], rel=1e-6)
+    assert b["loss_after"] < 0.9 * b["loss_before"]
+    assert b["loss_after"] == pytest.approx(a["loss_after"], rel=0.05)
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.micro_batch: 3.*batch_size"):
+        quantization(method="omniquant", omniquant={"batch_size": 2, "micro_batch": 3})
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.micro_batch: 0"):
+        quantization(method="omniquant", omniquant={"micro_batch": 0})
+
+
+def test_stream_autocast_runs_the_stream_passes_in_the_training_precision(tiny_model):
+    """stream_autocast: the FP targets and the quantized stream onward are computed under the
+    training's bfloat16 autocast (close to float32, not equal); off (the default) they are the
+    plain float32 forward, bit for bit; with float32 training it changes nothing."""
+    from pipeline.model_parts import run_block
+
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    with torch.no_grad():
+        block = parts.load_block(0)
+        plain = [run_block(parts, block, store.get(h)) for h in fp]
+    targets = {}
+    for name, omni in {"off": {"autocast": "bfloat16"},
+                       "on": {"autocast": "bfloat16", "stream_autocast": True},
+                       "fp32": {"autocast": "float32", "stream_autocast": True}}.items():
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={"epochs": 1, "batch_size": 2, **omni})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [], store)
+        targets[name] = [store.get(h) for h in r.fp_out]
+        assert all(t.dtype == torch.float32 for t in targets[name])
+    for name in ("off", "fp32"):
+        assert all(torch.equal(t, p) for t, p in zip(targets[name], plain, strict=True))
+    on = torch.cat(targets["on"])
+    ref = torch.cat(plain)
+    assert not torch.equal(on, ref)
+    assert (on - ref).pow(2).sum() / ref.pow(2).sum() < 1e-3

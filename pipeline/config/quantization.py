@@ -151,6 +151,14 @@ class OmniQuantConfig:
     # unaffected. auto: on the CPU bfloat16 where it has bfloat16 kernels (AVX-512/AMX), else
     # float32; on CUDA float16 (float32 at 8 bits)
     autocast: Autocast = Autocast.AUTO
+    # windows per forward and backward pass while training (at most batch_size): 1 keeps every
+    # window's gradient on its own, so 1 and N data-parallel workers take bit-identical steps;
+    # more batches a worker's windows of a step into fewer, larger passes (faster; the steps
+    # then match those of another worker count to float rounding only)
+    micro_batch: int = 1
+    # the block's calibration stream passes (the FP targets, the quantized stream onward) in
+    # the training precision too, as AutoRound does (faster in bfloat16; false: float32)
+    stream_autocast: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
     # CQE+'s cross-layer learning (null: off)
@@ -167,6 +175,9 @@ class OmniQuantConfig:
                  "GPTQ's codes of the unexpanded weight); use nearest")
         _require(self.epochs >= 0, f"{where}.epochs: {self.epochs}; must be >= 0")
         _require(self.batch_size >= 1, f"{where}.batch_size: {self.batch_size}; must be >= 1")
+        _require(1 <= self.micro_batch <= self.batch_size,
+                 f"{where}.micro_batch: {self.micro_batch}; must be in [1, batch_size "
+                 f"({self.batch_size})]")
         for name in ("lwc_lr", "let_lr", "round_lr"):
             value = getattr(self, name)
             _require(value > 0, f"{where}.{name}: {value}; must be > 0")
