@@ -123,10 +123,10 @@ class StageActor:
 
     def save_streams(self, output: str, boundary: int, fp: list[Any] | None,
                      q: list[Any]) -> None:
-        block_pass.save_boundary(output, boundary, fp, q, self.store)
+        checkpoint.save_boundary(output, boundary, fp, q, self.store)
 
     def load_streams(self, boundary: dict[str, Any]) -> tuple[list[Any] | None, list[Any]]:
-        return block_pass.load_boundary(boundary, self.store)
+        return checkpoint.load_boundary(boundary, self.store)
 
     def score(self, path: str, stream: list[Any], ids_chunks: list[torch.Tensor]
               ) -> tuple[float, int]:

@@ -6,7 +6,6 @@ whatever the model's depth.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import resource
 import time
@@ -16,7 +15,6 @@ import psutil
 import torch
 
 from pipeline import compensation
-from pipeline.checkpoint import read_boundary_chunk, write_boundary
 from pipeline.config import ExportFormat, Method, QuantizationConfig
 from pipeline.export import FOLDERS, QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
@@ -37,7 +35,7 @@ from pipeline.reconstruct import (
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
-from pipeline.training import training_precision
+from pipeline.training import stream_precision
 
 
 def peak_rss_bytes() -> int:
@@ -146,22 +144,6 @@ class ResidentBlocks:
         return token_nll(self.head, h.to(self.parts.device), ids)
 
 
-def save_boundary(output: str, boundary: int, fp: list[Any] | None, q: list[Any],
-                  store: ChunkStore) -> None:
-    write_boundary(output, boundary, None if fp is None else [store.get(h) for h in fp],
-                   [store.get(h) for h in q])
-
-
-def load_boundary(boundary: dict[str, Any], store: ChunkStore
-                  ) -> tuple[list[Any] | None, list[Any]]:
-    """(fp, q) saved at a boundary; fp None where the run carries no FP stream."""
-    def load(kind: str) -> list[Any]:
-        return [store.put(read_boundary_chunk(boundary, kind, i))
-                for i in range(boundary["chunks"])]
-
-    return (load("fp") if boundary.get("fp", True) else None), load("q")
-
-
 @torch.no_grad()
 def score_stream(parts: ModelParts, stream: list[Any], ids_chunks: list[torch.Tensor],
                  store: ChunkStore) -> tuple[float, int]:
@@ -178,17 +160,6 @@ def score_stream(parts: ModelParts, stream: list[Any], ids_chunks: list[torch.Te
 def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: Any) -> torch.Tensor:
     h = store.get(handle)
     return run_block(parts, block, h.to(parts.device)).to(h.dtype).cpu()
-
-
-def stream_precision(parts: ModelParts, formats: dict[str, AffineFormat | None],
-                     quantization: QuantizationConfig) -> contextlib.AbstractContextManager:
-    """The precision of a block's calibration stream passes: the training's autocast with
-    `quantization.omniquant.stream_autocast` (a learned method), else plain float32."""
-    omni = quantization.omniquant
-    if quantization.method is not Method.OMNIQUANT or not omni.stream_autocast:
-        return contextlib.nullcontext()
-    return training_precision(parts.device, formats, quantization.abits,
-                              omni.autocast).autocast()
 
 
 @dataclasses.dataclass
@@ -340,7 +311,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     fp_out: list[Any] | None = None if fp_in is None else []
     private = private_bytes()
     with torch.no_grad(), input_hooks(block, names if collect else [], visit), \
-            stream_precision(parts, formats, quantization):
+            stream_precision(parts.device, formats, quantization):
         for h in fp_in or []:
             fp_out.append(store.put(_run(parts, block, store, h)))  # type: ignore[union-attr]
             private = max(private, private_bytes())
@@ -363,7 +334,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     else:
         aug = None
         if omni.aug_loss:
-            with torch.no_grad(), stream_precision(parts, formats, quantization):
+            with torch.no_grad(), stream_precision(parts.device, formats, quantization):
                 aug = [store.put(_run(parts, block, store, h)) for h in q_in]
         # learned methods always carry the FP stream (`calibration.fp_stream_needed`)
         assert fp_out is not None, "a learned reconstruction needs the FP targets"
@@ -386,7 +357,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     if fp_out is not None and len(fp_out) != len(q_in):
         raise ValueError(f"{len(fp_out)} FP chunks for {len(q_in)} quantized ones")
     with torch.no_grad(), activation_quant(block, names, quantization.abits), \
-            stream_precision(parts, formats, quantization):
+            stream_precision(parts.device, formats, quantization):
         for k, hq in enumerate(q_in):
             y = _run(parts, block, store, hq)
             if fp_out is not None:

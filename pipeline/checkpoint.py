@@ -21,6 +21,7 @@ import torch
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.streams import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,22 @@ def latest_boundary(output: str) -> dict[str, Any] | None:
 def read_boundary_chunk(boundary: dict[str, Any], kind: str, index: int) -> torch.Tensor:
     path = storage.join(boundary["folder"], f"{kind}-{index:05d}.safetensors")
     return storage.read_tensors(path)["h"]
+
+
+def save_boundary(output: str, boundary: int, fp: list[Any] | None, q: list[Any],
+                  store: ChunkStore) -> None:
+    write_boundary(output, boundary, None if fp is None else [store.get(h) for h in fp],
+                   [store.get(h) for h in q])
+
+
+def load_boundary(boundary: dict[str, Any], store: ChunkStore
+                  ) -> tuple[list[Any] | None, list[Any]]:
+    """(fp, q) saved at a boundary; fp None where the run carries no FP stream."""
+    def load(kind: str) -> list[Any]:
+        return [store.put(read_boundary_chunk(boundary, kind, i))
+                for i in range(boundary["chunks"])]
+
+    return (load("fp") if boundary.get("fp", True) else None), load("q")
 
 
 def write_index(output: str, files: dict[str, list[str]], total_size: int) -> None:

@@ -4,6 +4,7 @@ default, bfloat16 on request, on the CPU too), the minibatches over the streams 
 step's gradient, summed window by window and over the data-parallel workers."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Autocast, OmniQuantConfig, Optimizer
+from pipeline.config import Autocast, Method, OmniQuantConfig, Optimizer, QuantizationConfig
 from pipeline.formats import AffineFormat
 from pipeline.parallel.collective import Collective, TorchCollective
 from pipeline.parallel.exchange import DistributedShards, SharedMemoryShards
@@ -97,6 +98,17 @@ def training_precision(device: str, formats: dict[str, AffineFormat | None], abi
     dtypes = {Autocast.FLOAT32: None, Autocast.BFLOAT16: torch.bfloat16,
               Autocast.FLOAT16: torch.float16}
     return Precision(device_type, dtypes[choice])
+
+
+def stream_precision(device: str, formats: dict[str, AffineFormat | None],
+                     quantization: QuantizationConfig) -> contextlib.AbstractContextManager:
+    """The precision of a block's calibration stream passes: the training's autocast with
+    `quantization.omniquant.stream_autocast` (a learned method), else plain float32."""
+    omni = quantization.omniquant
+    if quantization.method is not Method.OMNIQUANT or not omni.stream_autocast:
+        return contextlib.nullcontext()
+    return training_precision(device, formats, quantization.abits,
+                              omni.autocast).autocast()
 
 
 @functools.cache

@@ -50,10 +50,10 @@ def test_gptq_without_the_fp_stream_gives_the_same_block(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="needs the FP stream"):
         block_pass.quantize_block(parts, 0, None, list(fp), quantization(
             bits=3, group_size=16, method="omniquant", omniquant={"epochs": 1}), layouts, store)
-    from pipeline.checkpoint import latest_boundary
+    from pipeline.checkpoint import latest_boundary, load_boundary, save_boundary
 
-    block_pass.save_boundary(str(tmp_path), 1, None, alone.q_out, store)
-    loaded_fp, loaded_q = block_pass.load_boundary(latest_boundary(str(tmp_path)), store)
+    save_boundary(str(tmp_path), 1, None, alone.q_out, store)
+    loaded_fp, loaded_q = load_boundary(latest_boundary(str(tmp_path)), store)
     assert loaded_fp is None
     assert all(torch.equal(store.get(a), store.get(b))
                for a, b in zip(loaded_q, alone.q_out, strict=True))
