@@ -104,6 +104,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # its default 200); the peer beside them from benchmarks/p1_peers.py --peer autoround
     "fast_bf16": ("p1-signround-{scheme}-fast", {"quantization.omniquant.autocast": "bfloat16"}),
     "best_bf16": ("p1-signround-{scheme}-best", {"quantization.omniquant.autocast": "bfloat16"}),
+    # the same with the block's training passes compiled (quantization.omniquant.compile)
+    "fast_bf16_compiled": ("p1-signround-{scheme}-fast", {
+        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
+    "best_bf16_compiled": ("p1-signround-{scheme}-best", {
+        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
 }
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -300,14 +301,18 @@ def embed(parts: ModelParts, modules: list[nn.Module | None], ids: torch.Tensor)
 
 
 def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor,
-              tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+              tensors: dict[str, torch.Tensor] | None = None,
+              compiled: Callable[..., Any] | None = None) -> torch.Tensor:
     """One block's forward on [batch, seq, hidden] (causal, no cache). `tensors` replaces some
-    of the block's parameters for this call (relative names), keeping their autograd graph."""
+    of the block's parameters for this call (relative names), keeping their autograd graph;
+    with them, `compiled` (`pipeline.training.compiled_block_call`) runs the call compiled."""
     pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if tensors is None:
             return block(*args, **kwargs)
+        if compiled is not None:
+            return compiled(block, tensors, args, kwargs)
         return torch.func.functional_call(block, tensors, args, kwargs)
 
     if parts.adapter.positions is Positions.ROTARY:

@@ -46,6 +46,7 @@ from pipeline.streams import ChunkStore
 from pipeline.training import (
     Batches,
     StepGradients,
+    compiled_block_call,
     make_optimizer,
     quantizer_shards,
     training_precision,
@@ -205,13 +206,15 @@ class BlockQuantizer(nn.Module):
 
 
 def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Tensor] | None,
-               batch: list[torch.Tensor], downstream: Downstream | None = None) -> torch.Tensor:
+               batch: list[torch.Tensor], downstream: Downstream | None = None,
+               compiled: Callable[..., Any] | None = None) -> torch.Tensor:
     """MSE of the block on batch[0] against the FP target batch[1] (+ batch[2], aug_loss);
     with `downstream` (cross-layer learning), the last len(downstream.blocks) entries of the
-    batch are the next blocks' FP outputs and their weighted error is added."""
+    batch are the next blocks' FP outputs and their weighted error is added. `compiled`: the
+    block's call compiled (`compiled_block_call`)."""
     down = len(downstream.blocks) if downstream is not None else 0
     own = batch[: len(batch) - down]
-    out = run_block(parts, block, own[0].float(), tensors).float()
+    out = run_block(parts, block, own[0].float(), tensors, compiled).float()
     loss = torch.nn.functional.mse_loss(out, own[1].float())
     if len(own) > 2:
         loss = loss + torch.nn.functional.mse_loss(out, own[2].float())
@@ -267,6 +270,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     groups = model.groups(cfg)
     learnable = [p for g in groups for p in g["params"]]
     precision = training_precision(parts.device, formats, quantization.abits, cfg.autocast)
+    compiled = compiled_block_call(cfg, quantization.abits)
     scaler = precision.scaler()
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
         cfg.batch_size)) if groups else (None, None))
@@ -314,8 +318,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 for w in range(0, size, cfg.micro_batch):
                     n = min(cfg.micro_batch, size - w)  # windows in this pass (mean over them)
                     with precision.autocast():
-                        loss = block_loss(parts, block, tensors,
-                                          [t[w:w + n] for t in batch], downstream) * n / whole
+                        loss = block_loss(parts, block, tensors, [t[w:w + n] for t in batch],
+                                          downstream, compiled) * n / whole
                     step.add(loss, scaler.scale(loss) if scaler is not None else loss)
                 penalty = model.penalty(mine)
                 if penalty is not None:
@@ -377,6 +381,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                    shards.exchange, SharedMemoryShards) else "distributed"}
                                   if shards is not None else {}),
                                "train_precision": precision.name,
+                               **({"train_compiled": True} if compiled is not None else {}),
                                **sde_metrics(model),
                                **({"cross_layer_blocks": downstream.indices}
                                   if downstream is not None else {}),

@@ -111,6 +111,30 @@ def stream_precision(device: str, formats: dict[str, AffineFormat | None],
                               omni.autocast).autocast()
 
 
+# torch.compile's backend for `compiled_block_call` (the tests use "aot_eager": the same
+# graph capture and autograd split without inductor's C++ code generation)
+COMPILE_BACKEND = "inductor"
+
+
+def _block_call(block: torch.nn.Module, tensors: dict[str, torch.Tensor], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    return torch.func.functional_call(block, tensors, args, kwargs)
+
+
+@functools.cache
+def _compiled(backend: str) -> Callable[..., Any]:
+    return torch.compile(_block_call, backend=backend, dynamic=False)
+
+
+def compiled_block_call(cfg: OmniQuantConfig, abits: int) -> Callable[..., Any] | None:
+    """With `quantization.omniquant.compile` (weight-only widths), a block's functional call
+    compiled once per process, the block being one of its inputs: blocks of one class and
+    shape reuse the compiled code; a new window count or class compiles again. None: eager."""
+    if not cfg.compile or abits < 16:
+        return None
+    return _compiled(COMPILE_BACKEND)
+
+
 @functools.cache
 def _warn_slow_bf16() -> None:
     log.warning("quantization.omniquant.autocast: bfloat16 on a CPU without bfloat16 kernels "

@@ -254,3 +254,44 @@ def test_stream_autocast_runs_the_stream_passes_in_the_training_precision(tiny_m
     ref = torch.cat(plain)
     assert not torch.equal(on, ref)
     assert (on - ref).pow(2).sum() / ref.pow(2).sum() < 1e-3
+
+
+def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_model,
+                                                                          monkeypatch):
+    """compile: the training passes go through torch.compile (here its aot_eager backend:
+    the same capture and autograd split, without C++ code generation), train to the eager
+    result, and a second block of the same shapes reuses the first block's graphs; activation
+    quantization and compile: false stay eager."""
+    from torch._dynamo.utils import counters
+
+    from pipeline import training
+    from pipeline.config import OmniQuantConfig
+
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
+            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
+    out = {}
+    for compile_ in (False, True):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={**omni, "compile": compile_})
+        out[compile_] = block_pass.quantize_block(parts, 0, fp, fp, q,
+                                                  [ExportFormat.COMPRESSED_TENSORS], store)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    a, b = out[False].metrics, out[True].metrics
+    assert b["train_compiled"] is True and "train_compiled" not in a
+    assert b["loss_after"] == pytest.approx(a["loss_after"], rel=1e-3)
+    assert b["output_mse"] == pytest.approx(a["output_mse"], rel=1e-3)
+    # the next block: the same graphs, no new compilation
+    q = quantization(bits=3, group_size=16, method="omniquant",
+                     omniquant={**omni, "compile": True})
+    nxt = block_pass.quantize_block(parts, 1, out[True].q_out, out[True].fp_out, q,
+                                    [ExportFormat.COMPRESSED_TENSORS], store)
+    assert nxt.metrics["train_compiled"] is True
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert training.compiled_block_call(OmniQuantConfig(compile=True), abits=8) is None
+    assert training.compiled_block_call(OmniQuantConfig(), abits=16) is None
+    torch._dynamo.reset()

@@ -159,6 +159,12 @@ class OmniQuantConfig:
     # the block's calibration stream passes (the FP targets, the quantized stream onward) in
     # the training precision too, as AutoRound does (faster in bfloat16; false: float32)
     stream_autocast: bool = False
+    # the block's training forward and backward compiled with torch.compile (inductor), once
+    # per process: the block is an input of the compiled call, so every block of the same
+    # class and shapes reuses the code (regional compilation); activation-quantized recipes
+    # (abits < 16) and the probes, the fold and the streams stay eager. Costs one compilation
+    # per worker process (about a minute on a 2-core CPU), needs a C++ compiler on the CPU
+    compile: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
     # CQE+'s cross-layer learning (null: off)
