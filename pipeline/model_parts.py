@@ -311,9 +311,7 @@ def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor,
     def call(*args: Any, **kwargs: Any) -> Any:
         if tensors is None:
             return block(*args, **kwargs)
-        if compiled is not None:
-            return compiled(block, tensors, args, kwargs)
-        return torch.func.functional_call(block, tensors, args, kwargs)
+        return (compiled or torch.func.functional_call)(block, tensors, args, kwargs)
 
     if parts.adapter.positions is Positions.ROTARY:
         with torch.no_grad():

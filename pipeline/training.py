@@ -116,14 +116,9 @@ def stream_precision(device: str, formats: dict[str, AffineFormat | None],
 COMPILE_BACKEND = "inductor"
 
 
-def _block_call(block: torch.nn.Module, tensors: dict[str, torch.Tensor], args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> Any:
-    return torch.func.functional_call(block, tensors, args, kwargs)
-
-
 @functools.cache
 def _compiled(backend: str) -> Callable[..., Any]:
-    return torch.compile(_block_call, backend=backend, dynamic=False)
+    return torch.compile(torch.func.functional_call, backend=backend, dynamic=False)
 
 
 def compiled_block_call(cfg: OmniQuantConfig, abits: int) -> Callable[..., Any] | None:

@@ -163,7 +163,8 @@ class OmniQuantConfig:
     # per process: the block is an input of the compiled call, so every block of the same
     # class and shapes reuses the code (regional compilation); activation-quantized recipes
     # (abits < 16) and the probes, the fold and the streams stay eager. Costs one compilation
-    # per worker process (about a minute on a 2-core CPU), needs a C++ compiler on the CPU
+    # per worker process (about 25 s for a P1 block on a 2-core CPU), needs a C++ compiler on
+    # the CPU
     compile: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
