@@ -17,20 +17,22 @@ LOGITS = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 assert not any(m.split('.')[0] in ('pipeline', 'cluster', 'jobs') for m in sys.modules)
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits, sys.argv[2])
+for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, out)
 """
 
 
-
-def transformers_logits(folder, tmp_path):
-    """Logits from a fresh interpreter that imports transformers only (no relayquant)."""
-    out = tmp_path / f"logits-{abs(hash(folder))}.pt"
-    subprocess.run([sys.executable, "-c", LOGITS, folder, str(out)], check=True,
-                   capture_output=True, cwd=tmp_path)
-    return torch.load(out)
+def transformers_logits(tmp_path, *folders):
+    """Logits of each folder from one fresh interpreter that imports transformers only (no
+    relayquant): one interpreter for all of them, as its imports cost seconds."""
+    outs = [tmp_path / f"logits-{abs(hash(folder))}.pt" for folder in folders]
+    argv = [str(x) for pair in zip(folders, outs) for x in pair]
+    subprocess.run([sys.executable, "-c", LOGITS, *argv], check=True, capture_output=True,
+                   cwd=tmp_path)
+    return [torch.load(out) for out in outs]
 
 
 def config(model, out, train, test, **quantization):
@@ -50,10 +52,10 @@ def close(a, b, rel=1e-3):
 def test_compressed_tensors_loads_in_transformers(tiny_model, corpus_files, tmp_path, symmetric):
     out = str(tmp_path / "out")
     report = quantize(config(tiny_model("llama"), out, *corpus_files, symmetric=symmetric))
-    ct_logits = transformers_logits(out, tmp_path)
-    fake_logits = transformers_logits(os.path.join(out, "fake_quant"), tmp_path)
+    ct_logits, fake_logits, fp_logits = transformers_logits(
+        tmp_path, out, os.path.join(out, "fake_quant"), tiny_model("llama"))
     assert close(ct_logits, fake_logits)
-    assert not torch.equal(ct_logits, transformers_logits(tiny_model("llama"), tmp_path))
+    assert not torch.equal(ct_logits, fp_logits)
     qconfig = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     (group,) = qconfig["config_groups"].values()
     assert len(group["targets"]) == 4 * 7 and group["weights"]["symmetric"] is symmetric
@@ -87,8 +89,7 @@ def test_full_range_symmetric_2bit_uses_every_code_and_loads(tiny_model, corpus_
     out = str(tmp_path / "out")
     quantize(config(tiny_model("llama"), out, *corpus_files, bits=2, symmetric=True,
                     symmetric_range="full"))
-    assert close(transformers_logits(out, tmp_path),
-                 transformers_logits(os.path.join(out, "fake_quant"), tmp_path))
+    assert close(*transformers_logits(tmp_path, out, os.path.join(out, "fake_quant")))
     reader = CheckpointReader(out)
     linear = "model.layers.1.mlp.down_proj"
     tensors = reader.read([n for n in reader.entries if n.startswith(linear + ".")])
@@ -118,8 +119,7 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
     assert groups[(2, 16, True)] == ["model.layers.3.self_attn.o_proj"]
     assert len(groups[(8, None, False)]) == 4 * 3
     assert "model.layers.0.self_attn.q_proj" in qconfig["ignore"]
-    assert close(transformers_logits(out, tmp_path),
-                 transformers_logits(os.path.join(out, "fake_quant"), tmp_path))
+    assert close(*transformers_logits(tmp_path, out, os.path.join(out, "fake_quant")))
     schemes = {b["index"]: b for b in report["blocks"]}
     assert len(schemes) == 4
 
