@@ -45,6 +45,7 @@ def test_live_view_redraws_one_status_line_and_dedups_epochs(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.cluster
+@pytest.mark.usefixtures("local_ray")  # one Ray for both runs
 def test_actors_feed_the_driver_view(capsys, tmp_path, tiny_model, corpus_files):
     log_file = tmp_path / "events.jsonl"
     recipe = write_recipe(tmp_path, tiny_model("llama"), *corpus_files,

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
 
 def recipe(tmp_path, model, train, name):
