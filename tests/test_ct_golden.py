@@ -140,12 +140,13 @@ def test_fixture_regenerates_with_the_release(tmp_path, ct_release_python):
 LOGITS = """
 import sys, torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sys.argv[3] == "1" \\
-    else {}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
 ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits, sys.argv[2])
+for folder, out, dequantize in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} \\
+        if dequantize == "1" else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, out)
 """
 
 
@@ -189,13 +190,13 @@ def test_current_release_loads_it_in_transformers(tiny_model, tmp_path, bits, sy
     compressed-tensors >= 0.18 builds the compressed module on the meta device without packing
     the zero point, so its [out, groups] placeholder refuses the packed checkpoint tensor."""
     fmt = AffineFormat(bits, 16, symmetric)
-    logits = {}
+    argv = []  # both checkpoints' logits from one interpreter (its imports cost seconds)
     for packed in (True, False):
         folder = write_rtn_checkpoint(tiny_model("llama", 2), str(tmp_path / f"m{packed}"),
                                       fmt, packed)
-        out = tmp_path / f"logits-{packed}.pt"
-        subprocess.run([ct_release_python, "-c", LOGITS, folder, str(out),
-                        "1" if packed and not symmetric else "0"], check=True, capture_output=True,
-                       timeout=300, cwd=tmp_path)
-        logits[packed] = torch.load(out)
+        argv += [folder, str(tmp_path / f"logits-{packed}.pt"),
+                 "1" if packed and not symmetric else "0"]
+    subprocess.run([ct_release_python, "-c", LOGITS, *argv], check=True, capture_output=True,
+                   timeout=300, cwd=tmp_path)
+    logits = {packed: torch.load(tmp_path / f"logits-{packed}.pt") for packed in (True, False)}
     assert torch.allclose(logits[True], logits[False], rtol=0, atol=1e-5)
