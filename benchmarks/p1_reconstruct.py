@@ -109,15 +109,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
     "best_bf16_compiled": ("p1-signround-{scheme}-best", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
-    # the fast presets' schedule made explicit (2 epochs of 2 windows per step), and 1 epoch
-    # of 1 window per step (half the window passes, as many steps)
-    "fast_bf16_2x2": ("p1-signround-{scheme}-fast", {
-        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": 2,
-        "quantization.omniquant.batch_size": 2}),
-    "fast_bf16_1x1": ("p1-signround-{scheme}-fast", {
-        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": 1,
-        "quantization.omniquant.batch_size": 1}),
 }
+# the fast preset at a named schedule, EPOCHS x WINDOWS per step: 2 x 2 (W4's and W3 g64's,
+# W2 g64's as first set) and 1 x 1 (W2 g64's now: as many steps, half the window passes)
+for _epochs, _batch in ((2, 2), (1, 1)):
+    VARIANTS[f"fast_bf16_{_epochs}x{_batch}"] = ("p1-signround-{scheme}-fast", {
+        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": _epochs,
+        "quantization.omniquant.batch_size": _batch})
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
 # setting); and both. Learning rates from P1's block 12 (benchmarks/block_probe.py)
