@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 store)
         if "train_seconds" in r.metrics:  # learned methods: the training alone, and per step
             omni = config.quantization.omniquant
-            steps = omni.epochs * -(-args.train // omni.batch_size)
+            steps = omni.total_steps(args.train)
             row.update({"train_seconds": r.metrics["train_seconds"], "steps": steps,
                         "train_precision": r.metrics.get("train_precision")})
         print(json.dumps(row), flush=True)

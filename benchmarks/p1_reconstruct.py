@@ -110,12 +110,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "best_bf16_compiled": ("p1-signround-{scheme}-best", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
 }
-# the fast preset at a named schedule, EPOCHS x WINDOWS per step: 2 x 2 (W4's and W3 g64's,
-# W2 g64's as first set) and 1 x 1 (W2 g64's now: as many steps, half the window passes)
-for _epochs, _batch in ((2, 2), (1, 1)):
-    VARIANTS[f"fast_bf16_{_epochs}x{_batch}"] = ("p1-signround-{scheme}-fast", {
+# the fast preset at a named schedule: EPOCHSxWINDOWS per step, 2x2 (W3 g64's, W4's and
+# W2 g64's as first set) and 1x1 (W2 g64's now: as many steps, half the window passes), or
+# STEPSsWINDOWS, 192s1 (W4's now: 192 steps of 1 window, 1.5 passes over the 128)
+for _name, (_epochs, _steps, _batch) in {"2x2": (2, None, 2), "1x1": (1, None, 1),
+                                         "192s1": (1, 192, 1)}.items():
+    VARIANTS[f"fast_bf16_{_name}"] = ("p1-signround-{scheme}-fast", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": _epochs,
-        "quantization.omniquant.batch_size": _batch})
+        "quantization.omniquant.steps": _steps, "quantization.omniquant.batch_size": _batch})
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
 # setting); and both. Learning rates from P1's block 12 (benchmarks/block_probe.py)

@@ -60,7 +60,8 @@ def describe_method(config: RunConfig) -> str:
                                                  if o.sde.block else ""))
     if o.cross_layer is not None:
         parts.append(f"cross-layer x{o.cross_layer.depth}")
-    return f"omniquant ({', '.join(parts) or 'no learned parameters'}; {o.epochs} epochs)"
+    length = f"{o.steps} steps" if o.steps is not None else f"{o.epochs} epochs"
+    return f"omniquant ({', '.join(parts) or 'no learned parameters'}; {length})"
 
 
 def measured() -> dict[str, dict[str, Any]]:

@@ -272,8 +272,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     precision = training_precision(parts.device, formats, quantization.abits, cfg.autocast)
     compiled = compiled_block_call(cfg, quantization.abits)
     scaler = precision.scaler()
-    optimizer, schedule = (make_optimizer(groups, cfg, lambda: cfg.epochs * share.steps(
-        cfg.batch_size)) if groups else (None, None))
+    total_steps = cfg.total_steps(share.total)  # the global batch's, on every worker
+    optimizer, schedule = (make_optimizer(groups, cfg, lambda: total_steps)
+                           if groups else (None, None))
     # with several workers on one node each computes part of the quantizer (not with float16
     # loss scaling: its overflow check needs every gradient on every worker)
     exclusive = model.exclusive()
@@ -306,11 +307,16 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             quantization.gptq, dtypes)
     with activation_quant(block, names, quantization.abits):
         loss_before = probe_loss(parts, block, model.tensors, probe, probe_weight, group)
-        for epoch in range(cfg.epochs if optimizer is not None else 0):
+        per_pass = len(sizes)
+        passes = -(-total_steps // per_pass) if optimizer is not None and per_pass else 0
+        for epoch in range(passes):
             total, steps = 0.0, 0
             assert optimizer is not None
-            batches = Batches(streams, store, sizes, parts.device)
-            for batch, size, whole in zip(batches, sizes, totals, strict=True):
+            # the pass's steps: all of them but in a last pass that `steps` cuts short
+            count = min(per_pass, total_steps - epoch * per_pass)
+            batches = Batches(streams, store, sizes[:count], parts.device)
+            for batch, size, whole in zip(batches, sizes[:count], totals[:count],
+                                          strict=True):
                 optimizer.zero_grad(set_to_none=True)
                 # the quantizer in float32, once per step (every worker: each goes back
                 # through it with the same summed gradient)
@@ -334,7 +340,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         "let_lr, or train in float32 (quantization.omniquant.autocast: float32)")
                 if cfg.keep_best and (best is None or value < best[0]):
                     best = (value, [p.detach().clone() for p in learnable])
-                    best_step = epoch * len(sizes) + steps
+                    best_step = epoch * per_pass + steps
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                     scaler.step(optimizer)
@@ -348,9 +354,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 steps += 1
             epoch_losses.append(total / max(steps, 1))
             seconds = time.perf_counter() - start
-            events.emit("epoch", f"block {index + 1}: epoch {epoch + 1}/{cfg.epochs}, loss "
+            events.emit("epoch", f"block {index + 1}: epoch {epoch + 1}/{passes}, loss "
                         f"{epoch_losses[-1]:.4e}, {seconds:.1f}s", block=index, epoch=epoch + 1,
-                        epochs=cfg.epochs, loss=epoch_losses[-1], seconds=seconds)
+                        epochs=passes, loss=epoch_losses[-1], seconds=seconds)
     if best is not None:
         with torch.no_grad():
             for p, kept in zip(learnable, best[1], strict=True):
@@ -375,6 +381,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses),
+                               "steps": total_steps if optimizer is not None else 0,
                                **({"quantizer_split": shards is not None}
                                   if group.world > 1 else {}),
                                **({"quantizer_exchange": "shared_memory" if isinstance(

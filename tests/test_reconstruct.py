@@ -274,6 +274,52 @@ def test_the_collective_runs_before_every_step(tiny_model):
     assert r.metrics["loss_after"] == pytest.approx(r.metrics["loss_before"], rel=1e-6)
 
 
+def test_steps_replace_epochs_and_can_end_a_pass_early(tiny_model):
+    """`steps` equal to epochs x steps per pass is the epochs run bit for bit (the learning-rate
+    schedule included); fewer steps stop inside a pass, and every step goes through the
+    collective."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts)  # 4 windows
+
+    def run(**settings):
+        group = CountingGroup()
+        q = quantization(method="omniquant", bits=3, group_size=16,
+                         omniquant={"let": True, "optimizer": "signsgd", "lwc_lr": 0.05,
+                                    "batch_size": 1, **settings})
+        r = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                      store, group)
+        return r, len(group.steps)
+
+    by_epochs, n = run(epochs=2)
+    by_steps, m = run(steps=8, epochs=5)  # steps wins over epochs
+    assert n == m == 8 and by_steps.metrics["steps"] == 8 and by_steps.metrics["epochs"] == 2
+    ct = ExportFormat.COMPRESSED_TENSORS
+    assert all(torch.equal(t, by_steps.exports[ct][k]) for k, t in by_epochs.exports[ct].items())
+    short, k = run(steps=6)  # one pass and a half
+    assert k == 6 and short.metrics["epochs"] == 2 and short.metrics["steps"] == 6
+    assert any(not torch.equal(t, short.exports[ct][k]) for k, t in by_epochs.exports[ct].items())
+    assert short.metrics["loss_after"] < short.metrics["loss_before"]
+    none, k = run(steps=0)
+    assert k == 0 and none.metrics["epochs"] == 0
+
+
+class CountingGroup(FreezingGroup):
+    """A group whose other worker adds nothing: counts the training steps, changes nothing."""
+
+    def sum_(self, tensors):
+        if len(tensors) > 1:
+            self.steps.append(len(tensors) - 1)
+
+
+def test_steps_count_in_the_cost_model_and_window_passes():
+    q = quantization(method="omniquant", omniquant={"batch_size": 2, "epochs": 3})
+    assert q.omniquant.total_steps(128) == 192 and q.omniquant.window_passes(128) == 3
+    q = quantization(method="omniquant", omniquant={"batch_size": 1, "steps": 192})
+    assert q.omniquant.total_steps(128) == 192 and q.omniquant.window_passes(128) == 1.5
+    q = quantization(method="omniquant", omniquant={"batch_size": 2, "steps": 65})
+    assert q.omniquant.window_passes(127) == pytest.approx(1 + 2 / 127)
+
+
 def test_weight_activation_quantization_path(tiny_model):
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts)
@@ -297,6 +343,9 @@ def test_method_settings_are_validated():
         quantization(gptq={"damp": 0})
     with pytest.raises(ConfigError, match="quantization.omniquant.epochs"):
         quantization(omniquant={"epochs": -1})
+    for bad in (-1, 2.5, "many"):
+        with pytest.raises(ConfigError, match="quantization.omniquant.steps"):
+            quantization(method="omniquant", omniquant={"steps": bad})
 
 
 def test_every_bundled_recipe_validates():

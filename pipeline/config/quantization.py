@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any
 
 from pipeline.config.base import _require, check_module_pattern, check_seed
@@ -118,6 +119,10 @@ class OmniQuantConfig:
     let: bool = False  # learnable equivalent transformation
     epochs: int = 20  # passes over the calibration windows per block
     batch_size: int = 1  # calibration windows per optimizer step
+    # optimizer steps per block, in place of epochs (AutoRound's iters): the windows are gone
+    # through in order, batch_size per step, as many passes as the steps need, the last one
+    # cut short (e.g. 192 steps of 1 over 128 windows: 1.5 passes); null: epochs passes
+    steps: int | None = None
     lwc_lr: float = 1e-2  # learning rate of the clipping parameters
     let_lr: float = 5e-3  # learning rate of the equivalent transforms
     weight_decay: float = 0.0  # AdamW's, on every learned parameter
@@ -181,6 +186,8 @@ class OmniQuantConfig:
                  f"{where}.round_init: gptq cannot be combined with sde (the offsets reproduce "
                  "GPTQ's codes of the unexpanded weight); use nearest")
         _require(self.epochs >= 0, f"{where}.epochs: {self.epochs}; must be >= 0")
+        _require(self.steps is None or (isinstance(self.steps, int) and self.steps >= 0),
+                 f"{where}.steps: {self.steps!r}; must be null or an integer >= 0")
         _require(self.batch_size >= 1, f"{where}.batch_size: {self.batch_size}; must be >= 1")
         _require(1 <= self.micro_batch <= self.batch_size,
                  f"{where}.micro_batch: {self.micro_batch}; must be in [1, batch_size "
@@ -196,6 +203,20 @@ class OmniQuantConfig:
         _require(self.weight_decay >= 0,
                  f"{where}.weight_decay: {self.weight_decay}; must be >= 0")
         _require(0 <= self.alpha <= 1, f"{where}.alpha: {self.alpha}; must be in [0, 1]")
+
+    def total_steps(self, windows: int) -> int:
+        """Optimizer steps per block over `windows` calibration windows."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(windows / self.batch_size)
+
+    def window_passes(self, windows: int) -> float:
+        """Window forward-and-backward passes per block, in units of the whole set of
+        `windows` (epochs, fractional when `steps` ends a pass early)."""
+        per_pass = math.ceil(windows / self.batch_size)
+        steps = self.total_steps(windows)
+        whole, rest = divmod(steps, per_pass) if per_pass else (0, 0)
+        return whole + min(rest * self.batch_size, windows) / windows if windows else 0.0
 
 
 class Objective(str, enum.Enum):

@@ -245,7 +245,8 @@ def write_seconds(shape: BlockShape, bits: int, device: Device) -> float:
 def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, device: Device,
                      share: int) -> dict[str, float]:
     cfg = q.omniquant
-    steps = cfg.epochs * math.ceil(work.windows / cfg.batch_size)
+    steps = cfg.total_steps(work.windows)
+    passes = cfg.window_passes(work.windows)  # epochs, fractional when steps cuts one short
     window_flops = forward_flops(shape, work.seq_len, work.seq_len)
     per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
     quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
@@ -255,7 +256,7 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     dp = work.schedule is Schedule.DATA_PARALLEL and work.workers > 1
     # (not under float16 loss scaling, as in training)
     split = dp and cfg.shard_quantizer and cfg.autocast is not Autocast.FLOAT16
-    train = cfg.epochs * share * per_window + steps * quantizer / (work.workers if split else 1)
+    train = passes * share * per_window + steps * quantizer / (work.workers if split else 1)
     out = {"train": train,
            "probe": 2 * min(16, share) * window_flops / device.forward_flops}
     if cfg.sde is not None:
@@ -269,7 +270,7 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         # every window also goes forward and back through the next blocks; their FP targets
         # are computed once
         depth = cfg.cross_layer.depth
-        out["cross_layer"] = (cfg.epochs * share * depth * per_window
+        out["cross_layer"] = (passes * share * depth * per_window
                               + depth * share * window_flops / device.forward_flops)
     if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
         out["gptq"] = sweep_seconds(shape, device)
