@@ -8,7 +8,8 @@ the other in this one invocation, every worker on one thread:
 - `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread and pipelined over 2
   sequential stages x 1 thread; with `--eval-extra` also 2 data-parallel workers x 1 thread
   and a plain transformers forward over the same windows in this process on 1 thread
-  (`--eval-setups 1x1 plain` picks rows).
+  (`--eval-setups 1x1 plain` picks rows; `2xauto` is the evaluation a P1 quantize run does,
+  2 stages with automatic threads, and `plain-all` the plain forward on every core).
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
         [--setups 1x1 2x1 1x2] [--set KEY=VALUE ...] [--tag NAME]
@@ -47,11 +48,15 @@ SETUPS = {"1x1": ("1 worker x 1 thread", 1, 1, "sequential"),
 EVAL_SETUPS = {"1x1": ("1 stage x 1 thread", 1, 1, "sequential"),
                "2x1": ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
                "2x1-dp": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
-               "plain": None}
+               # what a quantize run's evaluation gets: P1's 2 stages, threads automatic
+               "2xauto": ("2 stages x auto threads (sequential, pipelined: P1 recipes)", 2, None,
+                          "sequential"),
+               "plain": None,  # plain transformers in this process, 1 thread
+               "plain-all": None}  # the same on every core torch sees
 EVAL_DEFAULT, EVAL_EXTRA = ["1x1", "2x1"], ["2x1-dp", "plain"]
 
 
-def cluster(workers: int, threads: int, schedule: str) -> dict:
+def cluster(workers: int, threads: int | None, schedule: str) -> dict:
     return {"cluster.workers": workers, "cluster.threads": threads,
             "cluster.schedule": schedule}
 
@@ -113,7 +118,8 @@ def eval_part(setups: list[str]) -> dict:
     model = base.model.path
     for key in setups:
         if EVAL_SETUPS[key] is None:
-            rows.append(plain_transformers_row(model, base.eval))
+            rows.append(plain_transformers_row(model, base.eval,
+                                               None if key == "plain-all" else 1))
             continue
         label, workers, threads, schedule = EVAL_SETUPS[key]
         config = load_recipe("p1-rtn-w4", cluster(workers, threads, schedule))
@@ -130,9 +136,10 @@ def eval_part(setups: list[str]) -> dict:
     return {"model": "smollm2-135m (FP)", "rows": rows}
 
 
-def plain_transformers_row(model: str, eval_config) -> dict:
-    """The same windows through a plain transformers forward in this one process, 1 thread,
-    chunks of 8 windows (the reference a streamed evaluation should match)."""
+def plain_transformers_row(model: str, eval_config, threads: int | None = 1) -> dict:
+    """The same windows through a plain transformers forward in this one process, on `threads`
+    (None: torch's default, every core it sees), chunks of 8 windows (the reference a
+    streamed evaluation should match)."""
     import math
 
     import torch
@@ -143,8 +150,9 @@ def plain_transformers_row(model: str, eval_config) -> dict:
 
     folder = resolve_model_path(model)
     windows = eval_windows_for(folder, eval_config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    threads = threads or before
+    torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -159,10 +167,11 @@ def plain_transformers_row(model: str, eval_config) -> dict:
                 count += ids[:, 1:].numel()
         seconds = time.perf_counter() - start
     finally:
-        torch.set_num_threads(threads)
-    log.info("eval plain transformers: %.1fs", seconds)
-    return {"setup": "plain transformers forward, 1 process x 1 thread", "workers": 1,
-            "threads": 1, "schedule": None, "perplexity": math.exp(nll / count),
+        torch.set_num_threads(before)
+    log.info("eval plain transformers (%d threads): %.1fs", threads, seconds)
+    return {"setup": f"plain transformers forward, 1 process x {threads} thread"
+                     + ("s" if threads > 1 else ""), "workers": 1,
+            "threads": threads, "schedule": None, "perplexity": math.exp(nll / count),
             "windows": int(windows.shape[0]), "seconds": seconds}
 
 
