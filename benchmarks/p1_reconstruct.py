@@ -17,10 +17,16 @@ through the whole pipeline (local Ray, stage actors, export, streamed evaluation
 merged into benchmarks/results/p1_reconstruct.json as they finish, so the table can be filled
 over several invocations; `--rows` picks rows (default: all, skipping those already there
 unless --redo). Needs `relayquant assets prepare`.
+
+`--unseen mail:test` also scores every row (and the FP model, once) on the first
+`--unseen-windows` (128) windows of a text the calibration never saw (`relayquant assets
+prepare mail`: ham mail bodies, unlike the addresses), stored as the row's `unseen` and the
+result's `unseen_fp`; rows without that score are redone.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +36,7 @@ import time
 from typing import Any
 
 from cluster.coordinator import quantize
+from cluster.evaluation import evaluate
 from jobs.recipes import load_recipe
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -153,15 +160,30 @@ def scheme_key(row: dict[str, Any]) -> str:
     return next(k for k, v in PEER_SCHEME.items() if v == row["scheme"])
 
 
+def unseen_perplexity(model: str, config: Any, unseen: tuple[str, int]) -> dict[str, Any]:
+    """`model`'s perplexity on the first windows of a corpus the calibration never saw (the
+    row's evaluation settings otherwise), through the pipeline's streamed evaluation."""
+    corpus, windows = unseen
+    eval_config = dataclasses.replace(config.eval, corpus=corpus, max_windows=windows)
+    start = time.perf_counter()
+    ppl = evaluate(model, eval_config, config.cluster)
+    return {"corpus": corpus, "windows": ppl["windows"], "seq_len": eval_config.seq_len,
+            "perplexity": ppl["perplexity"], "seconds": time.perf_counter() - start}
+
+
 def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, unseen: tuple[str, int] | None = None
+            ) -> dict[str, Any]:
     symmetric = SCHEMES[scheme][2]
     recipe, changes = row_recipe(scheme, variant)
-    config = load_recipe(recipe, {**changes, "output": os.path.join(work, f"{scheme}-{variant}"),
+    output = os.path.join(work, f"{scheme}-{variant}")
+    config = load_recipe(recipe, {**changes, "output": output,
                                   "cluster.workers": workers, "cluster.threads": threads,
                                   "eval.fp": fp})
     start = time.perf_counter()
     report = quantize(config)
+    extra = ({"unseen": unseen_perplexity(output, config, unseen)} if unseen is not None
+             else {})
     ppl = report["perplexity"]
     blocks = report["blocks"]
     omni = config.quantization.omniquant
@@ -182,7 +204,7 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
         "stage_peak_private_bytes": max(b["peak_private_bytes"] for b in blocks),
         "mean_loss_before": _mean(blocks, "loss_before"),
         "mean_loss_after": _mean(blocks, "loss_after"),
-        "workers": workers, "threads": config.cluster.threads,
+        "workers": workers, "threads": config.cluster.threads, **extra,
     }
 
 
@@ -199,6 +221,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: its share of the CPUs); 1 lets "
                              "two rows run side by side without oversubscribing the cores")
+    parser.add_argument("--unseen", default=None, metavar="CORPUS",
+                        help="also score every row on this corpus the calibration never saw "
+                             "(e.g. mail:test, after `relayquant assets prepare mail`), and "
+                             "the FP model once")
+    parser.add_argument("--unseen-windows", type=int, default=128,
+                        help="the first N windows of --unseen (default 128)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--table", action="store_true",
                         help="every scheme x " + ", ".join(TABLE) + "; implies --redo")
@@ -214,15 +242,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.table:
         args.rows = [f"{s}:{v}" for s in SCHEMES for v in TABLE]
         args.redo, result["fp"] = True, None
-    done = {(r["scheme"], r["method"]) for r in result["rows"]}
+    done = {(r["scheme"], r["method"]) for r in result["rows"]
+            if args.unseen is None or r.get("unseen", {}).get("corpus") == args.unseen}
+    unseen = (args.unseen, args.unseen_windows) if args.unseen is not None else None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relayquant-p1r-") as work:
         for row in args.rows:
             scheme, variant = row.split(":")
             if (PEER_SCHEME[scheme], variant) in done and not args.redo:
                 continue
+            if unseen is not None:  # the FP model on that text, once per corpus and count
+                key = f"{args.unseen}:{args.unseen_windows}"
+                result.setdefault("unseen_fp", {})
+                if key not in result["unseen_fp"]:
+                    recipe, _ = row_recipe(scheme, variant)
+                    config = load_recipe(recipe, {"cluster.workers": args.workers,
+                                                  "cluster.threads": args.threads})
+                    result["unseen_fp"][key] = unseen_perplexity(config.model.path, config,
+                                                                 unseen)
+                    write_result(args.out, result)
             out = run_row(scheme, variant, work, args.workers, fp=result["fp"] is None,
-                          threads=args.threads)
+                          threads=args.threads, unseen=unseen)
             if out["fp_perplexity"] is not None:
                 result["fp"] = out["fp_perplexity"]
             result["rows"] = [r for r in result["rows"]

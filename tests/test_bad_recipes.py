@@ -330,7 +330,8 @@ def test_eval_tasks_on_a_folder_that_is_not_a_model(capsys, tmp_path):
     (["status", "OUT", "--set", "quantization.bits=3"], "--set: needs --config"),
     (["status", "OUT", "--config", "no-such-recipe"], "--config: 'no-such-recipe' is neither a "
                                                       "file nor a bundled recipe"),
-    (["assets", "prepare", "sotu"], "assets prepare: takes no name"),
+    (["assets", "prepare", "nosuch"], "assets prepare: 'nosuch' is not known; choose from "
+                                      "smollm2-135m, sotu, mail"),
 ])
 def test_status_and_assets_arguments(capsys, tmp_path, argv, pattern):
     refused(capsys, tmp_path, [str(tmp_path) if a == "OUT" else a for a in argv], pattern)
