@@ -50,7 +50,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    # sotu:train, sotu:test, dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet path or URL
+    # sotu:train, sotu:test, mail:test, dataset:NAME[:CONFIG]:SPLIT, or a .txt/.jsonl/.parquet
+    # path or URL
     corpus: str = "sotu:train"
     num_samples: int = 128  # calibration windows
     seq_len: int = 512  # tokens per window (at most the model's context)
