@@ -8,8 +8,9 @@ the other in this one invocation, every worker on one thread:
 - `eval`: the FP model's 292-window perplexity on 1 stage x 1 thread and pipelined over 2
   sequential stages x 1 thread; with `--eval-extra` also 2 data-parallel workers x 1 thread
   and a plain transformers forward over the same windows in this process on 1 thread
-  (`--eval-setups 1x1 plain` picks rows; `2xauto` is the evaluation a P1 quantize run does,
-  2 stages with automatic threads, and `plain-all` the plain forward on every core).
+  (`--eval-setups 1x1 plain` picks rows; `1xauto` and `2xauto` are 1 and 2 sequential
+  stages with automatic threads, `2x1-dp` what a P1 recipe's own evaluation does, and
+  `plain-all` the plain forward on every core).
 
     python benchmarks/p1_data_parallel.py [--parts learned gptq eval] [--epochs N]
         [--setups 1x1 2x1 1x2] [--set KEY=VALUE ...] [--tag NAME]
@@ -48,8 +49,11 @@ SETUPS = {"1x1": ("1 worker x 1 thread", 1, 1, "sequential"),
 EVAL_SETUPS = {"1x1": ("1 stage x 1 thread", 1, 1, "sequential"),
                "2x1": ("2 stages x 1 thread (sequential, pipelined)", 2, 1, "sequential"),
                "2x1-dp": ("2 workers x 1 thread (data_parallel)", 2, 1, "data_parallel"),
-               # what a quantize run's evaluation gets: P1's 2 stages, threads automatic
-               "2xauto": ("2 stages x auto threads (sequential, pipelined: P1 recipes)", 2, None,
+               # automatic threads: 1 stage takes every core; 2 sequential stages too, but
+               # each its share while both compute (a pipelined pass); the P1 recipes' own
+               # evaluation (2 workers, schedule unset) is 2x1-dp
+               "1xauto": ("1 stage x auto threads", 1, None, "sequential"),
+               "2xauto": ("2 stages x auto threads (sequential, pipelined)", 2, None,
                           "sequential"),
                "plain": None,  # plain transformers in this process, 1 thread
                "plain-all": None}  # the same on every core torch sees

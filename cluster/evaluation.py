@@ -35,34 +35,38 @@ def stream_perplexity(stages: Stages, model_path: str, windows: torch.Tensor,
     chunks are pipelined through the stages (stage k works on chunk c while stage k+1 works on
     chunk c-1)."""
     start = time.perf_counter()
-    busy: list[float] | None = None
+    ended: list[dict[str, Any]] | None = None
     if stages.data_parallel:
         shares = torch.tensor_split(windows, len(stages.actors))
         parts = gather([a.dp_perplexity.remote(model_path, share, stages.chunk_size, abits, lorc)
                         for a, share in zip(stages.actors, shares, strict=True)])
     else:
-        parts, busy = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
+        parts, ended = pipelined_scores(stages, model_path, windows, abits, label, start, lorc)
     nll = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     seconds = time.perf_counter() - start
     log.info("eval %s: %d windows in %.1fs%s", label, windows.shape[0], seconds,
-             "" if busy is None else
-             " (stages busy " + ", ".join(f"{b:.1f}s" for b in busy) + ")")
+             "" if ended is None else
+             " (stages busy " + ", ".join(f"{e['busy_seconds']:.1f}s" for e in ended)
+             + f", {'/'.join(str(e['threads']) for e in ended)} threads)")
     return {"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
             "tokens": count, "seconds": seconds,
-            **({} if busy is None else {"stage_busy_seconds": busy})}
+            **({} if ended is None else
+               {"stage_busy_seconds": [e["busy_seconds"] for e in ended],
+                "stage_threads": [e["threads"] for e in ended]})}
 
 
 def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abits: int,
                      label: str, start: float, lorc: str | None = None
-                     ) -> tuple[list[tuple[float, int]], list[float]]:
+                     ) -> tuple[list[tuple[float, int]], list[dict[str, Any]]]:
     """Each chunk through every stage and scored on the last; all chunks submitted at once, so
     Ray runs stage k's chunk c beside stage k+1's chunk c-1 (an actor runs its tasks in
     submission order). Each stage keeps its blocks loaded for the pass. Returns the chunks'
-    (NLL, tokens) and the seconds each stage spent computing."""
+    (NLL, tokens) and, per stage, the seconds it spent computing and its torch threads."""
     ids_chunks = split_windows(windows, stages.chunk_size)
     refs = []
     try:
+        begin_pipelined(stages)
         for ids in ids_chunks:
             h = stages.actors[0].embed_chunk.remote(model_path, ids, lorc)
             for actor, (a, b) in zip(stages.actors, stages.plan.stages, strict=True):
@@ -75,8 +79,12 @@ def pipelined_scores(stages: Stages, model_path: str, windows: torch.Tensor, abi
             report_progress(f"eval {label}", len(refs) - len(pending), len(refs), start, "chunks")
         scores = ray.get(refs)
     finally:
-        busy = gather([a.release_blocks.remote() for a in stages.actors])
-    return scores, busy
+        ended = gather([a.release_blocks.remote() for a in stages.actors])
+    return scores, ended
+
+
+def begin_pipelined(stages: Stages) -> None:
+    gather([a.begin_pipelined.remote(stages.pipeline_threads) for a in stages.actors])
 
 
 def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Tensor],
@@ -86,6 +94,7 @@ def pipelined_forward(stages: Stages, model_path: str, ids_chunks: list[torch.Te
     inputs: list[list[Any]] = [[] for _ in stages.actors]
     stream = []
     try:
+        begin_pipelined(stages)
         for ids in ids_chunks:
             h = stages.actors[0].embed_chunk.remote(model_path, ids)
             for s, (actor, (a, b)) in enumerate(zip(stages.actors, stages.plan.stages,

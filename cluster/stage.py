@@ -44,6 +44,7 @@ class StageActor:
         if board is not None:  # the driver's progress view: events go there, not to our log
             events.subscribe(lambda e: board.post.remote({**e, "worker": stage}))
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        self.threads = torch.get_num_threads()  # outside pipelined passes
         self.stage, self.blocks = stage, blocks
         self.compute_dtype, self.device = compute_dtype, device
         self.store = RayStore()
@@ -114,12 +115,21 @@ class StageActor:
         return depth_errors.output_depth_errors(self._parts(model_path),
                                                 self._parts(output, lorc), ids, abits, progress)
 
-    def release_blocks(self) -> float:
-        """Ends a pipelined pass: drops the loaded blocks; returns the seconds this stage spent
-        computing chunks during it."""
+    def begin_pipelined(self, threads: int | None) -> None:
+        """Starts a pipelined pass, in which every stage computes at once: `threads` torch
+        threads for it (the stage's share of its node's cores), None: as configured."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    def release_blocks(self) -> dict[str, Any]:
+        """Ends a pipelined pass: drops the loaded blocks and goes back to the configured
+        threads; returns the seconds this stage spent computing chunks during it and the
+        threads it computed them on."""
         self.resident.clear()
         busy, self.busy_seconds = self.busy_seconds, 0.0
-        return busy
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        return {"busy_seconds": busy, "threads": threads}
 
     def save_streams(self, output: str, boundary: int, fp: list[Any] | None,
                      q: list[Any]) -> None:
@@ -176,7 +186,8 @@ class StageActor:
         """Where this stage runs (for the report: which node holds which blocks)."""
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "hostname": socket.gethostname(), "pid": os.getpid()}
+                "hostname": socket.gethostname(), "pid": os.getpid(),
+                "threads": torch.get_num_threads()}
 
     # --- the data-parallel schedule: this actor is one worker of all blocks ----------------------
 

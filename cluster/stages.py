@@ -29,6 +29,10 @@ class Stages:
     chunk_size: int
     data_parallel: bool = False
     places: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # torch threads per stage in pipelined passes, where every stage computes at once (None:
+    # the stages' own): CPU stages that otherwise take every core they see, since one stage
+    # computes at a time when quantizing, would oversubscribe the cores there
+    pipeline_threads: int | None = None
 
     def owner(self, index: int) -> Any:
         for actor, (start, end) in zip(self.actors, self.plan.stages, strict=True):
@@ -55,7 +59,8 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
              len(actors), ", ".join(f"[{a}, {b})" for a, b in plan.stages),
              f"{resources.cpus_per_worker} CPU", device)
     stages = Stages(plan, actors, cluster.chunk_size,
-                    cluster.resolved_schedule is Schedule.DATA_PARALLEL)
+                    cluster.resolved_schedule is Schedule.DATA_PARALLEL,
+                    pipeline_threads=pipelined_threads(resources, device, len(actors)))
     try:
         stages.places = [{"stage": i, "blocks": list(blocks), **place} for i, (blocks, place) in
                          enumerate(zip(plan.stages, gather([a.place.remote() for a in actors]),
@@ -79,6 +84,15 @@ def start_stages(plan: Plan, cluster: ClusterConfig) -> tuple[Stages, Any]:
         log.info("data_parallel: %d workers joined one process group (%s)", len(actors),
                  "nccl" if device == "cuda" else "gloo")
     return stages, group
+
+
+def pipelined_threads(resources: runtime.Resources, device: str, stages: int) -> int | None:
+    """Torch threads per stage while all stages compute at once: CPU stages with automatic
+    threads (each sees every core) get their share of the CPUs; threads set in the recipe,
+    GPU stages and a single stage keep their own (None)."""
+    if device != "cpu" or resources.threads != 0 or stages < 2:
+        return None
+    return max(1, int(resources.cpus_per_worker))
 
 
 def gather(refs: list[Any]) -> list[Any]:

@@ -1,4 +1,5 @@
 """The distributed path on tiny models: bit-identical to a single-process reference."""
+import dataclasses
 import json
 import math
 import os
@@ -156,6 +157,37 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
     # `relayquant eval` on the output agrees with the number in the report
     again = evaluate(out, config.eval, ClusterConfig(workers=3))
     assert again["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-6)
+
+
+def test_pipelined_passes_share_the_cores_then_give_them_back(tiny_model, corpus_files):
+    """Sequential CPU stages take every core they see (one computes at a time while
+    quantizing); in a pipelined pass all compute at once, so each takes its share of the
+    cores (local Ray: 2 CPUs, 2 stages) and goes back to all of them after; threads set in
+    the recipe are kept."""
+    from cluster import runtime
+    from cluster.evaluation import stream_perplexity
+    from cluster.stages import gather, pipelined_threads, start_stages
+    from pipeline.calibration import eval_windows_for
+    from pipeline.plan import make_plan, open_model
+
+    model = tiny_model("llama")
+    windows = eval_windows_for(model, EvalConfig(corpus=corpus_files[1], seq_len=32,
+                                                 max_windows=6))
+    plan = make_plan(open_model(model), model, 2)
+    stages, group = start_stages(plan, ClusterConfig(workers=2, chunk_size=2,
+                                                     schedule="sequential"))
+    try:
+        result = stream_perplexity(stages, model, windows, "fp")
+        assert result["stage_threads"] == [1, 1]
+        after = [p["threads"] for p in gather([a.place.remote() for a in stages.actors])]
+        assert after == [len(os.sched_getaffinity(0))] * 2
+    finally:
+        runtime.release(stages.actors, group)
+    share = runtime.Resources(cpus_per_worker=8.0, gpus_per_worker=0, threads=0)
+    assert pipelined_threads(share, "cpu", 2) == 8
+    assert pipelined_threads(dataclasses.replace(share, threads=2), "cpu", 2) is None
+    assert pipelined_threads(share, "cpu", 1) is None
+    assert pipelined_threads(share, "cuda", 2) is None
 
 
 def test_eval_of_the_input_model_matches_transformers(tiny_model, corpus_files):
