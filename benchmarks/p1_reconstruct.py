@@ -125,6 +125,10 @@ for _name, (_epochs, _steps, _batch) in {"2x2": (2, None, 2), "1x1": (1, None, 1
     VARIANTS[f"fast_bf16_{_name}"] = ("p1-signround-{scheme}-fast", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": _epochs,
         "quantization.omniquant.steps": _steps, "quantization.omniquant.batch_size": _batch})
+# 1x1 keeping the last step's parameters, not those of the step with the lowest loss (with
+# one window per step that loss is one window's, so the kept step is the easiest window's)
+VARIANTS["fast_bf16_1x1_last"] = ("p1-signround-{scheme}-fast", {
+    **VARIANTS["fast_bf16_1x1"][1], "quantization.omniquant.keep_best": False})
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
 # setting); and both. Learning rates from P1's block 12 (benchmarks/block_probe.py)
