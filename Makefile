@@ -22,8 +22,10 @@ assets: $(STAMP)
 quickstart: setup
 	$(BIN)/relayquant quantize --config jobs/configs/p1-rtn-w4.yaml
 
+# two pytest workers, each taking whole test files (a file's module-scoped Ray is its own):
+# the tests spend much of their time starting processes, which two workers overlap
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
