@@ -134,9 +134,13 @@ def eval_part(setups: list[str]) -> dict:
                      "windows": ppl["windows"], "seconds": time.perf_counter() - start})
         log.info("eval %s: %.1fs", label, rows[-1]["seconds"])
     one_stage = next((r for r in rows if r["setup"] == EVAL_SETUPS["1x1"][0]), None)
+    plain = next((r for r in rows if r["setup"].startswith("plain") and r["threads"] == max(
+        x["threads"] or 0 for x in rows if x["setup"].startswith("plain"))), None)
     for row in rows:
         if one_stage is not None:
             row["time_vs_1_stage"] = row["seconds"] / one_stage["seconds"]
+        if plain is not None:  # against the plain forward on the most threads
+            row["time_vs_plain"] = row["seconds"] / plain["seconds"]
     return {"model": "smollm2-135m (FP)", "rows": rows}
 
 
