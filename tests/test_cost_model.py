@@ -98,7 +98,7 @@ def test_the_scale_table_is_what_plan_predicts(tmp_path, capsys):
         rows = re.findall(r"^\|[^|]*`(llama-70b-[\w-]+)`[^|]*\| (?:(\d+) nodes x )?(\d+) x "
                           r"([AH]100-\d+G)[^|]*\| ([\d.]+) (h|min) \| ([\d.]+) GiB \|", f.read(),
                           re.MULTILINE)
-    assert len(rows) == 16
+    assert len(rows) == 24
     for name, nodes, per_node, device, seconds, unit, memory in rows:
         assert main(["plan", "--config", name, "--set", f"model.path={folder}",
                      "--set", f"output={tmp_path / 'out'}",
