@@ -16,9 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, base, quantization, run
+from pipeline.config import RunConfig, base, budget, quantization, run
 
-CONFIG_MODULES = (base, quantization, run)
+CONFIG_MODULES = (base, quantization, budget, run)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 

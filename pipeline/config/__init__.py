@@ -2,25 +2,23 @@
 
 Every class validates itself in `__post_init__` and raises `ConfigError` naming the field and the
 allowed values. Unknown keys are errors. `base` holds the error and its checks, `quantization`
-the quantization section, `run` the rest of the tree and `RunConfig` itself.
+the quantization section (`budget` its CVXQ budget), `run` the rest of the tree and `RunConfig` itself.
 """
 from pipeline.config.base import (
     ConfigError,
     check_module_pattern,
 )
+from pipeline.config.budget import BudgetConfig, Distortion, Objective
 from pipeline.config.quantization import (
     OVERRIDE_KEYS,
     SYMMETRIC_RANGES,
     Autocast,
-    BudgetConfig,
     ClipParam,
     CrossLayerConfig,
-    Distortion,
     GPTQConfig,
     LorcConfig,
     LorcDtype,
     Method,
-    Objective,
     Observer,
     OmniQuantConfig,
     Optimizer,
