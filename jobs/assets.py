@@ -235,6 +235,5 @@ def asset_path(name: str) -> str:
         known = ", ".join([*assets.MODELS, *assets.CORPORA])
         raise ConfigError(f"asset {name!r} is not known; known: {known}")
     if not _verified(path):
-        raise ConfigError(f"asset {name} is not prepared; run `relayquant assets prepare"
-                          f"{' ' + name if name in assets.OPTIONAL else ''}`")
+        raise ConfigError(f"asset {name} is not prepared; run `{assets.prepare_command(name)}`")
     return path

@@ -16,6 +16,11 @@ CORPORA = {"sotu": ("train", "test"), "mail": ("test",)}
 OPTIONAL = ("mail",)  # not prepared by a bare `relayquant assets prepare`
 
 
+def prepare_command(name: str) -> str:
+    """The command that prepares asset `name`."""
+    return "relayquant assets prepare" + (f" {name}" if name in OPTIONAL else "")
+
+
 def home() -> str:
     return os.environ.get("RELAYQUANT_HOME") or os.path.expanduser("~/.cache/relayquant")
 

@@ -48,8 +48,8 @@ def _read_text(spec: str, text_field: str, field: str) -> str:
         except ConfigError as e:
             raise ConfigError(f"{field}: {e}") from e
         if not os.path.exists(path):
-            raise ConfigError(f"{field}: {spec} is not prepared yet; run `relayquant assets "
-                              f"prepare{' ' + name if name in assets.OPTIONAL else ''}`")
+            raise ConfigError(f"{field}: {spec} is not prepared yet; run "
+                              f"`{assets.prepare_command(name)}`")
         return open(path, encoding="utf-8").read()
     if spec.startswith("dataset:"):
         return "\n\n".join(_dataset_records(spec.removeprefix("dataset:"), text_field, field))
