@@ -119,9 +119,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # the fast preset at a named schedule: EPOCHSxWINDOWS per step, 2x2 (W3 g64's, W4's and
 # W2 g64's as first set) and 1x1 (W2 g64's now: as many steps, half the window passes), or
-# STEPSsWINDOWS, 192s1 (W4's now: 192 steps of 1 window, 1.5 passes over the 128)
+# STEPSsWINDOWS, 192s1 (192 steps of 1 window, 1.5 passes over the 128) and 96s2 (96 steps
+# of 2 windows: 1.5 passes, 3/4 of 2x2's steps)
 for _name, (_epochs, _steps, _batch) in {"2x2": (2, None, 2), "1x1": (1, None, 1),
-                                         "192s1": (1, 192, 1)}.items():
+                                         "192s1": (1, 192, 1), "96s2": (1, 96, 2)}.items():
     VARIANTS[f"fast_bf16_{_name}"] = ("p1-signround-{scheme}-fast", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": _epochs,
         "quantization.omniquant.steps": _steps, "quantization.omniquant.batch_size": _batch})
