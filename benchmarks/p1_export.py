@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # runs in a fresh interpreter: transformers (+ compressed-tensors) only
 SCORE = """
@@ -54,7 +55,7 @@ def score_with_transformers(folder: str, windows_path: str, work: str) -> dict:
                    cwd=work)
     import torch
 
-    result = json.load(open(out))
+    result = json.loads(Path(out).read_text())
     result["logits"] = torch.load(out + ".logits.pt")
     return result
 
@@ -63,9 +64,9 @@ def predicted_bytes(folder: str) -> dict:
     """Packed weights + scales + zero points from the config, plus every unquantized tensor."""
     from safetensors import safe_open
 
-    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]
+    index = json.loads(Path(folder, "model.safetensors.index.json").read_text())["weight_map"]
     bits = {}
-    config = json.load(open(os.path.join(folder, "config.json")))["quantization_config"]
+    config = json.loads(Path(folder, "config.json").read_text())["quantization_config"]
     for group in config["config_groups"].values():
         for target in group["targets"]:
             bits[target] = group["weights"]["num_bits"]
@@ -73,7 +74,7 @@ def predicted_bytes(folder: str) -> dict:
     for file in sorted(set(index.values())):
         actual += os.path.getsize(os.path.join(folder, file))
         with safe_open(os.path.join(folder, file), "pt") as f:
-            for name in f.keys():
+            for name in f:
                 t = f.get_slice(name)
                 shape = t.get_shape()
                 module, _, suffix = name.rpartition(".")

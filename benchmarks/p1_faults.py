@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 
@@ -43,7 +44,7 @@ def start(output: str) -> subprocess.Popen:
 
 
 def digests(output: str) -> dict[str, str]:
-    return {os.path.relpath(f, output): hashlib.sha256(open(f, "rb").read()).hexdigest()
+    return {os.path.relpath(f, output): hashlib.sha256(Path(f).read_bytes()).hexdigest()
             for f in sorted(glob.glob(os.path.join(output, "**", "*.safetensors"),
                                       recursive=True))}
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         assert start(ref_out).wait() == 0, "the reference run failed"
         ref_wall = time.perf_counter() - t0
-        report = json.load(open(os.path.join(ref_out, "report.json")))
+        report = json.loads(Path(ref_out, "report.json").read_text())
         block_seconds = sum(b["seconds"] for b in report["blocks"]) / len(report["blocks"])
         reference = digests(ref_out)
         runs = []

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.parametrize("spec,pattern", [
     ("sotu:nope", "calibration.corpus: corpus sotu:nope is not known; known: sotu:train"),
-    ("nosuchproto://bucket/train.txt", "calibration.corpus: cannot open "
-                                       "'nosuchproto://bucket/train.txt' (Protocol not known"),
+    ("nosuchproto://bucket/train.txt", ("calibration.corpus: cannot open "
+                                       "'nosuchproto://bucket/train.txt' (Protocol not known")),
 ])
 def test_corpus_name_or_url_that_cannot_be_opened(capsys, tmp_path, tiny_model, spec, pattern):
     refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), spec,
@@ -43,10 +43,10 @@ def test_corpus_that_cannot_be_used(capsys, tmp_path, tiny_model, name, content,
 @pytest.mark.parametrize("name,content,pattern", [
     ("blank.txt", b" \n\t\n" * 100, "holds only whitespace; give a corpus of text"),
     ("zeros.txt", b"\0" * 1000, "holds NUL bytes, so it is not text"),
-    ("null.jsonl", b'{"text": "a"}\n{"text": null}\n', "record 2's 'text' is null, not a string "
-                                                       "of text (set calibration.text_field"),
-    ("rows.jsonl", b'"just a string"\n', "record 1 has no 'text' field (set "
-                                         "calibration.text_field"),
+    ("null.jsonl", b'{"text": "a"}\n{"text": null}\n', ("record 2's 'text' is null, not a string "
+                                                       "of text (set calibration.text_field")),
+    ("rows.jsonl", b'"just a string"\n', ("record 1 has no 'text' field (set "
+                                         "calibration.text_field")),
     ("ints.parquet", "ints", "column 'text' of '{corpus}' holds int64, not text"),
     ("fifo.txt", "fifo", "'{corpus}' is not a regular file (a pipe or a device); give a file"),
 ])

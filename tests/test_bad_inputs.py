@@ -82,12 +82,12 @@ def test_tokenizer_of_another_model(capsys, tmp_path, tiny_model, corpus_files):
 
 
 @pytest.mark.parametrize("change,pattern", [
-    ({"hidden_size": 128}, "tensor model.embed_tokens.weight has shape [320, 64] in the "
-                           "checkpoint, but config.json makes model.embed_tokens.weight [320, 128]"),
+    ({"hidden_size": 128}, ("tensor model.embed_tokens.weight has shape [320, 64] in the "
+                           "checkpoint, but config.json makes model.embed_tokens.weight [320, 128]")),
     ({"intermediate_size": 96}, "but config.json makes model.layers.0.mlp.gate_proj.weight [96, 64]"),
     ({"num_hidden_layers": 6}, "tensor model.layers.4.self_attn.q_proj.weight is missing"),
-    ({"num_hidden_layers": 2}, "the checkpoint holds tensor model.layers.2.input_layernorm.weight, "
-                               "past the 2 blocks that config.json's num_hidden_layers says"),
+    ({"num_hidden_layers": 2}, ("the checkpoint holds tensor model.layers.2.input_layernorm.weight, "
+                               "past the 2 blocks that config.json's num_hidden_layers says")),
 ])
 def test_config_of_another_model_than_the_weights(capsys, tmp_path, tiny_model, corpus_files,
                                                   change, pattern):
@@ -129,22 +129,22 @@ def edit_config(model, **change):
 
 
 @pytest.mark.parametrize("change,pattern", [
-    ({"num_hidden_layers": DROP}, "config.json has no num_hidden_layers; it must be the model's "
-                                  "number of blocks, a positive integer"),
+    ({"num_hidden_layers": DROP}, ("config.json has no num_hidden_layers; it must be the model's "
+                                  "number of blocks, a positive integer")),
     ({"num_hidden_layers": 0}, "config.json has num_hidden_layers 0; it must be"),
     ({"num_hidden_layers": "4"}, "config.json has num_hidden_layers '4'; it must be"),
-    ({"num_attention_heads": 3}, "config.json is not a valid llama config: ValueError: The "
+    ({"num_attention_heads": 3}, ("config.json is not a valid llama config: ValueError: The "
                                  "hidden size (64) is not a multiple of the number of attention "
-                                 "heads (3)."),
-    ({"max_position_embeddings": None}, "is not a valid llama config: TypeError: Field "
-                                        "'max_position_embeddings' expected int"),
+                                 "heads (3).")),
+    ({"max_position_embeddings": None}, ("is not a valid llama config: TypeError: Field "
+                                        "'max_position_embeddings' expected int")),
     ({"model_type": "foo"}, "config.json's model_type 'foo' is not known to transformers"),
-    ({"model_type": "mistral"}, "config.json's model_type 'mistral' builds MistralForCausalLM, "
-                                "but its architectures say LlamaForCausalLM"),
-    ({"architectures": "LlamaForCausalLM"}, "config.json's architectures is 'LlamaForCausalLM'; "
-                                            "it must be a list of class names"),
-    ({"dtype": "int8"}, "config.json does not describe a model transformers can build: "
-                        "LlamaForCausalLM cannot be instantiated under `dtype=torch.int8`"),
+    ({"model_type": "mistral"}, ("config.json's model_type 'mistral' builds MistralForCausalLM, "
+                                "but its architectures say LlamaForCausalLM")),
+    ({"architectures": "LlamaForCausalLM"}, ("config.json's architectures is 'LlamaForCausalLM'; "
+                                            "it must be a list of class names")),
+    ({"dtype": "int8"}, ("config.json does not describe a model transformers can build: "
+                        "LlamaForCausalLM cannot be instantiated under `dtype=torch.int8`")),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}},
      "config.json's quantization_config (quant_method 'awq') is not one relayquant reads"),
     ({"quantization_config": {"quant_method": "gptq"}},
@@ -272,12 +272,12 @@ def test_model_file_that_cannot_be_read(capsys, tmp_path, tiny_model, corpus_fil
 
 
 @pytest.mark.parametrize("argv,pattern", [
-    (["--model", "{model}/config.json"], "model.path: '{model}/config.json' is a file; give the "
-                                         "folder that holds it"),
+    (["--model", "{model}/config.json"], ("model.path: '{model}/config.json' is a file; give the "
+                                         "folder that holds it")),
     (["--model", ""], "model.path: required; give a model folder or an fsspec URL"),
     (["--model", "asset:nope"], "model.path: asset 'nope' is not known; known models: "),
-    (["--model", "nosuchproto://bucket/model"], "model.path: cannot open "
-                                                "'nosuchproto://bucket/model' (Protocol not known"),
+    (["--model", "nosuchproto://bucket/model"], ("model.path: cannot open "
+                                                "'nosuchproto://bucket/model' (Protocol not known")),
 ])
 def test_model_path_that_is_no_model_folder(capsys, tmp_path, tiny_model, corpus_files, argv,
                                             pattern):
@@ -310,13 +310,13 @@ LORA = "base_model.model.model.layers.0.self_attn.q_proj.lora_"
 
 
 @pytest.mark.parametrize("config,factors,pattern", [
-    ({"peft_type": "LORA"}, {"A": [4, 64], "B": [64, 4]}, "has r None and lora_alpha None; r "
-                                                          "must be a positive integer"),
+    ({"peft_type": "LORA"}, {"A": [4, 64], "B": [64, 4]}, ("has r None and lora_alpha None; r "
+                                                          "must be a positive integer")),
     ({"peft_type": "LORA", "r": 4}, {"A": [4, 32], "B": [64, 4]},
-     "factors A [4, 32] and B [64, 4] do not fit model.layers.0.self_attn.q_proj's weight "
-     "[64, 64] (A [r, in], B [out, r]); the adapter is of another model"),
-    ({"peft_type": "LORA", "r": 4}, {"A": [4, 64]}, f"holds {LORA}A.weight but not "
-                                                    f"{LORA}B.weight"),
+     ("factors A [4, 32] and B [64, 4] do not fit model.layers.0.self_attn.q_proj's weight "
+     "[64, 64] (A [r, in], B [out, r]); the adapter is of another model")),
+    ({"peft_type": "LORA", "r": 4}, {"A": [4, 64]}, (f"holds {LORA}A.weight but not "
+                                                    f"{LORA}B.weight")),
     ({"peft_type": "LORA", "r": 4}, None, "has no adapter_model.safetensors"),
 ])
 def test_lorc_adapter_that_does_not_fit(capsys, tmp_path, tiny_model, corpus_files, config,

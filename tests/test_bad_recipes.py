@@ -66,8 +66,8 @@ def test_recipe_that_cannot_be_read(capsys, tmp_path, kind):
     ({"quantization": {"method": "omniquant", "omniquant": {"batch_size": 8}}},
      "quantization.omniquant.batch_size: 8 exceeds calibration.num_samples 4"),
     ({"quantization": {"method": "gptq", "lorc": {"rank": 65}}},
-     "quantization.lorc.rank: 65 exceeds the smaller side of model.layers.0.self_attn.q_proj "
-     "(64 x 64)"),
+     ("quantization.lorc.rank: 65 exceeds the smaller side of model.layers.0.self_attn.q_proj "
+     "(64 x 64)")),
     ({"quantization": {"bits": 4, "budget": {"average_bits": 9}}},
      "quantization.budget.average_bits: 9.0 is above what the widest choice (8 bits) costs"),
     ({"quantization": {"bits": 4, "symmetric": True, "symmetric_range": "wide"}},
@@ -191,8 +191,8 @@ def test_recipe_yaml_with_a_repeated_key_a_tab_or_nested_aliases(capsys, tmp_pat
      "quantization.budget.average_bits: expected a finite number, got inf"),
     ("calibration.seed=-1", "calibration.seed: -1; use an integer from 0 to 4294967295"),
     ("export.formats=[compressed-tensors, compressed-tensors]", "names a format twice"),
-    ("quantization.symmetric_range=full", "quantization.symmetric_range: full applies to "
-                                          "symmetric grids, but quantization.symmetric is false"),
+    ("quantization.symmetric_range=full", ("quantization.symmetric_range: full applies to "
+                                          "symmetric grids, but quantization.symmetric is false")),
 ])
 def test_set_values_no_run_can_use(capsys, tmp_path, tiny_model, corpus_files, item, pattern):
     refused(capsys, tmp_path, quantize_args(tmp_path, tiny_model("llama"), corpus_files[0],
@@ -201,13 +201,13 @@ def test_set_values_no_run_can_use(capsys, tmp_path, tiny_model, corpus_files, i
 
 @pytest.mark.parametrize("overrides,pattern", [
     ("{'re:.*proj': {bits: 8}, 're:.*down_proj': {bits: 2}}",
-     "quantization.overrides['re:.*down_proj']: every linear it matches is taken first by "
-     "another override (e.g. model.layers.0.mlp.down_proj by 're:.*proj'"),
-    ("{'re:.*': null}", "quantization.overrides: keep all 28 linears of the model in full "
-                        "precision, so nothing would be quantized"),
-    ("{'re:.*mlp.*': {group_size: 24}}", "quantization.overrides['re:.*mlp.*'].group_size: 24 "
+     ("quantization.overrides['re:.*down_proj']: every linear it matches is taken first by "
+     "another override (e.g. model.layers.0.mlp.down_proj by 're:.*proj'")),
+    ("{'re:.*': null}", ("quantization.overrides: keep all 28 linears of the model in full "
+                        "precision, so nothing would be quantized")),
+    ("{'re:.*mlp.*': {group_size: 24}}", ("quantization.overrides['re:.*mlp.*'].group_size: 24 "
                                          "does not divide in_features 64 of "
-                                         "model.layers.0.mlp.gate_proj"),
+                                         "model.layers.0.mlp.gate_proj")),
 ])
 def test_overrides_that_change_nothing_or_cannot_apply(capsys, tmp_path, tiny_model,
                                                        corpus_files, overrides, pattern):
@@ -261,19 +261,19 @@ def test_depth_errors_beyond_the_evaluation_windows(capsys, tmp_path, tiny_model
 @pytest.mark.parametrize("content,pattern", [
     ("device: h100-80g\nnodes: four\n", "--cluster: nodes: expected an integer, got 'four'"),
     ("device: h100-80g\nnodes: 1.5\n", "--cluster: nodes: expected an integer, got 1.5"),
-    ("device: h100-80g\ndevices_per_node: 0\n", "--cluster: devices_per_node: 0; must be an "
-                                                "integer >= 1"),
-    ("device: h100-80g\nnetwork_bytes_per_s: -1\n", "--cluster: network_bytes_per_s: -1.0; "
-                                                    "must be > 0"),
-    ("device: h100-80g\nnetwork_bytes_per_s: .nan\n", "--cluster: network_bytes_per_s: "
-                                                      "expected a finite number, got nan"),
+    ("device: h100-80g\ndevices_per_node: 0\n", ("--cluster: devices_per_node: 0; must be an "
+                                                "integer >= 1")),
+    ("device: h100-80g\nnetwork_bytes_per_s: -1\n", ("--cluster: network_bytes_per_s: -1.0; "
+                                                    "must be > 0")),
+    ("device: h100-80g\nnetwork_bytes_per_s: .nan\n", ("--cluster: network_bytes_per_s: "
+                                                      "expected a finite number, got nan")),
     ("device: h100-80g\ngpus: 8\n", "--cluster: gpus: unknown key; allowed keys here: device"),
     ("nodes: 1\nnodes: 2\n", "key 'nodes' appears twice (first at line 1)"),
     ("nodes: 4\n", "--cluster: nodes: 4 needs a device preset (this machine is one node"),
     (b"\xff\xfe", "is not UTF-8 text"),
     ("device: h100-80g\nnodes: 2\ndevices_per_node: 8\n",
-     "--cluster: 2 nodes x 8 devices_per_node = 16 workers exceed the model's 4 blocks in the "
-     "sequential schedule"),
+     ("--cluster: 2 nodes x 8 devices_per_node = 16 workers exceed the model's 4 blocks in the "
+     "sequential schedule")),
 ])
 def test_plan_cluster_file_that_cannot_be_used(capsys, tmp_path, tiny_model, corpus_files,
                                                content, pattern):
@@ -288,8 +288,8 @@ def test_plan_cluster_file_that_cannot_be_used(capsys, tmp_path, tiny_model, cor
 
 
 @pytest.mark.parametrize("sections,pattern", [
-    ({"quantization": {"group_size": 24}}, "quantization.group_size: 24 does not divide "
-                                           "in_features 64"),
+    ({"quantization": {"group_size": 24}}, ("quantization.group_size: 24 does not divide "
+                                           "in_features 64")),
     ({"quantization": {"method": "gptq"}, "calibration": {"seq_len": 100000}},
      "calibration.seq_len: 100000 exceeds the model's context of 256 tokens"),
     ({"quantization": {"method": "gptq", "lorc": {"rank": 65}}},
@@ -303,8 +303,8 @@ def test_plan_checks_the_recipe_against_the_model(capsys, tmp_path, tiny_model, 
 
 
 @pytest.mark.parametrize("extra,pattern", [
-    (["--tasks", "hellaswag", "--abits", "4"], "--abits: applies to the perplexity evaluation, "
-                                               "not to --tasks"),
+    (["--tasks", "hellaswag", "--abits", "4"], ("--abits: applies to the perplexity evaluation, "
+                                               "not to --tasks")),
     (["--tasks", "hellaswag", "--seq-len", "64"], "--seq-len: applies to the perplexity"),
     (["--limit", "5"], "--limit: applies to --tasks only"),
     (["--batch-size", "4"], "--batch-size: applies to --tasks only"),
@@ -325,13 +325,13 @@ def test_eval_tasks_on_a_folder_that_is_not_a_model(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,pattern", [
-    (["status", "nosuchproto://bucket/run"], "output: cannot open 'nosuchproto://bucket/run' "
-                                             "(Protocol not known"),
+    (["status", "nosuchproto://bucket/run"], ("output: cannot open 'nosuchproto://bucket/run' "
+                                             "(Protocol not known")),
     (["status", "OUT", "--set", "quantization.bits=3"], "--set: needs --config"),
-    (["status", "OUT", "--config", "no-such-recipe"], "--config: 'no-such-recipe' is neither a "
-                                                      "file nor a bundled recipe"),
-    (["assets", "prepare", "nosuch"], "assets prepare: 'nosuch' is not known; choose from "
-                                      "smollm2-135m, sotu, mail"),
+    (["status", "OUT", "--config", "no-such-recipe"], ("--config: 'no-such-recipe' is neither a "
+                                                      "file nor a bundled recipe")),
+    (["assets", "prepare", "nosuch"], ("assets prepare: 'nosuch' is not known; choose from "
+                                      "smollm2-135m, sotu, mail")),
 ])
 def test_status_and_assets_arguments(capsys, tmp_path, argv, pattern):
     refused(capsys, tmp_path, [str(tmp_path) if a == "OUT" else a for a in argv], pattern)

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def reference_weights(model_path, fmt, scale_dtype=torch.float32):
 
 
 def output_weights(folder):
-    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    index = json.loads(Path(folder, "model.safetensors.index.json").read_text())
     out = {}
     for file in sorted(set(index["weight_map"].values())):
         out.update(load_file(os.path.join(folder, file)))
@@ -131,7 +132,7 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
     config = run_config(model, out, *corpus_files, workers=2, block_errors=True,
                         depth_errors=3)
     report = quantize(config)
-    saved = json.load(open(os.path.join(out, "report.json")))
+    saved = json.loads(Path(out, "report.json").read_text())
     assert saved["perplexity"] == report["perplexity"]
     ppl = report["perplexity"]
     assert ppl["windows"] == 20 and ppl["corpus"] == corpus_files[1]
@@ -149,9 +150,9 @@ def test_report_and_streamed_perplexity(tiny_model, corpus_files, tmp_path, arch
     windows = eval_windows_for(model, config.eval)[:3]
     assert depth == pytest.approx(one_block_at_a_time(model, out, windows), rel=1e-6)
     assert all(e > 0 for e in depth)
-    page = open(os.path.join(out, "report.html")).read()
+    page = Path(out, "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3  # output error, depth error, time
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["config"]["quantization"]["group_size"] == 16
     assert len(manifest["fingerprint"]["calibration_sha256"]) == 64
     # `relayquant eval` on the output agrees with the number in the report

@@ -2,8 +2,8 @@
 whole-block path, byte for byte, in every layout."""
 import pytest
 import torch
-
 from block_helpers import quantization
+
 from pipeline import block_pass, data_free
 from pipeline.config import ExportFormat
 from pipeline.plan import open_model
@@ -13,8 +13,8 @@ LAYOUTS = [ExportFormat.COMPRESSED_TENSORS, ExportFormat.GPTQ, ExportFormat.FAKE
 
 @pytest.mark.unit
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("scheme", [dict(bits=4, group_size=32), dict(bits=3, group_size=None),
-                                    dict(bits=2, group_size=32, symmetric=True)])
+@pytest.mark.parametrize("scheme", [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": None},
+                                    {"bits": 2, "group_size": 32, "symmetric": True}])
 def test_slices_of_rows_give_the_whole_block_bytes(tiny_model, monkeypatch, arch, scheme):
     parts = open_model(tiny_model(arch))
     q = quantization(method="rtn", **scheme)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,12 +57,12 @@ def test_compressed_tensors_loads_in_transformers(tiny_model, corpus_files, tmp_
         tmp_path, out, os.path.join(out, "fake_quant"), tiny_model("llama"))
     assert close(ct_logits, fake_logits)
     assert not torch.equal(ct_logits, fp_logits)
-    qconfig = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    qconfig = json.loads(Path(out, "config.json").read_text())["quantization_config"]
     (group,) = qconfig["config_groups"].values()
     assert len(group["targets"]) == 4 * 7 and group["weights"]["symmetric"] is symmetric
     assert qconfig["ignore"] == ["lm_head"]
     # no full-precision copy of a quantized linear next to the packed one
-    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    index = json.loads(Path(out, "model.safetensors.index.json").read_text())["weight_map"]
     assert not [n for n in index if n.endswith("proj.weight")]
     assert report["export"]["flags"] == []
     assert report["export"]["vllm_servable"] is True
@@ -73,7 +74,7 @@ def test_compressed_tensors_loads_in_transformers(tiny_model, corpus_files, tmp_
            ["perplexity"] for sub in ("", "fake_quant", "gptq")}
     assert ppl[""] == pytest.approx(ppl["fake_quant"], rel=1e-5)
     assert ppl["gptq"] == pytest.approx(ppl["fake_quant"], rel=1e-2)  # fp16 scales
-    gptq_config = json.load(open(os.path.join(out, "gptq", "quantize_config.json")))
+    gptq_config = json.loads(Path(out, "gptq", "quantize_config.json").read_text())
     assert (gptq_config["bits"], gptq_config["group_size"], gptq_config["sym"]) == (4, 16,
                                                                                    symmetric)
 
@@ -112,7 +113,7 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
     cfg = build_config(RunConfig, {**json.loads(json.dumps(_plain(cfg))),
                                    "export": {"formats": ["compressed-tensors", "fake_quant"]}})
     report = quantize(cfg)
-    qconfig = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    qconfig = json.loads(Path(out, "config.json").read_text())["quantization_config"]
     groups = {(g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]):
               g["targets"] for g in qconfig["config_groups"].values()}
     assert set(groups) == {(2, 16, True), (4, 16, False), (8, None, False)}

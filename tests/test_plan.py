@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from pipeline.config import ConfigError, QuantizationConfig
@@ -18,7 +20,7 @@ def brute_force(sizes, k):
     best = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = [0, *cuts, n]
-        cost = max(sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:]))
+        cost = max(sum(sizes[a:b]) for a, b in itertools.pairwise(bounds))
         best = cost if best is None else min(best, cost)
     return best
 
@@ -29,7 +31,7 @@ def test_split_is_contiguous_and_optimal(sizes, k):
     ranges = split_stages(sizes, k)
     assert len(ranges) == k and ranges[0][0] == 0 and ranges[-1][1] == len(sizes)
     assert all(a < b for a, b in ranges)
-    assert all(r1[1] == r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+    assert all(r1[1] == r2[0] for r1, r2 in itertools.pairwise(ranges))
     assert heaviest(sizes, ranges) == brute_force(sizes, k)
 
 
