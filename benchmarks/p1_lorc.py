@@ -1,8 +1,8 @@
 """Protocol P1 with LoRC (ZeroQuant-V2's low-rank compensation, issue 17): RTN, GPTQ and the best
 recipe (p1-signround-*) at W3 g64 and W2 g64 asymmetric, each without LoRC and with rank 8 and
 16 in fp16 and int8 factors; the total bits per weight of every row (codes, scales and zero
-points, and the adapter); the perplexity with and without the adapter on all 292 SOTU test
-windows; and, per scheme, the CVXQ allocation without LoRC at the total bits of the best LoRC
+points, and the adapter); the perplexity on all 292 SOTU test windows (with `--without-lorc`
+also without the adapter: a second evaluation pass, about 400 s a row here); and, per scheme, the CVXQ allocation without LoRC at the total bits of the best LoRC
 row, so the table says whether LoRC's bits buy more than the same bits spent on width.
 
     python benchmarks/p1_lorc.py [--rows w3g64:gptq:r8fp16 w2g64:rtn:none ...] [--workers 2]
@@ -59,9 +59,9 @@ def recipe_config(scheme: str, method: str, work: str, workers: int,
 
 
 def run_row(row: str, result: dict[str, Any], work: str, workers: int,
-            overrides: dict[str, Any]) -> dict[str, Any]:
+            overrides: dict[str, Any], without_lorc: bool = False) -> dict[str, Any]:
     scheme, method, lorc = row.split(":")
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"eval.without_lorc": without_lorc}
     target = None
     if method == "cvxq":
         best = best_lorc_row(result, scheme)
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", nargs="+", default=every_row(), choices=every_row())
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--without-lorc", action="store_true",
+                        help="LoRC rows: also the perplexity without the adapter")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",
                         help="recipe changes for every row (e.g. a smoke run on a tiny model)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_lorc.json"))
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in sorted(args.rows, key=lambda r: r.endswith(":cvxq:matched")):
             if row in done and not args.redo:
                 continue
-            out = run_row(row, result, work, args.workers, overrides)
+            out = run_row(row, result, work, args.workers, overrides, args.without_lorc)
             result["fp"] = out["fp_perplexity"] or result["fp"]
             result["rows"] = [r for r in result["rows"] if r["row"] != row] + [out]
             write_result(args.out, result)

@@ -125,7 +125,8 @@ def evaluate_run(stages: Stages, config: RunConfig, model_path: str,
                               config.quantization.abits, adapter)
     # LoRC: "quantized" is the model as it runs (with the adapter); this is without it
     bare = (stream_perplexity(stages, config.output, windows, "quantized without lorc",
-                              config.quantization.abits) if adapter is not None else None)
+                              config.quantization.abits)
+            if adapter is not None and config.eval.without_lorc else None)
     return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
             **({"quantized_without_lorc": bare["perplexity"]} if bare is not None else {}),
             "corpus": config.eval.corpus, "windows": quant["windows"],

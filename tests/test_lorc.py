@@ -253,3 +253,30 @@ def test_adapter_bits_count_in_the_budget(tiny_model):
     with pytest.raises(ConfigError, match="plus the LoRC adapter"):
         check_feasible(parts, quantization(bits=2, budget=budget,
                                            lorc={"rank": 4, "count_in_budget": True}))
+
+
+@pytest.mark.parametrize("without", [True, False])
+def test_the_evaluation_without_the_adapter_is_a_second_pass_eval_without_lorc_can_skip(
+        monkeypatch, tmp_path, without):
+    from cluster import evaluation
+    passes = []
+
+    def stream_perplexity(stages, model, windows, what, abits, adapter=None):
+        passes.append((what, adapter))
+        return {"perplexity": 3.0 if adapter else 4.0, "windows": 2, "tokens": 6,
+                "seconds": 0.0}
+
+    monkeypatch.setattr(evaluation, "stream_perplexity", stream_perplexity)
+    (tmp_path / "lorc").mkdir()
+    (tmp_path / "lorc" / "adapter_config.json").write_text("{}")
+    config = build_config(RunConfig, {
+        "model": {"path": "m"}, "output": str(tmp_path),
+        "quantization": {"method": "rtn", "lorc": {"rank": 4}},
+        "eval": {"fp": False, "without_lorc": without}})
+    got = evaluation.evaluate_run(None, config, "m", torch.zeros(2, 4, dtype=torch.long))
+    adapter = str(tmp_path / "lorc")
+    assert passes == [("quantized", adapter)] + (
+        [("quantized without lorc", None)] if without else [])
+    assert got["quantized"] == 3.0
+    assert got.get("quantized_without_lorc") == (4.0 if without else None)
+    assert ("quantized_without_lorc" in got) is without

@@ -108,6 +108,9 @@ class EvalConfig:
     # the evaluation windows after quantizing; 0: off. Costs about (blocks / 2 + 2) forward
     # passes of the model over those windows (pipeline/evaluation/depth_errors.py)
     depth_errors: int = 0
+    # with quantization.lorc: also the perplexity without the adapter (the same quantized
+    # weights; a second evaluation pass over the windows); false: the adapted model's only
+    without_lorc: bool = True
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"eval.seq_len: {self.seq_len}; must be >= 2")
