@@ -116,6 +116,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
     "best_bf16_compiled": ("p1-signround-{scheme}-best", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),
+    # the presets with the learned fake-quant compiled into fused loops
+    # (quantization.omniquant.compile_quantizer), the training passes eager
+    "fast_bf16_cq": ("p1-signround-{scheme}-fast", {
+        "quantization.omniquant.autocast": "bfloat16",
+        "quantization.omniquant.compile_quantizer": True}),
+    "best_bf16_cq": ("p1-signround-{scheme}-best", {
+        "quantization.omniquant.autocast": "bfloat16",
+        "quantization.omniquant.compile_quantizer": True}),
 }
 # the fast preset at a named schedule: EPOCHSxWINDOWS per step, 2x2 (W3 g64's, W4's and
 # W2 g64's as first set) and 1x1 (W2 g64's now: as many steps, half the window passes), or

@@ -36,7 +36,7 @@ from pipeline.methods.hooks import (
     quantized_names,
 )
 from pipeline.methods.let import ActStats, EquivalentTransform
-from pipeline.methods.lwc import ClippingFactors
+from pipeline.methods.lwc import ClippingFactors, fused_quantizer_compiled
 from pipeline.methods.sde import SingularExpansion
 from pipeline.model_parts import ModelParts, run_block
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
@@ -78,7 +78,7 @@ class BlockQuantizer(nn.Module):
         self.clips = nn.ModuleDict({
             n.replace(".", "__"): ClippingFactors(self.base[f"{n}.weight"].shape, f, init,
                                                   self.base[f"{n}.weight"].device, learned,
-                                                  direct)
+                                                  direct, cfg.compile_quantizer)
             for n, f in formats.items() if f is not None})
         for clip in self.clips.values():
             clip.up.requires_grad_(cfg.lwc)
@@ -389,6 +389,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                   if shards is not None else {}),
                                "train_precision": precision.name,
                                **({"train_compiled": True} if compiled is not None else {}),
+                               # false: compiling the quantizer failed; it ran eagerly
+                               **({"quantizer_compiled": fused_quantizer_compiled()}
+                                  if cfg.compile_quantizer else {}),
                                **sde_metrics(model),
                                **({"cross_layer_blocks": downstream.indices}
                                   if downstream is not None else {}),

@@ -8,6 +8,7 @@ from block_helpers import quantization, stream
 
 from pipeline import block_pass
 from pipeline.config import ConfigError, ExportFormat
+from pipeline.formats import AffineFormat
 from pipeline.plan import open_model
 
 
@@ -294,4 +295,115 @@ def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_
     assert counters["stats"]["unique_graphs"] == graphs
     assert training.compiled_block_call(OmniQuantConfig(compile=True), abits=8) is None
     assert training.compiled_block_call(OmniQuantConfig(), abits=16) is None
+    torch._dynamo.reset()
+
+
+def _fake_quant_grads(fmt, learned: bool, weight_grad: bool, direct: bool, fused: bool):
+    """The fake-quant of a weight with ties at its groups' extremes (a leaf with a gradient
+    when `weight_grad`, as under LET or SDE), and the gradients of a fixed linear loss."""
+    from pipeline.methods.lwc import ClippingFactors
+
+    torch.manual_seed(0)
+    base = torch.randn(24, 64) * 0.1
+    base[3, :8] = base[3].max()       # tied maxima (within one group and across groups)
+    base[5, 16:20] = base[5].min()    # tied minima
+    base[7, :16] = 0.0                # a group at zero: the range's clamps at 0
+    base[9] = -base[9].abs()          # no positive weight in the row
+    base[11] = -base[11].abs()
+    base[11, ::8] = 0.0               # every group's maximum at the clamp (0), ties
+    clip = ClippingFactors(base.shape, fmt, 2.0, learn_rounding=learned, direct=direct,
+                           fused=fused)
+    with torch.no_grad():
+        if direct:
+            clip.up.uniform_(0.6, 1.0)
+            clip.low.uniform_(0.6, 1.0)
+        else:
+            clip.up.normal_(1.0, 1.0)
+            clip.low.normal_(1.0, 1.0)
+        clip.low[2] = clip.up[2]       # symmetric ties of the range
+        if learned:
+            clip.offset.uniform_(-0.5, 0.5)
+    base.requires_grad_(weight_grad)
+    out = clip.fake_quantize(base)
+    (out * torch.randn(out.shape)).sum().backward()
+    grads = {"up": clip.up.grad, "low": clip.low.grad,
+             "offset": clip.offset.grad if learned else None,
+             "weight": base.grad if weight_grad else None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("fmt", [AffineFormat(4), AffineFormat(3, 16),
+                                 AffineFormat(2, 16, True),
+                                 AffineFormat(4, 32, True, full_range=True)],
+                         ids=["w4", "w3g16", "w2g16sym", "w4g32sym_full"])
+@pytest.mark.parametrize("learned", [False, True], ids=["nearest", "learned"])
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["fixed", "weight"])
+def test_the_fused_quantizer_computes_the_eager_ones_values_and_gradients(
+        fmt, learned, weight_grad, monkeypatch):
+    """compile_quantizer: FusedFakeQuant (its graphs captured by torch.compile, here with the
+    eager backend) gives the eager LearnedFakeQuant's output bit for bit and its gradients
+    (clipping factors, rounding offsets, the weight's own) to float
+    rounding, ties at the groups' extremes and clamps at zero included."""
+    from pipeline.methods import lwc
+
+    monkeypatch.setattr(lwc, "FUSED_BACKEND", "eager")
+    for direct in (False, True):
+        ref, ref_grads = _fake_quant_grads(fmt, learned, weight_grad, direct, fused=False)
+        out, grads = _fake_quant_grads(fmt, learned, weight_grad, direct, fused=True)
+        assert torch.equal(out, ref)
+        for name, g in ref_grads.items():
+            if g is None:
+                assert grads[name] is None
+                continue
+            assert g.abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert lwc.fused_quantizer_compiled()
+    torch._dynamo.reset()
+
+
+def test_the_fused_quantizer_compiles_with_inductor_and_falls_back_when_it_cannot(
+        monkeypatch, caplog):
+    """The production backend (inductor's C++ loops) computes the same values; where
+    compilation fails the quantizer runs eagerly with one warning and the same values."""
+    from pipeline.methods import lwc
+
+    fmt = AffineFormat(4, 32)
+    monkeypatch.setattr(lwc, "_FUSED_FAILED", [])
+    ref, ref_grads = _fake_quant_grads(fmt, True, True, True, fused=False)
+    out, grads = _fake_quant_grads(fmt, True, True, True, fused=True)
+    assert lwc.fused_quantizer_compiled()
+    assert torch.equal(out, ref)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    monkeypatch.setattr(lwc, "FUSED_BACKEND", "no_such_backend")
+    with caplog.at_level("WARNING", logger="pipeline.methods.lwc"):
+        out, grads = _fake_quant_grads(AffineFormat(3, 16), True, True, True, fused=True)
+        again, _ = _fake_quant_grads(AffineFormat(3, 16), True, True, True, fused=True)
+    assert not lwc.fused_quantizer_compiled()
+    assert sum("compile_quantizer" in r.getMessage() for r in caplog.records) == 1
+    ref, ref_grads = _fake_quant_grads(AffineFormat(3, 16), True, True, True, fused=False)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    torch._dynamo.reset()
+
+
+def test_training_with_the_fused_quantizer_reaches_the_eager_result(tiny_model, monkeypatch):
+    """A block trained with compile_quantizer reaches the eager quantizer's result (the
+    gradients differ by float rounding only) and its report says the quantizer was
+    compiled."""
+    from pipeline.methods import lwc
+
+    monkeypatch.setattr(lwc, "FUSED_BACKEND", "eager")
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
+            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
+    out = {}
+    for fused in (False, True):
+        q = quantization(bits=3, group_size=16, method="omniquant",
+                         omniquant={**omni, "compile_quantizer": fused})
+        out[fused] = block_pass.quantize_block(parts, 0, fp, fp, q,
+                                               [ExportFormat.COMPRESSED_TENSORS], store).metrics
+    assert out[True]["quantizer_compiled"] is True and "quantizer_compiled" not in out[False]
+    assert out[True]["loss_after"] == pytest.approx(out[False]["loss_after"], rel=1e-3)
+    assert out[True]["output_mse"] == pytest.approx(out[False]["output_mse"], rel=1e-3)
     torch._dynamo.reset()

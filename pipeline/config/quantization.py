@@ -172,6 +172,11 @@ class OmniQuantConfig:
     # per worker process (about 25 s for a P1 block on a 2-core CPU), needs a C++ compiler on
     # the CPU
     compile: bool = False
+    # the learned fake-quant of the block's weights (clipping, the learned rounding) compiled
+    # with torch.compile into fused loops, forward and backward: the step's cost outside the
+    # windows' passes (one compilation per weight shape and worker process, cached on disk by
+    # inductor; needs a C++ compiler on the CPU, else it runs eagerly with a warning)
+    compile_quantizer: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
     # CQE+'s cross-layer learning (null: off)

@@ -7,6 +7,9 @@ sigmoid(init) and clamped to [0, 1] after every step.
 """
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +17,8 @@ from torch import nn
 
 from pipeline.formats import AffineFormat, QuantParams, dequantize, quantize
 from pipeline.formats.affine import _MIN_SCALE
+
+log = logging.getLogger(__name__)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -90,14 +95,145 @@ class LearnedFakeQuant(torch.autograd.Function):
         return d_weight, d_up, d_low, d_offset, None
 
 
+# torch.compile's backend for the fused quantizer (the tests use "eager": the same graph
+# capture without inductor's C++ code generation)
+FUSED_BACKEND = "inductor"
+
+
+def _fq_grid(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor, offset: torch.Tensor | None,
+             fmt: AffineFormat) -> tuple[torch.Tensor, ...]:
+    """LearnedFakeQuant's forward as plain operations (the same ones, in the same order):
+    (top, bottom, hi, lo, raw, scale, s, z, y) with y the rounded grid before the clamp."""
+    top, bottom = x.amax(-1), x.amin(-1)
+    hi, lo = top.clamp(min=0) * up, bottom.clamp(max=0) * low
+    if fmt.symmetric:
+        raw = torch.maximum(hi, -lo) / fmt.scale_divisor
+    else:
+        raw = (hi - lo) / fmt.qmax
+    scale = raw.clamp(min=_MIN_SCALE)
+    zero = torch.zeros_like(scale) if fmt.symmetric else torch.round(-lo / scale)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    y = x / s
+    if offset is not None:
+        y = y + offset
+    return top, bottom, hi, lo, raw, scale, s, z, torch.round(y) + z
+
+
+def _fq_forward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
+                offset: torch.Tensor | None, fmt: AffineFormat) -> torch.Tensor:
+    *_, s, z, y = _fq_grid(x, up, low, offset, fmt)
+    return (y.clamp(fmt.qmin, fmt.qmax) - z) * s
+
+
+def _fq_backward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
+                 offset: torch.Tensor | None, grad: torch.Tensor, fmt: AffineFormat,
+                 weight_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """(d_x, d_up, d_low, d_offset) of `_fq_forward`: LearnedFakeQuant.backward's formulas,
+    the grid recomputed from the inputs instead of saved (one fused pass when compiled)."""
+    top, bottom, hi, lo, raw, scale, s, z, y = _fq_grid(x, up, low, offset, fmt)
+    hi_x, lo_x = top.clamp(min=0), bottom.clamp(max=0)
+    inside = ((y >= fmt.qmin) & (y <= fmt.qmax)).to(x.dtype)
+    codes = y.clamp(fmt.qmin, fmt.qmax) - z
+    g_in = grad * inside
+    d_offset = g_in * s if offset is not None else None
+    d_scale = (grad * codes).sum(-1) - (g_in * x).sum(-1) / scale
+    d_raw = d_scale * (raw >= _MIN_SCALE)
+    if fmt.symmetric:
+        d_m = d_raw / fmt.scale_divisor
+        tie = hi == -lo
+        d_hi = torch.where(tie, d_m / 2, d_m * (hi > -lo))
+        d_lo = -torch.where(tie, d_m / 2, d_m * (-lo > hi))
+    else:
+        d_hi, d_lo = d_raw / fmt.qmax, -d_raw / fmt.qmax
+    d_x = None
+    if weight_grad:
+        # the range's gradient shared by the group's extreme weights (as amax's and amin's)
+        at_top = (x == top.unsqueeze(-1)).to(x.dtype)
+        at_bottom = (x == bottom.unsqueeze(-1)).to(x.dtype)
+        d_top = d_hi * up * (top >= 0) / at_top.sum(-1)
+        d_bottom = d_lo * low * (bottom <= 0) / at_bottom.sum(-1)
+        d_x = g_in + at_top * d_top.unsqueeze(-1) + at_bottom * d_bottom.unsqueeze(-1)
+    return d_x, d_hi * hi_x, d_lo * lo_x, d_offset
+
+
+@functools.cache
+def _fused_kernels(backend: str, fmt: AffineFormat, has_offset: bool, weight_grad: bool
+                   ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The forward and the backward compiled for one format (its constants baked in); a new
+    weight shape compiles again (a model has a handful)."""
+    def forward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
+                offset: torch.Tensor | None) -> torch.Tensor:
+        return _fq_forward(x, up, low, offset, fmt)
+
+    def backward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
+                 offset: torch.Tensor | None, grad: torch.Tensor) -> tuple[Any, ...]:
+        return _fq_backward(x, up, low, offset, grad, fmt, weight_grad)
+
+    return (torch.compile(forward, backend=backend, dynamic=False),
+            torch.compile(backward, backend=backend, dynamic=False))
+
+
+_FUSED_FAILED: list[str] = []
+
+
+def fused_quantizer_compiled() -> bool:
+    """False once compiling the fused quantizer failed in this process (it runs eagerly)."""
+    return not _FUSED_FAILED
+
+
+def _run_fused(which: int, fmt: AffineFormat, has_offset: bool, weight_grad: bool,
+               *args: Any) -> Any:
+    """The compiled kernel `which` (0: forward, 1: backward); where compilation fails (no C++
+    compiler, an unsupported device) the same operations eagerly, with one warning."""
+    eager = (lambda *a: _fq_forward(*a, fmt),
+             lambda *a: _fq_backward(*a, fmt, weight_grad))[which]
+    if not _FUSED_FAILED:
+        try:
+            return _fused_kernels(FUSED_BACKEND, fmt, has_offset, weight_grad)[which](*args)
+        except Exception as e:  # torch._dynamo / inductor raise many kinds
+            _FUSED_FAILED.append(repr(e))
+            log.warning("quantization.omniquant.compile_quantizer: compiling the quantizer "
+                        "failed (%s); it runs eagerly (slower, the same values)", e)
+    return eager(*args)
+
+
+class FusedFakeQuant(torch.autograd.Function):
+    """LearnedFakeQuant with its forward and backward each compiled into fused loops
+    (`quantization.omniquant.compile_quantizer`): a few passes over the weight instead of
+    some thirty, and only the inputs saved for the backward (the grid is recomputed). The
+    same values forward; gradients equal to float rounding (the sums' order)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
+                offset: torch.Tensor | None, fmt: AffineFormat) -> torch.Tensor:
+        rows, groups = up.shape
+        x = weight.reshape(rows, groups, -1)
+        v = offset.reshape(x.shape) if offset is not None else None
+        ctx.fmt = fmt
+        ctx.save_for_backward(x, up, low, v)
+        out = _run_fused(0, fmt, v is not None, False, x, up, low, v)
+        return out.reshape(weight.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, up, low, v = ctx.saved_tensors
+        d_x, d_up, d_low, d_v = _run_fused(1, ctx.fmt, v is not None, ctx.needs_input_grad[0],
+                                           x, up, low, v, grad.reshape(x.shape).contiguous())
+        return (d_x.reshape(grad.shape) if d_x is not None else None,
+                d_up if ctx.needs_input_grad[1] else None,
+                d_low if ctx.needs_input_grad[2] else None,
+                d_v.reshape(grad.shape) if d_v is not None else None, None)
+
+
 class ClippingFactors(nn.Module):
     """One pair of clipping parameters (logits, or with `direct` the factors) per row
     (per-channel) or per row-group, shape [out, groups]."""
 
     def __init__(self, weight_shape: torch.Size, fmt: AffineFormat, init: float,
                  device: torch.device | str = "cpu", learn_rounding: bool = False,
-                 direct: bool = False):
+                 direct: bool = False, fused: bool = False):
         super().__init__()
+        self.fused = fused  # FusedFakeQuant (compiled) in place of LearnedFakeQuant
         out_features, in_features = weight_shape
         shape = (out_features, fmt.groups(in_features))
         self.fmt = fmt
@@ -166,9 +302,10 @@ class ClippingFactors(nn.Module):
         """Differentiable fake-quant of `weight` (in the training dtype): `LearnedFakeQuant`,
         the same function as min-max clipping, a straight-through round and the learned
         offset written as autograd ops, in a handful of passes over the weight instead of
-        some forty."""
+        some forty (`fused`: compiled into a few)."""
         up, low = self.factors()
-        return LearnedFakeQuant.apply(weight, up, low, self.offset, self.fmt)
+        function = FusedFakeQuant if self.fused else LearnedFakeQuant
+        return function.apply(weight, up, low, self.offset, self.fmt)
 
     @torch.no_grad()
     def export(self, weight: torch.Tensor, scale_dtype: torch.dtype
