@@ -124,6 +124,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "best_bf16_cq": ("p1-signround-{scheme}-best", {
         "quantization.omniquant.autocast": "bfloat16",
         "quantization.omniquant.compile_quantizer": True}),
+    # every speed option: the quantizer and the block's training passes compiled, and the
+    # block in bfloat16 while training and in its stream passes (cast_block)
+    "fast_bf16_fused": ("p1-signround-{scheme}-fast", {
+        "quantization.omniquant.autocast": "bfloat16",
+        "quantization.omniquant.compile_quantizer": True,
+        "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}),
+    "best_bf16_fused": ("p1-signround-{scheme}-best", {
+        "quantization.omniquant.autocast": "bfloat16",
+        "quantization.omniquant.compile_quantizer": True,
+        "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}),
 }
 # the fast preset at a named schedule: EPOCHSxWINDOWS per step, 2x2 (W3 g64's, W4's and
 # W2 g64's as first set) and 1x1 (W2 g64's now: as many steps, half the window passes), or

@@ -35,7 +35,7 @@ from pipeline.reconstruct import (
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
-from pipeline.training import stream_precision
+from pipeline.training import stream_block_dtype, stream_precision
 
 
 def peak_rss_bytes() -> int:
@@ -157,9 +157,24 @@ def score_stream(parts: ModelParts, stream: list[Any], ids_chunks: list[torch.Te
     return total, count
 
 
-def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: Any) -> torch.Tensor:
+def _run(parts: ModelParts, block: torch.nn.Module, store: ChunkStore, handle: Any,
+         cast: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The block on one stored chunk, the output stored in the chunk's dtype; `cast`: the
+    block's parameters in a lower precision (`cast_parameters`), the chunk cast to it too."""
     h = store.get(handle)
-    return run_block(parts, block, h.to(parts.device)).to(h.dtype).cpu()
+    x = h.to(parts.device)
+    if cast:
+        x = x.to(next(iter(cast.values())).dtype)
+    return run_block(parts, block, x, cast).to(h.dtype).cpu()
+
+
+def cast_parameters(block: torch.nn.Module, dtype: torch.dtype | None
+                    ) -> dict[str, torch.Tensor] | None:
+    """The block's parameters in `dtype` for a stream pass (`training.stream_block_dtype`);
+    None: the block as it is."""
+    if dtype is None:
+        return None
+    return {n: p.detach().to(dtype) for n, p in block.named_parameters()}
 
 
 @dataclasses.dataclass
@@ -310,10 +325,12 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
         raise ValueError("a learned method needs the FP stream (its targets)")
     fp_out: list[Any] | None = None if fp_in is None else []
     private = private_bytes()
+    low = stream_block_dtype(parts.device, formats, quantization)
+    cast = cast_parameters(block, low) if fp_in else None
     with torch.no_grad(), input_hooks(block, names if collect else [], visit), \
             stream_precision(parts.device, formats, quantization):
         for h in fp_in or []:
-            fp_out.append(store.put(_run(parts, block, store, h)))  # type: ignore[union-attr]
+            fp_out.append(store.put(_run(parts, block, store, h, cast)))  # type: ignore[union-attr]
             private = max(private, private_bytes())
     if collect and group.world > 1:
         reduce_stats_(stats, block, names, group, parts.device)
@@ -335,7 +352,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
         aug = None
         if omni.aug_loss:
             with torch.no_grad(), stream_precision(parts.device, formats, quantization):
-                aug = [store.put(_run(parts, block, store, h)) for h in q_in]
+                aug = [store.put(_run(parts, block, store, h, cast)) for h in q_in]
         # learned methods always carry the FP stream (`calibration.fp_stream_needed`)
         assert fp_out is not None, "a learned reconstruction needs the FP targets"
         linears, extra = train_block(parts, index, block, formats, q_in, fp_out, aug, stats,
@@ -356,10 +373,11 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
     q_out, err, ref, numel = [], 0.0, 0.0, 0
     if fp_out is not None and len(fp_out) != len(q_in):
         raise ValueError(f"{len(fp_out)} FP chunks for {len(q_in)} quantized ones")
+    cast = cast_parameters(block, low)  # the quantized block's
     with torch.no_grad(), activation_quant(block, names, quantization.abits), \
             stream_precision(parts.device, formats, quantization):
         for k, hq in enumerate(q_in):
-            y = _run(parts, block, store, hq)
+            y = _run(parts, block, store, hq, cast)
             if fp_out is not None:
                 target = store.get(fp_out[k])
                 err += (y - target).double().pow(2).sum().item()

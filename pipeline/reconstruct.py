@@ -207,14 +207,16 @@ class BlockQuantizer(nn.Module):
 
 def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Tensor] | None,
                batch: list[torch.Tensor], downstream: Downstream | None = None,
-               compiled: Callable[..., Any] | None = None) -> torch.Tensor:
+               compiled: Callable[..., Any] | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """MSE of the block on batch[0] against the FP target batch[1] (+ batch[2], aug_loss);
     with `downstream` (cross-layer learning), the last len(downstream.blocks) entries of the
     batch are the next blocks' FP outputs and their weighted error is added. `compiled`: the
-    block's call compiled (`compiled_block_call`)."""
+    block's call compiled (`compiled_block_call`); `dtype`: the block's input's (the loss is
+    float32 either way)."""
     down = len(downstream.blocks) if downstream is not None else 0
     own = batch[: len(batch) - down]
-    out = run_block(parts, block, own[0].float(), tensors, compiled).float()
+    out = run_block(parts, block, own[0].to(dtype), tensors, compiled).float()
     loss = torch.nn.functional.mse_loss(out, own[1].float())
     if len(own) > 2:
         loss = loss + torch.nn.functional.mse_loss(out, own[2].float())
@@ -271,6 +273,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     learnable = [p for g in groups for p in g["params"]]
     precision = training_precision(parts.device, formats, quantization.abits, cfg.autocast)
     compiled = compiled_block_call(cfg, quantization.abits)
+    # the block's weights and activations in bfloat16 while training (cast_block)
+    block_dtype = (torch.bfloat16 if cfg.cast_block and precision.dtype is torch.bfloat16
+                   else torch.float32)
     scaler = precision.scaler()
     total_steps = cfg.total_steps(share.total)  # the global batch's, on every worker
     optimizer, schedule = (make_optimizer(groups, cfg, lambda: total_steps)
@@ -321,11 +326,14 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 # the quantizer in float32, once per step (every worker: each goes back
                 # through it with the same summed gradient)
                 tensors = step.start(whole, model.tensors(mine))
+                if block_dtype is not torch.float32:  # cast once per step, not per window
+                    tensors = {k: v.to(block_dtype) if v.is_floating_point() else v
+                               for k, v in tensors.items()}
                 for w in range(0, size, cfg.micro_batch):
                     n = min(cfg.micro_batch, size - w)  # windows in this pass (mean over them)
                     with precision.autocast():
                         loss = block_loss(parts, block, tensors, [t[w:w + n] for t in batch],
-                                          downstream, compiled) * n / whole
+                                          downstream, compiled, block_dtype) * n / whole
                     step.add(loss, scaler.scale(loss) if scaler is not None else loss)
                 penalty = model.penalty(mine)
                 if penalty is not None:
@@ -388,6 +396,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                    shards.exchange, SharedMemoryShards) else "distributed"}
                                   if shards is not None else {}),
                                "train_precision": precision.name,
+                               **({"train_block_dtype": "bfloat16"}
+                                  if block_dtype is torch.bfloat16 else {}),
                                **({"train_compiled": True} if compiled is not None else {}),
                                # false: compiling the quantizer failed; it ran eagerly
                                **({"quantizer_compiled": fused_quantizer_compiled()}

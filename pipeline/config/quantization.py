@@ -177,6 +177,14 @@ class OmniQuantConfig:
     # windows' passes (one compilation per weight shape and worker process, cached on disk by
     # inductor; needs a C++ compiler on the CPU, else it runs eagerly with a warning)
     compile_quantizer: bool = False
+    # with bfloat16 training (autocast), the block itself in bfloat16 while training: its
+    # weights (the fake-quantized ones included) cast once per step and the windows'
+    # activations, residual stream included, in bfloat16, as AutoRound runs a block on the CPU,
+    # instead of float32 activations cast op by op; the loss, the gradients' sums, the
+    # quantizer and the learned parameters stay float32; with stream_autocast the block's
+    # stream passes (FP targets, the quantized stream) likewise. No effect in float32 or
+    # float16
+    cast_block: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
     # CQE+'s cross-layer learning (null: off)
