@@ -72,6 +72,10 @@ SIGNROUND = {"quantization.omniquant.rounding": "learned",
              "quantization.omniquant.optimizer": "signsgd", "quantization.omniquant.batch_size": 2,
              "quantization.omniquant.epochs": 3, "quantization.omniquant.keep_best": True}
 LET = {"quantization.omniquant.let": True, "quantization.omniquant.let_lr": 5e-3}
+FUSED_TRAIN = {"quantization.omniquant.autocast": "bfloat16",
+               "quantization.omniquant.compile_quantizer": True,
+               "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}
+FUSED_STREAM = {"quantization.omniquant.stream_cast_block": True}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("p1-rtn-w4", {}),
     # the observer pinned both ways (the recipes may set either)
@@ -125,15 +129,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "quantization.omniquant.autocast": "bfloat16",
         "quantization.omniquant.compile_quantizer": True}),
     # every speed option: the quantizer and the block's training passes compiled, and the
-    # block in bfloat16 while training and in its stream passes (cast_block)
-    "fast_bf16_fused": ("p1-signround-{scheme}-fast", {
-        "quantization.omniquant.autocast": "bfloat16",
-        "quantization.omniquant.compile_quantizer": True,
-        "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}),
-    "best_bf16_fused": ("p1-signround-{scheme}-best", {
-        "quantization.omniquant.autocast": "bfloat16",
-        "quantization.omniquant.compile_quantizer": True,
-        "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}),
+    # block in bfloat16 while training (cast_block) and in its stream passes
+    # (stream_cast_block); _train: the stream passes as the preset runs them
+    "fast_bf16_fused": ("p1-signround-{scheme}-fast", {**FUSED_TRAIN, **FUSED_STREAM}),
+    "best_bf16_fused": ("p1-signround-{scheme}-best", {**FUSED_TRAIN, **FUSED_STREAM}),
+    "fast_bf16_fused_train": ("p1-signround-{scheme}-fast", FUSED_TRAIN),
+    "best_bf16_fused_train": ("p1-signround-{scheme}-best", FUSED_TRAIN),
 }
 # the fast preset at a named schedule: EPOCHSxWINDOWS per step, 2x2 (W3 g64's, W4's and
 # W2 g64's as first set) and 1x1 (W2 g64's now: as many steps, half the window passes), or

@@ -113,12 +113,12 @@ def stream_precision(device: str, formats: dict[str, AffineFormat | None],
 
 def stream_block_dtype(device: str, formats: dict[str, AffineFormat | None],
                        quantization: QuantizationConfig) -> torch.dtype | None:
-    """With `stream_autocast` and `cast_block` in bfloat16 training, the block's stream passes
-    run the block cast to bfloat16 too (its parameters once per pass, the windows'
+    """With `stream_autocast` and `stream_cast_block` in bfloat16 training, the block's stream
+    passes run the block cast to bfloat16 (its parameters once per pass, the windows'
     activations); None: the block as it is (under `stream_precision`)."""
     omni = quantization.omniquant
     if (quantization.method is not Method.OMNIQUANT or not omni.stream_autocast
-            or not omni.cast_block):
+            or not omni.stream_cast_block):
         return None
     precision = training_precision(device, formats, quantization.abits, omni.autocast)
     return torch.bfloat16 if precision.dtype is torch.bfloat16 else None

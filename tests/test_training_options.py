@@ -411,9 +411,9 @@ def test_training_with_the_fused_quantizer_reaches_the_eager_result(tiny_model, 
 
 def test_cast_block_trains_the_block_in_bfloat16_and_stays_close(tiny_model):
     """cast_block with bfloat16 training: the block's weights and activations are cast once
-    per step (and, with stream_autocast, for the stream passes), the report says so, and the
-    block's error stays close to the float32-activation run's; in float32 training the option
-    changes nothing."""
+    per step (with stream_cast_block, for the stream passes too), the report says so, and
+    the block's error stays close to the float32-activation run's; in float32 training the
+    options change nothing."""
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
     omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
@@ -421,19 +421,29 @@ def test_cast_block_trains_the_block_in_bfloat16_and_stays_close(tiny_model):
     out = {}
     for autocast in ("bfloat16", "float32"):
         for cast in (False, True):
-            q = quantization(bits=3, group_size=16, method="omniquant",
-                             omniquant={**omni, "autocast": autocast, "cast_block": cast})
-            out[autocast, cast] = block_pass.quantize_block(
-                parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store)
-    on, off = out["bfloat16", True].metrics, out["bfloat16", False].metrics
+            for streams in ((False, True) if cast else (False,)):
+                q = quantization(bits=3, group_size=16, method="omniquant",
+                                 omniquant={**omni, "autocast": autocast, "cast_block": cast,
+                                            "stream_cast_block": streams})
+                out[autocast, cast, streams] = block_pass.quantize_block(
+                    parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store)
+    on, off = out["bfloat16", True, False].metrics, out["bfloat16", False, False].metrics
     assert on["train_block_dtype"] == "bfloat16" and "train_block_dtype" not in off
     assert on["output_mse"] != off["output_mse"]
     assert on["output_mse"] == pytest.approx(off["output_mse"], rel=0.1)
-    # the FP targets of the stream pass, in bfloat16 too: close to, not equal to, float32's
-    a = torch.cat([store.get(h) for h in out["bfloat16", True].fp_out])
-    b = torch.cat([store.get(h) for h in out["bfloat16", False].fp_out])
+
+    def targets(key: tuple) -> torch.Tensor:
+        return torch.cat([store.get(h) for h in out[key].fp_out])
+
+    # the FP targets: cast_block alone leaves the stream passes as they were; with
+    # stream_cast_block they are computed in bfloat16: close to, not equal to, those
+    b = targets(("bfloat16", False, False))
+    assert torch.equal(targets(("bfloat16", True, False)), b)
+    a = targets(("bfloat16", True, True))
     assert a.dtype == torch.float32 and not torch.equal(a, b)
     assert (a - b).norm() / b.norm() < 2e-2
-    f_on, f_off = out["float32", True].metrics, out["float32", False].metrics
-    assert "train_block_dtype" not in f_on
-    assert f_on["output_mse"] == f_off["output_mse"]
+    f_off = out["float32", False, False].metrics
+    for streams in (False, True):
+        f_on = out["float32", True, streams].metrics
+        assert "train_block_dtype" not in f_on
+        assert f_on["output_mse"] == f_off["output_mse"]

@@ -181,10 +181,12 @@ class OmniQuantConfig:
     # weights (the fake-quantized ones included) cast once per step and the windows'
     # activations, residual stream included, in bfloat16, as AutoRound runs a block on the CPU,
     # instead of float32 activations cast op by op; the loss, the gradients' sums, the
-    # quantizer and the learned parameters stay float32; with stream_autocast the block's
-    # stream passes (FP targets, the quantized stream) likewise. No effect in float32 or
-    # float16
+    # quantizer and the learned parameters stay float32. No effect in float32 or float16
     cast_block: bool = False
+    # with stream_autocast in bfloat16, the block's stream passes (the FP targets, the
+    # quantized stream onward) with the block cast to bfloat16 too, residual stream included
+    # (faster; on P1 W4 it cost accuracy: the targets' rounding in the large channels)
+    stream_cast_block: bool = False
     # CQE+'s singular-value diagonal expansion (null: off)
     sde: SDEConfig | None = None
     # CQE+'s cross-layer learning (null: off)
