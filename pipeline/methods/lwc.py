@@ -185,16 +185,18 @@ def _run_fused(which: int, fmt: AffineFormat, has_offset: bool, weight_grad: boo
                *args: Any) -> Any:
     """The compiled kernel `which` (0: forward, 1: backward); where compilation fails (no C++
     compiler, an unsupported device) the same operations eagerly, with one warning."""
-    eager = (lambda *a: _fq_forward(*a, fmt),
-             lambda *a: _fq_backward(*a, fmt, weight_grad))[which]
     if not _FUSED_FAILED:
         try:
             return _fused_kernels(FUSED_BACKEND, fmt, has_offset, weight_grad)[which](*args)
-        except Exception as e:  # torch._dynamo / inductor raise many kinds
+        except Exception as e:  # noqa: BLE001 (torch._dynamo and inductor raise many kinds)
             _FUSED_FAILED.append(repr(e))
             log.warning("quantization.omniquant.compile_quantizer: compiling the quantizer "
                         "failed (%s); it runs eagerly (slower, the same values)", e)
-    return eager(*args)
+    if which == 0:
+        x, up, low, offset = args
+        return _fq_forward(x, up, low, offset, fmt)
+    x, up, low, offset, grad = args
+    return _fq_backward(x, up, low, offset, grad, fmt, weight_grad)
 
 
 class FusedFakeQuant(torch.autograd.Function):
