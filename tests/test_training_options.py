@@ -386,6 +386,35 @@ def test_the_fused_quantizer_compiles_with_inductor_and_falls_back_when_it_canno
     torch._dynamo.reset()
 
 
+def test_the_fused_quantizer_stays_compiled_past_dynamos_recompile_limit(monkeypatch):
+    """Every weight shape and format compiles its own pair of functions, which share one code
+    object: dynamo's per-code limit (8) must not send the ninth and later ones to eager
+    (it did on CUDA, found by benchmarks/cuda_check.py, where the tiny models' shapes on the
+    CPU and the GPU passed 8)."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.methods import lwc
+    from pipeline.methods.lwc import ClippingFactors
+
+    monkeypatch.setattr(lwc, "FUSED_BACKEND", "eager")
+    monkeypatch.setattr(lwc, "_FUSED_FAILED", [])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    lwc._fused_kernels.cache_clear()
+    counters.clear()
+    shapes = [(4 + i, 32) for i in range(12)]
+    for shape in shapes:
+        clip = ClippingFactors(torch.Size(shape), AffineFormat(4, 16), 2.0, learn_rounding=True,
+                               fused=True)
+        clip.fake_quantize(torch.randn(shape)).sum().backward()
+        assert clip.offset.grad is not None
+    # a graph for every shape's forward and its backward: none ran eagerly
+    assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
+    assert lwc.fused_quantizer_compiled()
+    torch._dynamo.reset()
+    lwc._fused_kernels.cache_clear()
+
+
 def test_training_with_the_fused_quantizer_reaches_the_eager_result(tiny_model, monkeypatch):
     """A block trained with compile_quantizer reaches the eager quantizer's result (the
     gradients differ by float rounding only) and its report says the quantizer was

@@ -98,6 +98,7 @@ class LearnedFakeQuant(torch.autograd.Function):
 # torch.compile's backend for the fused quantizer (the tests use "eager": the same graph
 # capture without inductor's C++ code generation)
 FUSED_BACKEND = "inductor"
+_FUSED_MADE: list[tuple[Any, ...]] = []  # the (format, shape, device) compiled so far
 
 
 def _fq_grid(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor, offset: torch.Tensor | None,
@@ -157,10 +158,17 @@ def _fq_backward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
 
 
 @functools.cache
-def _fused_kernels(backend: str, fmt: AffineFormat, has_offset: bool, weight_grad: bool
+def _fused_kernels(backend: str, fmt: AffineFormat, has_offset: bool, weight_grad: bool,
+                   shape: tuple[int, ...], device: str
                    ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The forward and the backward compiled for one format (its constants baked in); a new
-    weight shape compiles again (a model has a handful)."""
+    """The forward and the backward compiled for one format (its constants baked in), weight
+    shape and device type (a model has a handful of shapes, CVXQ's mixed widths more formats).
+    Dynamo counts compilations per code object, which all these pairs share: past its
+    `recompile_limit` (8) it would run the new ones eagerly, saying so only in a log, so the
+    limit is raised with every pair made."""
+    _FUSED_MADE.append((fmt, shape, device))
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 8 + len(_FUSED_MADE))
     def forward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
                 offset: torch.Tensor | None) -> torch.Tensor:
         return _fq_forward(x, up, low, offset, fmt)
@@ -187,7 +195,9 @@ def _run_fused(which: int, fmt: AffineFormat, has_offset: bool, weight_grad: boo
     compiler, an unsupported device) the same operations eagerly, with one warning."""
     if not _FUSED_FAILED:
         try:
-            return _fused_kernels(FUSED_BACKEND, fmt, has_offset, weight_grad)[which](*args)
+            x = args[0]
+            return _fused_kernels(FUSED_BACKEND, fmt, has_offset, weight_grad, tuple(x.shape),
+                                  x.device.type)[which](*args)
         except Exception as e:  # noqa: BLE001 (torch._dynamo and inductor raise many kinds)
             _FUSED_FAILED.append(repr(e))
             log.warning("quantization.omniquant.compile_quantizer: compiling the quantizer "
