@@ -76,6 +76,8 @@ FUSED_TRAIN = {"quantization.omniquant.autocast": "bfloat16",
                "quantization.omniquant.compile_quantizer": True,
                "quantization.omniquant.cast_block": True, "quantization.omniquant.compile": True}
 FUSED_STREAM = {"quantization.omniquant.stream_cast_block": True}
+EAGER = {f"quantization.omniquant.{k}": False
+         for k in ("compile_quantizer", "cast_block", "compile", "stream_cast_block")}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("p1-rtn-w4", {}),
     # the observer pinned both ways (the recipes may set either)
@@ -115,6 +117,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # its default 200); the peer beside them from benchmarks/p1_peers.py --peer autoround
     "fast_bf16": ("p1-signround-{scheme}-fast", {"quantization.omniquant.autocast": "bfloat16"}),
     "best_bf16": ("p1-signround-{scheme}-best", {"quantization.omniquant.autocast": "bfloat16"}),
+    # the presets without the step's speed options (p1-signround-w4-fast sets them since
+    # 2026-12-04; its earlier fast_bf16 rows ran this way)
+    "fast_bf16_eager": ("p1-signround-{scheme}-fast", {
+        "quantization.omniquant.autocast": "bfloat16", **EAGER}),
+    "best_bf16_eager": ("p1-signround-{scheme}-best", {
+        "quantization.omniquant.autocast": "bfloat16", **EAGER}),
     # the same with the block's training passes compiled (quantization.omniquant.compile)
     "fast_bf16_compiled": ("p1-signround-{scheme}-fast", {
         "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.compile": True}),

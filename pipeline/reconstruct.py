@@ -46,6 +46,7 @@ from pipeline.streams import ChunkStore
 from pipeline.training import (
     Batches,
     StepGradients,
+    block_call_compiled,
     compiled_block_call,
     make_optimizer,
     quantizer_shards,
@@ -398,7 +399,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                "train_precision": precision.name,
                                **({"train_block_dtype": "bfloat16"}
                                   if block_dtype is torch.bfloat16 else {}),
-                               **({"train_compiled": True} if compiled is not None else {}),
+                               # false: compiling the block's call failed; it ran eagerly
+                               **({"train_compiled": block_call_compiled()}
+                                  if compiled is not None else {}),
                                # false: compiling the quantizer failed; it ran eagerly
                                **({"quantizer_compiled": fused_quantizer_compiled()}
                                   if cfg.compile_quantizer else {}),

@@ -129,9 +129,36 @@ def stream_block_dtype(device: str, formats: dict[str, AffineFormat | None],
 COMPILE_BACKEND = "inductor"
 
 
+_COMPILE_FAILED: list[str] = []
+
+
+def block_call_compiled() -> bool:
+    """False once compiling the block's call failed in this process (it runs eagerly)."""
+    return not _COMPILE_FAILED
+
+
 @functools.cache
 def _compiled(backend: str) -> Callable[..., Any]:
-    return torch.compile(torch.func.functional_call, backend=backend, dynamic=False)
+    """`torch.func.functional_call` compiled; where compilation fails (no C++ compiler, an
+    unsupported device or operation) the call runs eagerly from then on, with one warning."""
+    compiled: list[Callable[..., Any]] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _COMPILE_FAILED:
+            try:
+                if not compiled:
+                    compiled.append(torch.compile(torch.func.functional_call, backend=backend,
+                                                  dynamic=False))
+                return compiled[0](*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 (torch._dynamo and inductor raise many kinds)
+                _COMPILE_FAILED.append(repr(e))
+                log.warning("quantization.omniquant.compile: compiling the block's training "
+                            "call failed (%s); it runs eagerly (slower, the same steps)", e)
+        return torch.func.functional_call(*args, **kwargs)
+
+    return call
 
 
 def compiled_block_call(cfg: OmniQuantConfig, abits: int) -> Callable[..., Any] | None:

@@ -332,6 +332,36 @@ def _fake_quant_grads(fmt, learned: bool, weight_grad: bool, direct: bool, fused
     return out.detach(), grads
 
 
+def test_compiled_training_falls_back_to_eager_when_compiling_fails(tiny_model, monkeypatch,
+                                                                     caplog):
+    """compile where torch.compile cannot compile (here an unknown backend; on a machine
+    without a C++ compiler, inductor): the block trains eagerly to the same result, one
+    warning names the option, the report says train_compiled: false."""
+    from pipeline import training
+
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "no_such_backend")
+    monkeypatch.setattr(training, "_COMPILE_FAILED", [])
+    training._compiled.cache_clear()
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=4)
+    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
+            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
+    out = {}
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        for compile_ in (False, True, True):
+            q = quantization(bits=3, group_size=16, method="omniquant",
+                             omniquant={**omni, "compile": compile_})
+            out[len(out)] = block_pass.quantize_block(parts, 0, fp, fp, q,
+                                                      [ExportFormat.COMPRESSED_TENSORS], store)
+    assert sum("quantization.omniquant.compile" in r.getMessage() for r in caplog.records) == 1
+    assert "train_compiled" not in out[0].metrics
+    for i in (1, 2):
+        assert out[i].metrics["train_compiled"] is False
+        assert out[i].metrics["loss_after"] == out[0].metrics["loss_after"]
+        assert out[i].metrics["output_mse"] == out[0].metrics["output_mse"]
+    training._compiled.cache_clear()
+
+
 @pytest.mark.parametrize("fmt", [AffineFormat(4), AffineFormat(3, 16),
                                  AffineFormat(2, 16, True),
                                  AffineFormat(4, 32, True, full_range=True)],

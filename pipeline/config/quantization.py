@@ -170,7 +170,7 @@ class OmniQuantConfig:
     # class and shapes reuses the code (regional compilation); activation-quantized recipes
     # (abits < 16) and the probes, the fold and the streams stay eager. Costs one compilation
     # per worker process (about 25 s for a P1 block on a 2-core CPU), needs a C++ compiler on
-    # the CPU
+    # the CPU (where it cannot compile, the call runs eagerly with a warning)
     compile: bool = False
     # the learned fake-quant of the block's weights (clipping, the learned rounding) compiled
     # with torch.compile into fused loops, forward and backward: the step's cost outside the
