@@ -225,6 +225,33 @@ def test_host_workers_split_the_learned_quantizer(tmp_path):
     assert gpu_whole["collective"] == pytest.approx(64 * shape.params * 4 * 1.5 / link)
 
 
+def test_the_compiled_quantizer_is_charged_its_fused_passes(tmp_path):
+    """compile_quantizer: each step's quantizer moves QUANTIZER_PASSES_FUSED words per weight
+    instead of QUANTIZER_PASSES; the windows' passes cost the same."""
+    from pipeline.planning.cost_model import (
+        QUANTIZER_PASSES,
+        QUANTIZER_PASSES_FUSED,
+        training_seconds,
+    )
+
+    shape, _blocks, _ = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    device = PRESETS["a100-80g"]
+
+    def learned(fused):
+        return build_config(QuantizationConfig, {
+            "method": "omniquant", "bits": 4, "omniquant": {
+                "epochs": 2, "batch_size": 2, "rounding": "learned",
+                "compile_quantizer": fused}}, "quantization")
+
+    work = Workload(128, 512, 1, Schedule.SEQUENTIAL)
+    eager = training_seconds(shape, learned(False), work, device, 128)
+    fused = training_seconds(shape, learned(True), work, device, 128)
+    saved = 128 * (QUANTIZER_PASSES - QUANTIZER_PASSES_FUSED) * 4 * shape.linear_params
+    assert eager["train"] - fused["train"] == pytest.approx(saved / device.elementwise_bytes)
+    assert eager["probe"] == fused["probe"]
+
+
 def test_the_mse_observer_is_charged_per_weight(tmp_path):
     """quantization.observer: mse adds its search over every quantized weight (the measured
     rate where there is one, else the elementwise rate), streamed or data-free; min-max adds

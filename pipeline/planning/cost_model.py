@@ -35,6 +35,11 @@ __all__ = ["hessian_float64", "solve_float64", "worker_memory"]  # re-exported: 
 # 14 elementwise passes forward and 18 backward, each a read and a write; LET's transform and
 # the optimizer's update and clamp about 6 more), once per step whatever the batch
 QUANTIZER_PASSES = 80
+# the same with `compile_quantizer`: its forward and backward fused (on an H200 the compiled
+# fake-quant of a 7B-sized weight took 0.66-0.84 ms against 1.83-4.57 ms eagerly,
+# benchmarks/results/cuda_speed.json: about 14 words per weight instead of some 68), LET's
+# transform and the optimizer's update as before
+QUANTIZER_PASSES_FUSED = 26
 # Ray's start and the model's first reads before the first block (a run's "prepare" phase),
 # counted in a run's prediction but not in its quantize phase (which starts the stages:
 # `Device.stage_start_seconds`)
@@ -249,7 +254,8 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
     passes = cfg.window_passes(work.windows)  # epochs, fractional when steps cuts one short
     window_flops = forward_flops(shape, work.seq_len, work.seq_len)
     per_window = 3.0 * window_flops / device.train_flops  # forward + backward (2x)
-    quantizer = QUANTIZER_PASSES * 4 * shape.linear_params / device.elementwise_bytes
+    words = QUANTIZER_PASSES_FUSED if cfg.compile_quantizer else QUANTIZER_PASSES
+    quantizer = words * 4 * shape.linear_params / device.elementwise_bytes
     # each window runs forward and backward; every step builds the quantized weights once and
     # sends the windows' summed gradient back through the quantizer once (data-parallel
     # workers split that work among them)
