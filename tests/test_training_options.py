@@ -428,18 +428,20 @@ def test_the_fused_quantizer_stays_compiled_past_dynamos_recompile_limit(monkeyp
 
     monkeypatch.setattr(lwc, "FUSED_BACKEND", "eager")
     monkeypatch.setattr(lwc, "_FUSED_FAILED", [])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch._dynamo.reset()
     lwc._fused_kernels.cache_clear()
     counters.clear()
     shapes = [(4 + i, 32) for i in range(12)]
-    for shape in shapes:
-        clip = ClippingFactors(torch.Size(shape), AffineFormat(4, 16), 2.0, learn_rounding=True,
-                               fused=True)
-        clip.fake_quantize(torch.randn(shape)).sum().backward()
-        assert clip.offset.grad is not None
+    # (dynamo's config patched its own way: monkeypatch's undo deletes a config entry)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for shape in shapes:
+            clip = ClippingFactors(torch.Size(shape), AffineFormat(4, 16), 2.0,
+                                   learn_rounding=True, fused=True)
+            clip.fake_quantize(torch.randn(shape)).sum().backward()
+            assert clip.offset.grad is not None
     # a graph for every shape's forward and its backward: none ran eagerly
     assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
+    assert torch._dynamo.config.recompile_limit >= 8
     assert lwc.fused_quantizer_compiled()
     torch._dynamo.reset()
     lwc._fused_kernels.cache_clear()
