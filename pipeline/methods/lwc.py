@@ -25,6 +25,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def _range_grads(d_scale: torch.Tensor, raw: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+                 fmt: AffineFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale's gradient passed to the clipped range's ends (hi, lo): through the scale's
+    floor, and for symmetric grids through the larger end (split evenly on a tie)."""
+    d_raw = d_scale * (raw >= _MIN_SCALE)
+    if fmt.symmetric:
+        d_m = d_raw / fmt.scale_divisor
+        tie = hi == -lo
+        return (torch.where(tie, d_m / 2, d_m * (hi > -lo)),
+                -torch.where(tie, d_m / 2, d_m * (-lo > hi)))
+    return d_raw / fmt.qmax, -d_raw / fmt.qmax
+
+
 class LearnedFakeQuant(torch.autograd.Function):
     """out = (clamp(round(x / s + v) + z, qmin, qmax) - z) * s per row group of x, where
     s = (max(x, 0) * up - min(x, 0) * low) / qmax (symmetric: max of the two over the
@@ -72,14 +85,7 @@ class LearnedFakeQuant(torch.autograd.Function):
         d_offset = (g_in * s).reshape(grad.shape) if ctx.has_offset else None
         # out = codes * s with codes = round(x / s + v) inside: d/ds = codes - x / s there
         d_scale = (g * codes).sum(-1) - (g_in * x).sum(-1) / scale
-        d_raw = d_scale * (raw >= _MIN_SCALE)
-        if fmt.symmetric:
-            d_m = d_raw / fmt.scale_divisor
-            tie = hi == -lo
-            d_hi = torch.where(tie, d_m / 2, d_m * (hi > -lo))
-            d_lo = -torch.where(tie, d_m / 2, d_m * (-lo > hi))
-        else:
-            d_hi, d_lo = d_raw / fmt.qmax, -d_raw / fmt.qmax
+        d_hi, d_lo = _range_grads(d_scale, raw, hi, lo, fmt)
         d_up = d_hi * hi_x if ctx.needs_input_grad[1] else None
         d_low = d_lo * lo_x if ctx.needs_input_grad[2] else None
         d_weight = None
@@ -138,14 +144,7 @@ def _fq_backward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
     g_in = grad * inside
     d_offset = g_in * s if offset is not None else None
     d_scale = (grad * codes).sum(-1) - (g_in * x).sum(-1) / scale
-    d_raw = d_scale * (raw >= _MIN_SCALE)
-    if fmt.symmetric:
-        d_m = d_raw / fmt.scale_divisor
-        tie = hi == -lo
-        d_hi = torch.where(tie, d_m / 2, d_m * (hi > -lo))
-        d_lo = -torch.where(tie, d_m / 2, d_m * (-lo > hi))
-    else:
-        d_hi, d_lo = d_raw / fmt.qmax, -d_raw / fmt.qmax
+    d_hi, d_lo = _range_grads(d_scale, raw, hi, lo, fmt)
     d_x = None
     if weight_grad:
         # the range's gradient shared by the group's extreme weights (as amax's and amin's)
