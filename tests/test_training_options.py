@@ -257,6 +257,19 @@ def test_stream_autocast_runs_the_stream_passes_in_the_training_precision(tiny_m
     assert (on - ref).pow(2).sum() / ref.pow(2).sum() < 1e-3
 
 
+# a small learned recipe (sign-round with LET) trained on a tiny block in float32
+TINY_SIGNROUND = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
+                  "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
+
+
+def _train_tiny_block(parts, store, fp, **options):
+    """Block 0 quantized at W3 g16 with TINY_SIGNROUND and `options` on top."""
+    q = quantization(bits=3, group_size=16, method="omniquant",
+                     omniquant={**TINY_SIGNROUND, **options})
+    return block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                     store)
+
+
 def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_model,
                                                                           monkeypatch):
     """compile: the training passes go through torch.compile (here its aot_eager backend:
@@ -272,14 +285,8 @@ def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_
     torch._dynamo.reset()
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
-    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
-            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
-    out = {}
-    for compile_ in (False, True):
-        q = quantization(bits=3, group_size=16, method="omniquant",
-                         omniquant={**omni, "compile": compile_})
-        out[compile_] = block_pass.quantize_block(parts, 0, fp, fp, q,
-                                                  [ExportFormat.COMPRESSED_TENSORS], store)
+    out = {compile_: _train_tiny_block(parts, store, fp, compile=compile_)
+           for compile_ in (False, True)}
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1
     a, b = out[False].metrics, out[True].metrics
@@ -288,7 +295,7 @@ def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_
     assert b["output_mse"] == pytest.approx(a["output_mse"], rel=1e-3)
     # the next block: the same graphs, no new compilation
     q = quantization(bits=3, group_size=16, method="omniquant",
-                     omniquant={**omni, "compile": True})
+                     omniquant={**TINY_SIGNROUND, "compile": True})
     nxt = block_pass.quantize_block(parts, 1, out[True].q_out, out[True].fp_out, q,
                                     [ExportFormat.COMPRESSED_TENSORS], store)
     assert nxt.metrics["train_compiled"] is True
@@ -344,15 +351,9 @@ def test_compiled_training_falls_back_to_eager_when_compiling_fails(tiny_model, 
     training._compiled.cache_clear()
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
-    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
-            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
-    out = {}
     with caplog.at_level("WARNING", logger="pipeline.training"):
-        for compile_ in (False, True, True):
-            q = quantization(bits=3, group_size=16, method="omniquant",
-                             omniquant={**omni, "compile": compile_})
-            out[len(out)] = block_pass.quantize_block(parts, 0, fp, fp, q,
-                                                      [ExportFormat.COMPRESSED_TENSORS], store)
+        out = [_train_tiny_block(parts, store, fp, compile=compile_)
+               for compile_ in (False, True, True)]
     assert sum("quantization.omniquant.compile" in r.getMessage() for r in caplog.records) == 1
     assert "train_compiled" not in out[0].metrics
     for i in (1, 2):
@@ -456,14 +457,8 @@ def test_training_with_the_fused_quantizer_reaches_the_eager_result(tiny_model, 
     monkeypatch.setattr(lwc, "FUSED_BACKEND", "eager")
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
-    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
-            "clip_param": "direct", "let": True, "keep_best": True, "autocast": "float32"}
-    out = {}
-    for fused in (False, True):
-        q = quantization(bits=3, group_size=16, method="omniquant",
-                         omniquant={**omni, "compile_quantizer": fused})
-        out[fused] = block_pass.quantize_block(parts, 0, fp, fp, q,
-                                               [ExportFormat.COMPRESSED_TENSORS], store).metrics
+    out = {fused: _train_tiny_block(parts, store, fp, compile_quantizer=fused).metrics
+           for fused in (False, True)}
     assert out[True]["quantizer_compiled"] is True and "quantizer_compiled" not in out[False]
     assert out[True]["loss_after"] == pytest.approx(out[False]["loss_after"], rel=1e-3)
     assert out[True]["output_mse"] == pytest.approx(out[False]["output_mse"], rel=1e-3)
@@ -477,17 +472,13 @@ def test_cast_block_trains_the_block_in_bfloat16_and_stays_close(tiny_model):
     options change nothing."""
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
-    omni = {"epochs": 2, "batch_size": 2, "rounding": "learned", "optimizer": "signsgd",
-            "clip_param": "direct", "let": True, "keep_best": True, "stream_autocast": True}
     out = {}
     for autocast in ("bfloat16", "float32"):
         for cast in (False, True):
             for streams in ((False, True) if cast else (False,)):
-                q = quantization(bits=3, group_size=16, method="omniquant",
-                                 omniquant={**omni, "autocast": autocast, "cast_block": cast,
-                                            "stream_cast_block": streams})
-                out[autocast, cast, streams] = block_pass.quantize_block(
-                    parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS], store)
+                out[autocast, cast, streams] = _train_tiny_block(
+                    parts, store, fp, stream_autocast=True, autocast=autocast,
+                    cast_block=cast, stream_cast_block=streams)
     on, off = out["bfloat16", True, False].metrics, out["bfloat16", False, False].metrics
     assert on["train_block_dtype"] == "bfloat16" and "train_block_dtype" not in off
     assert on["output_mse"] != off["output_mse"]
