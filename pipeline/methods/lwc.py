@@ -104,7 +104,6 @@ class LearnedFakeQuant(torch.autograd.Function):
 # torch.compile's backend for the fused quantizer (the tests use "eager": the same graph
 # capture without inductor's C++ code generation)
 FUSED_BACKEND = "inductor"
-_FUSED_MADE: list[tuple[Any, ...]] = []  # the (format, shape, device) compiled so far
 
 
 def _fq_grid(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor, offset: torch.Tensor | None,
@@ -165,9 +164,10 @@ def _fused_kernels(backend: str, fmt: AffineFormat, has_offset: bool, weight_gra
     Dynamo counts compilations per code object, which all these pairs share: past its
     `recompile_limit` (8) it would run the new ones eagerly, saying so only in a log, so the
     limit is raised with every pair made."""
-    _FUSED_MADE.append((fmt, shape, device))
+    made = _fused_kernels.cache_info().currsize + 1  # this pair among those compiled so far
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 8 + len(_FUSED_MADE))
+    config.recompile_limit = max(config.recompile_limit, 8 + made)
+
     def forward(x: torch.Tensor, up: torch.Tensor, low: torch.Tensor,
                 offset: torch.Tensor | None) -> torch.Tensor:
         return _fq_forward(x, up, low, offset, fmt)
