@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             omni = config.quantization.omniquant
             steps = omni.total_steps(args.train)
             row.update({"train_seconds": r.metrics["train_seconds"], "steps": steps,
-                        "train_precision": r.metrics.get("train_precision")})
+                        "train_precision": r.metrics.get("train_precision"),
+                        **({"best_step": r.metrics["best_step"]}
+                           if "best_step" in r.metrics else {})})
         print(json.dumps(row), flush=True)
         key = (name, args.block, args.scheme, args.train)
         result["rows"] = [x for x in result["rows"]
