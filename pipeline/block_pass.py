@@ -35,7 +35,7 @@ from pipeline.reconstruct import (
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
-from pipeline.training import stream_block_dtype, stream_precision
+from pipeline.training.precision import stream_block_dtype, stream_precision
 
 
 def peak_rss_bytes() -> int:

@@ -305,7 +305,7 @@ def run_block(parts: ModelParts, block: nn.Module, h: torch.Tensor,
               compiled: Callable[..., Any] | None = None) -> torch.Tensor:
     """One block's forward on [batch, seq, hidden] (causal, no cache). `tensors` replaces some
     of the block's parameters for this call (relative names), keeping their autograd graph;
-    with them, `compiled` (`pipeline.training.compiled_block_call`) runs the call compiled."""
+    with them, `compiled` (`pipeline.training.compiled.compiled_block_call`) runs the call compiled."""
     pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
 
     def call(*args: Any, **kwargs: Any) -> Any:

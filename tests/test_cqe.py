@@ -7,6 +7,7 @@ from block_helpers import quantization, stream
 
 from pipeline import block_pass, reconstruct
 from pipeline.config import ConfigError, CrossLayerConfig, ExportFormat
+from pipeline.methods import learnable
 from pipeline.methods.cross_layer import Downstream
 from pipeline.methods.sde import SingularExpansion
 from pipeline.plan import open_model
@@ -95,9 +96,9 @@ def test_sde_at_zero_gives_the_host_methods_block_bit_for_bit(tiny_model):
     with torch.no_grad(), reconstruct.input_hooks(block, names, visit):
         for h in fp:
             block_pass._run(parts, block, store, h)
-    host = reconstruct.BlockQuantizer(parts, block, formats, stats, _config().omniquant, 16)
+    host = learnable.BlockQuantizer(parts, block, formats, stats, _config().omniquant, 16)
     sde_cfg = _config(sde={"band": 2, "block": 4}).omniquant
-    expanded = reconstruct.BlockQuantizer(parts, block, formats, stats, sde_cfg, 16)
+    expanded = learnable.BlockQuantizer(parts, block, formats, stats, sde_cfg, 16)
     a, b = host.tensors(), expanded.tensors()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,7 @@ from pipeline.config_tree import build_config
 from pipeline.parallel.shares import WindowShare, split_windows_among
 from pipeline.reconstruct import assign_by_cost
 from pipeline.streams import MemoryStore
-from pipeline.training import Batches, StepGradients
+from pipeline.training.steps import Batches, StepGradients
 
 # --- unit: the shares, the batches, the assignment --------------------------------------------
 

@@ -34,8 +34,8 @@ def test_compiled_training_matches_eager_and_compiles_once_for_every_block(tiny_
     quantization and compile: false stay eager."""
     from torch._dynamo.utils import counters
 
-    from pipeline import training
     from pipeline.config import OmniQuantConfig
+    from pipeline.training import compiled as training
 
     monkeypatch.setattr(training, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -100,14 +100,14 @@ def test_compiled_training_falls_back_to_eager_when_compiling_fails(tiny_model, 
     """compile where torch.compile cannot compile (here an unknown backend; on a machine
     without a C++ compiler, inductor): the block trains eagerly to the same result, one
     warning names the option, the report says train_compiled: false."""
-    from pipeline import training
+    from pipeline.training import compiled as training
 
     monkeypatch.setattr(training, "COMPILE_BACKEND", "no_such_backend")
     monkeypatch.setattr(training, "_COMPILE_FAILED", [])
     training._compiled.cache_clear()
     parts = open_model(tiny_model("llama"), "float32")
     store, fp = stream(parts, n=4)
-    with caplog.at_level("WARNING", logger="pipeline.training"):
+    with caplog.at_level("WARNING", logger="pipeline.training.compiled"):
         out = [_train_tiny_block(parts, store, fp, compile=compile_)
                for compile_ in (False, True, True)]
     assert sum("quantization.omniquant.compile" in r.getMessage() for r in caplog.records) == 1

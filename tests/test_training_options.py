@@ -13,7 +13,7 @@ from pipeline.plan import open_model
 
 def test_signsgd_steps_by_the_sign_with_a_linear_decay():
     from pipeline.config import OmniQuantConfig, Optimizer
-    from pipeline.training import make_optimizer
+    from pipeline.training.optimizer import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     cfg = OmniQuantConfig(optimizer=Optimizer.SIGNSGD)
@@ -171,9 +171,9 @@ def test_auto_precision_follows_the_cpu_bf16_kernels(monkeypatch, caplog, kernel
     """autocast auto on the CPU: bfloat16 where the CPU has bfloat16 kernels, float32 where
     it has not (bfloat16 there is several times slower); an explicit bfloat16 is kept, with a
     warning only where it is slow; CUDA keeps float16, float32 at 8 bits."""
-    from pipeline import training
     from pipeline.config import Autocast
     from pipeline.formats import AffineFormat
+    from pipeline.training import precision as training
 
     monkeypatch.setattr(training, "cpu_has_bf16_kernels", lambda: kernels)
     training._warn_slow_bf16.cache_clear()

@@ -1,5 +1,5 @@
 """The exchanges of a training step whose quantizer is split among the data-parallel workers
-(`pipeline.training.QuantizerShards`): through shared memory on one node, through
+(`pipeline.training.steps.QuantizerShards`): through shared memory on one node, through
 torch.distributed otherwise. `TorchCollective.shards` picks one."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 class SharedMemoryShards:
     """The exchanges of a training step whose quantizer is split among the workers of one node
-    (`pipeline.training.QuantizerShards`): every tensor of the step has one owner, which
+    (`pipeline.training.steps.QuantizerShards`): every tensor of the step has one owner, which
     computes it and, once the window gradients are summed, sends the sum back through the
     quantizer. `gather` publishes each worker's own tensors and returns every tensor as a view
     of shared memory (valid until the next `gather`); `reduce` returns the sums over the

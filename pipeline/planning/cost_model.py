@@ -287,8 +287,8 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         if split and device.host:  # through shared memory: each worker writes its gradient
             # sums and its share of the tensors, and reads the others' part of the sums of its
             # own share
-            words = 4 / work.workers + width * (1 + 1 / work.workers)
-            out["collective"] = steps * shape.linear_params * words / device.elementwise_bytes
+            moved = 4 / work.workers + width * (1 + 1 / work.workers)
+            out["collective"] = steps * shape.linear_params * moved / device.elementwise_bytes
         elif split:  # over the links (NCCL): each owner broadcasts its tensors (float32) and
             # the gradient sums are reduced to their owners, each pipelined through a ring
             out["collective"] = steps * shape.linear_params * (4 + width) / device.network_bytes

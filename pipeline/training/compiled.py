@@ -1,0 +1,60 @@
+"""A block's training call compiled by torch.compile (`quantization.omniquant.compile`), and
+its fallback to eager where compilation fails."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.config import OmniQuantConfig
+
+log = logging.getLogger(__name__)
+
+
+# torch.compile's backend for `compiled_block_call` (the tests use "aot_eager": the same
+# graph capture and autograd split without inductor's C++ code generation)
+COMPILE_BACKEND = "inductor"
+
+
+_COMPILE_FAILED: list[str] = []
+
+
+def block_call_compiled() -> bool:
+    """False once compiling the block's call failed in this process (it runs eagerly)."""
+    return not _COMPILE_FAILED
+
+
+@functools.cache
+def _compiled(backend: str) -> Callable[..., Any]:
+    """`torch.func.functional_call` compiled; where compilation fails (no C++ compiler, an
+    unsupported device or operation) the call runs eagerly from then on, with one warning."""
+    compiled: list[Callable[..., Any]] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _COMPILE_FAILED:
+            try:
+                if not compiled:
+                    compiled.append(torch.compile(torch.func.functional_call, backend=backend,
+                                                  dynamic=False))
+                return compiled[0](*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 (torch._dynamo and inductor raise many kinds)
+                _COMPILE_FAILED.append(repr(e))
+                log.warning("quantization.omniquant.compile: compiling the block's training "
+                            "call failed (%s); it runs eagerly (slower, the same steps)", e)
+        return torch.func.functional_call(*args, **kwargs)
+
+    return call
+
+
+def compiled_block_call(cfg: OmniQuantConfig, abits: int) -> Callable[..., Any] | None:
+    """With `quantization.omniquant.compile` (weight-only widths), a block's functional call
+    compiled once per process, the block being one of its inputs: blocks of one class and
+    shape reuse the compiled code; a new window count or class compiles again. None: eager."""
+    if not cfg.compile or abits < 16:
+        return None
+    return _compiled(COMPILE_BACKEND)
