@@ -160,14 +160,12 @@ VARIANTS["fast_bf16_1x1_last"] = ("p1-signround-{scheme}-fast", {
 # the best preset keeping the last step's parameters (with 2 windows per step the lowest
 # step loss marks the easiest pair of windows more than the best parameters: on P1's blocks
 # 3 and 20, 112 train windows, the held-out error fell 3.1 % and 1.6 % without keep_best),
-# the quantizer and the training passes compiled (the block stays float32 while training);
-# _e7: the time they save spent on a 7th epoch (held-out error -2.5 % on block 20, +0.6 % on
-# block 3 against 6)
-for _name, _epochs in {"best_bf16_last_cq": 6, "best_bf16_last_cq_e7": 7}.items():
-    VARIANTS[_name] = ("p1-signround-{scheme}-best", {
-        "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": _epochs,
-        "quantization.omniquant.keep_best": False,
-        "quantization.omniquant.compile_quantizer": True, "quantization.omniquant.compile": True})
+# the quantizer and the training passes compiled (the block stays float32 while training)
+# and the time they save spent on a 7th epoch: the p1-signround-w4-best preset since
+VARIANTS["best_bf16_last_cq_e7"] = ("p1-signround-{scheme}-best", {
+    "quantization.omniquant.autocast": "bfloat16", "quantization.omniquant.epochs": 7,
+    "quantization.omniquant.keep_best": False,
+    "quantization.omniquant.compile_quantizer": True, "quantization.omniquant.compile": True})
 # CQE+'s ablation (issue 16), each on top of the best recipe above (bf16): SDE at band 0
 # (LSI), 1, 2 and 1 with a 64 x 64 block; cross-layer learning (the p1-cqe-plus-* recipes'
 # setting); and both. Learning rates from P1's block 12 (benchmarks/block_probe.py)

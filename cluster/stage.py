@@ -24,6 +24,7 @@ from pipeline.parallel.collective import Collective, Solo, TorchCollective
 from pipeline.parallel.shares import WindowShare
 from pipeline.parallel.worker import DataParallelWorker
 from pipeline.plan import open_model
+from pipeline.reporting import process_memory
 
 
 class RayStore:
@@ -180,7 +181,7 @@ class StageActor:
         return budget.weight_errors(self._parts(path), blocks, quantization)
 
     def peak_rss_bytes(self) -> int:
-        return block_pass.peak_rss_bytes()
+        return process_memory.peak_rss_bytes()
 
     def place(self) -> dict[str, Any]:
         """Where this stage runs (for the report: which node holds which blocks)."""

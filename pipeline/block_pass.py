@@ -7,7 +7,6 @@ whatever the model's depth.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from typing import Any
 
@@ -32,29 +31,11 @@ from pipeline.reconstruct import (
     quantized_names,
     train_block,
 )
+from pipeline.reporting.process_memory import peak_rss_bytes, private_bytes
 from pipeline.schemes import block_formats
 from pipeline.storage import CheckpointReader
 from pipeline.streams import ChunkStore
 from pipeline.training.precision import stream_block_dtype, stream_precision
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (Linux reports kilobytes). It counts the pages
-    of shared memory (the Ray object store) that the process has touched."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def private_bytes() -> int:
-    """Resident anonymous memory now (RssAnon): the process's own heap, without the shared
-    object-store pages and mapped files that `peak_rss_bytes` also counts."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 @torch.no_grad()

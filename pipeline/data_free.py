@@ -15,11 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.block_pass import (
-    BlockResult,
-    peak_rss_bytes,
-    private_bytes,
-)
+from pipeline.block_pass import BlockResult
 from pipeline.block_pass import (
     quantize_block_weights as quantize_whole_block,
 )
@@ -37,6 +33,7 @@ from pipeline.formats import (
 )
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
 from pipeline.model_parts import ModelParts
+from pipeline.reporting.process_memory import peak_rss_bytes, private_bytes
 from pipeline.schemes import block_formats
 
 # weights per slice of rows (64 MB in float32); a multiple of 32 rows, so the zero points that
