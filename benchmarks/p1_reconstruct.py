@@ -235,8 +235,12 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
         "settings": ({"epochs": omni.epochs, "batch_size": omni.batch_size, "lwc": omni.lwc,
                       "let": omni.let, "lwc_lr": omni.lwc_lr, "let_lr": omni.let_lr,
                       "aug_loss": omni.aug_loss, "rounding": omni.rounding.value,
-                      "round_lr": omni.round_lr, "clip_param": omni.clip_param.value}
-                     if variant.startswith("omniquant") else {}),
+                      "round_lr": omni.round_lr, "clip_param": omni.clip_param.value,
+                      "keep_best": omni.keep_best,
+                      "sde": dataclasses.asdict(omni.sde) if omni.sde else None,
+                      "cross_layer": (dataclasses.asdict(omni.cross_layer)
+                                      if omni.cross_layer else None)}
+                     if config.quantization.method.value == "omniquant" else {}),
         "perplexity": ppl["quantized"], "fp_perplexity": ppl["fp"], "windows": ppl["windows"],
         "wall_seconds": time.perf_counter() - start,
         "quantize_seconds": sum(b["seconds"] for b in blocks),
