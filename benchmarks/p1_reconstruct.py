@@ -181,6 +181,11 @@ for _name, _extra in {
                         "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}},
 }.items():
     VARIANTS[_name] = ("p1-omniquant-{scheme}", {**_BEST, **_extra})
+# cross-layer learning on the best preset itself (its schedule: 6 x 2, the best step kept,
+# the stream passes in bf16): the row a cqe-plus recipe meant to beat best_bf16 must match
+VARIANTS["cqe_plus_best"] = ("p1-signround-{scheme}-best", {
+    **VARIANTS["best_bf16"][1],
+    "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}})
 
 
 TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]
