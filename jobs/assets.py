@@ -124,7 +124,7 @@ def prepare_smollm2(home: str) -> str:
     data = loaded.config.to_dict()
     data.pop("quantization_config", None)
     config = LlamaConfig.from_dict(data)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
     model.load_state_dict(loaded.state_dict(), strict=True)
     work = tempfile.mkdtemp(prefix="smollm2-", dir=os.path.join(home, "models"))
     model.save_pretrained(work, max_shard_size="200MB")

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.config import ClusterConfig, ConfigError, EvalConfig
 
@@ -18,7 +18,7 @@ log = logging.getLogger("relayquant")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own exit code is 2 as well
+    def error(self, message: str) -> NoReturn:  # argparse's own exit code is 2 as well
         self.exit(2, f"relayquant: error: {message}\n")
 
 

@@ -40,7 +40,7 @@ def _module_comments(source: str) -> dict[tuple[str, str], str]:
         for item in node.body:
             if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
                 continue
-            above = []
+            above: list[str] = []
             row = item.lineno - 2
             while row >= 0 and lines[row].strip().startswith("#"):
                 above.insert(0, lines[row].strip().lstrip("#").strip())
@@ -64,8 +64,8 @@ def _dataclass_in(annotation: Any) -> type | None:
 def _type_text(annotation: Any) -> str:
     options = [a for a in typing.get_args(annotation) if a is not type(None)]
     nullable = type(None) in typing.get_args(annotation)
-    base = options[0] if isinstance(annotation, types.UnionType | typing._UnionGenericAlias) and \
-        len(options) == 1 else annotation  # type: ignore[attr-defined]
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    base = options[0] if union and len(options) == 1 else annotation
     items = typing.get_args(base)
     if typing.get_origin(base) is list and items and isinstance(items[0], type) and \
             issubclass(items[0], enum.Enum):

@@ -155,7 +155,7 @@ def ignored_settings(data: dict[str, Any], config: RunConfig) -> list[str]:
 def expand_home(config: RunConfig) -> RunConfig:
     """`~/...` in a local path means the home folder, as in a shell (a YAML value is never
     expanded by one): otherwise `output: ~/runs/x` makes a folder named `~` here."""
-    def expand(path: str | None) -> str | None:
+    def expand(path: Any) -> Any:  # str, or None where the field may be null
         return os.path.expanduser(path) if path and path.startswith("~") else path
 
     budget = config.quantization.budget
