@@ -255,3 +255,41 @@ def test_cast_block_trains_the_block_in_bfloat16_and_stays_close(tiny_model):
         f_on = out["float32", True, streams].metrics
         assert "train_block_dtype" not in f_on
         assert f_on["output_mse"] == f_off["output_mse"]
+
+
+def test_a_backward_that_fails_to_compile_falls_back_to_eager_in_the_compiled_call(
+        monkeypatch, caplog):
+    """A backend whose forward compiles but whose backward does not (AOTAutograd lowers the
+    backward lazily, at the first backward call, outside the fallback): the failure is met
+    in the compiled call, which runs eagerly, and the backward gives eager's gradients."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from pipeline.training import compiled as training
+
+    def no_backward(gm, example_inputs):
+        raise RuntimeError("backward compiler unavailable")
+
+    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=no_backward)
+    monkeypatch.setattr(training, "_COMPILE_FAILED", [])
+    class Layer(torch.nn.Module):  # not torch.nn's own class (dynamo does not trace those)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.weight.t())
+
+    torch.manual_seed(0)
+    layer = Layer()
+    weights = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    x = torch.randn(3, 8)
+    with caplog.at_level("WARNING", logger="pipeline.training.compiled"):
+        out = training._compiled(backend)(layer, weights, (x,))
+        out.pow(2).sum().backward()
+    eager = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    torch.func.functional_call(layer, eager, (x,)).pow(2).sum().backward()
+    assert not training.block_call_compiled()
+    assert sum("quantization.omniquant.compile" in r.getMessage() for r in caplog.records) == 1
+    for k, w in weights.items():
+        torch.testing.assert_close(w.grad, eager[k].grad)
+    training._compiled.cache_clear()

@@ -2,6 +2,7 @@
 its fallback to eager where compilation fails."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -27,10 +28,22 @@ def block_call_compiled() -> bool:
     return not _COMPILE_FAILED
 
 
+def _backward_compiled_with_forward() -> contextlib.AbstractContextManager[Any]:
+    """AOTAutograd compiles a graph's backward lazily, at the first backward call, outside the
+    call that falls back to eager: a backward that fails to compile would then fail the
+    block's training. Compiled with the forward (where this torch has the option), such a
+    failure is raised, and caught, inside the compiled call."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)  # type: ignore[no-any-return]
+
+
 @functools.cache
-def _compiled(backend: str) -> Callable[..., Any]:
+def _compiled(backend: str | Callable[..., Any]) -> Callable[..., Any]:
     """`torch.func.functional_call` compiled; where compilation fails (no C++ compiler, an
-    unsupported device or operation) the call runs eagerly from then on, with one warning."""
+    unsupported device or operation), forward or backward, the call runs eagerly from then
+    on, with one warning."""
     compiled: list[Callable[..., Any]] = []
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -39,7 +52,8 @@ def _compiled(backend: str) -> Callable[..., Any]:
                 if not compiled:
                     compiled.append(torch.compile(torch.func.functional_call, backend=backend,
                                                   dynamic=False))
-                return compiled[0](*args, **kwargs)
+                with _backward_compiled_with_forward():
+                    return compiled[0](*args, **kwargs)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 (torch._dynamo and inductor raise many kinds)
