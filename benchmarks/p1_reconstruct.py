@@ -254,7 +254,12 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
         "stage_peak_private_bytes": max(b["peak_private_bytes"] for b in blocks),
         "mean_loss_before": _mean(blocks, "loss_before"),
         "mean_loss_after": _mean(blocks, "loss_after"),
-        "workers": workers, "threads": config.cluster.threads, **extra,
+        "workers": workers, "threads": config.cluster.threads,
+        # with SDE: how far it moved each block's weights (the largest ||dW|| / ||W|| of the
+        # block's linears), block by block
+        **({"sde_relative_change": [b.get("sde_relative_change") for b in blocks]}
+           if any("sde_relative_change" in b for b in blocks) else {}),
+        **extra,
     }
 
 
