@@ -87,13 +87,15 @@ def measured() -> dict[str, dict[str, Any]]:
             # a row whose run shared the machine (its note says with what): no time figure
             "seconds_disturbed": bool(row.get("seconds_disturbed"))}
 
-    for row in _results("p1_reconstruct.json").get("rows", []):
-        try:
-            recipe, changes = p1_reconstruct.row_recipe(p1_reconstruct.scheme_key(row),
-                                                        row["method"])
-        except (StopIteration, KeyError):
-            continue
-        add("p1_reconstruct.json", recipe, changes, row)
+    # rows of benchmarks/p1_reconstruct.py (its variants), also those it wrote elsewhere
+    for source in ("p1_reconstruct.json", "p1_cqe_ablation.json"):
+        for row in _results(source).get("rows", []):
+            try:
+                recipe, changes = p1_reconstruct.row_recipe(p1_reconstruct.scheme_key(row),
+                                                            row["method"])
+            except (StopIteration, KeyError):
+                continue
+            add(source, recipe, changes, row)
     for source in ("p1_cvxq.json", "p1_rtn.json"):  # rows that name their recipe and changes
         for row in _results(source).get("rows", []):
             if "changes" in row:

@@ -52,17 +52,22 @@ def test_the_table_reads_one_line_per_recipe(capsys):
 def test_autocast_auto_shows_the_row_of_each_precision(capsys):
     """`autocast: auto` trains in bf16 or fp32 depending on the CPU: the recipe shows both
     measured rows, each named by its precision, and nothing when neither was measured."""
-    with open(os.path.join(RESULTS, "p1_reconstruct.json")) as f:
-        rows = json.load(f)["rows"]
+    rows = []  # p1_reconstruct.py's rows, in the order the catalog reads them (newest wins)
+    for name in ("p1_reconstruct.json", "p1_cqe_ablation.json"):
+        with open(os.path.join(RESULTS, name)) as f:
+            rows += json.load(f)["rows"]
     fp32 = next(r for r in rows
                 if (r["scheme"], r["method"]) == ("w3_g64_asym", "omniquant_signround_let_direct"))
-    bf16 = next(r for r in rows if (r["scheme"], r["method"]) ==
-                ("w3_g64_asym", "omniquant_signround_let_direct_bf16"))
+    bf16 = [r for r in rows if (r["scheme"], r["method"]) ==
+            ("w3_g64_asym", "omniquant_signround_let_direct_bf16")][-1]
     listed = {r["name"]: r for r in catalog()["recipes"]}
     measured = listed["p1-signround-w3g64"]["measured"]
     assert {k: v["perplexity"] for k, v in measured["by_autocast"].items()} == {
         "bfloat16": bf16["perplexity"], "float32": fp32["perplexity"]}
-    assert listed["p1-cqe-plus-w3g64"]["measured"] is None  # auto too, never measured
+    # a row of the CQE+ ablation file is its recipe's figure too (the same config)
+    cqe = next(r for r in rows if (r["scheme"], r["method"]) == ("w3_g64_asym", "cqe_plus"))
+    assert listed["p1-cqe-plus-w3g64"]["measured"]["perplexity"] == cqe["perplexity"]
+    assert listed["p1-cqe-plus-w4a4"]["measured"] is None  # auto too, never measured
     assert main(["recipes"]) == 0
     line = next(x for x in capsys.readouterr().err.splitlines()
                 if x.startswith("p1-signround-w3g64 "))
