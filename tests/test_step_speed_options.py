@@ -271,7 +271,8 @@ def test_a_backward_that_fails_to_compile_falls_back_to_eager_in_the_compiled_ca
 
     backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=no_backward)
     monkeypatch.setattr(training, "_COMPILE_FAILED", [])
-    class Layer(torch.nn.Module):  # not torch.nn's own class (dynamo does not trace those)
+
+    class Layer(torch.nn.Module):  # own class: with torch.nn.Linear no graph was captured here
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.randn(4, 8))

@@ -28,13 +28,24 @@ def block_call_compiled() -> bool:
     return not _COMPILE_FAILED
 
 
+# AOTAutograd compiles a graph's backward lazily, at the first backward call, outside the
+# call that falls back to eager: a backward that fails to compile would then fail the block's
+# training. Lowered with the forward (where this torch has the option), such a failure is
+# raised, and caught, inside the compiled call.
+@functools.cache
+def _aot_config() -> Any:
+    """torch's AOTAutograd config module where it has the option, else None (looked up once,
+    when the first call compiles: torch imports it lazily)."""
+    try:
+        from torch._functorch import config
+    except ImportError:
+        return None
+    return config if hasattr(config, "force_non_lazy_backward_lowering") else None
+
+
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager[Any]:
-    """AOTAutograd compiles a graph's backward lazily, at the first backward call, outside the
-    call that falls back to eager: a backward that fails to compile would then fail the
-    block's training. Compiled with the forward (where this torch has the option), such a
-    failure is raised, and caught, inside the compiled call."""
-    config = getattr(getattr(torch, "_functorch", None), "config", None)
-    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
+    config = _aot_config()
+    if config is None:
         return contextlib.nullcontext()
     return config.patch(force_non_lazy_backward_lowering=True)  # type: ignore[no-any-return]
 
