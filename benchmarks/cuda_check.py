@@ -42,7 +42,7 @@ from tiny_models import build_model
 
 from pipeline import block_pass
 from pipeline.config import ExportFormat, QuantizationConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.plan import open_model
 from pipeline.streams import MemoryStore
 

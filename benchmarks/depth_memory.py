@@ -81,7 +81,7 @@ def build_deep_model(folder: str, depth: int) -> int:
 def stage_peak(model: str, work: str, corpus: str) -> dict:
     from cluster.coordinator import quantize
     from pipeline.config import RunConfig
-    from pipeline.config_tree import build_config
+    from pipeline.config.tree import build_config
 
     config = build_config(RunConfig, {
         "model": {"path": model}, "output": os.path.join(work, "out-" + os.path.basename(model)),

@@ -51,7 +51,7 @@ def rank_main(rank: int, world: int, address: str, folder: str, device: str, ste
               seq: int, out: str) -> None:
     from pipeline import block_pass
     from pipeline.config import ExportFormat, QuantizationConfig
-    from pipeline.config_tree import build_config
+    from pipeline.config.tree import build_config
     from pipeline.parallel.collective import TorchCollective
     from pipeline.parallel.shares import split_windows_among
     from pipeline.plan import open_model

@@ -152,7 +152,7 @@ def run(model: str, out: str, corpus: str, method: str, eval_windows: int,
         workers: int = 2) -> dict[str, Any]:
     from cluster.coordinator import quantize
     from pipeline.config import RunConfig
-    from pipeline.config_tree import build_config
+    from pipeline.config.tree import build_config
 
     config = build_config(RunConfig, {
         "model": {"path": model}, "output": out,

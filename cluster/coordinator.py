@@ -36,7 +36,7 @@ from cluster.stages import (  # noqa: F401
     report_progress,
     start_stages,
 )
-from pipeline import calibration, compensation, storage
+from pipeline import calibration, storage
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
@@ -53,6 +53,7 @@ from pipeline.config import (
 from pipeline.cvxq import budget
 from pipeline.cvxq.sensitivity import unit_statistics
 from pipeline.export import format_config
+from pipeline.methods import lorc_block
 from pipeline.methods.gptq import HessianError
 from pipeline.output_dir import finish_output, prepare_output, write_report
 from pipeline.plan import Plan, make_plan, open_model
@@ -345,9 +346,9 @@ def quantize(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         if not corrected:
             log.warning("quantization.bias_correction: no quantized linear of this model has a "
                         "bias in the checkpoint, so nothing was corrected")
-    report["bits_per_weight"] = compensation.model_bits(parts, config.quantization)
+    report["bits_per_weight"] = lorc_block.model_bits(parts, config.quantization)
     if config.quantization.lorc is not None:
-        report["lorc"] = compensation.lorc_report(config.quantization.lorc, markers,
+        report["lorc"] = lorc_block.lorc_report(config.quantization.lorc, markers,
                                                   report["bits_per_weight"], perplexity)
     if config.quantization.abits < 16:
         report["activation_quantization"] = {

@@ -20,7 +20,7 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.evaluation import perplexity_cache
-from pipeline.peft_adapter import adapter_folder, check_adapter, read_adapter
+from pipeline.formats.peft_adapter import adapter_folder, check_adapter, read_adapter
 from pipeline.plan import make_plan, open_model
 from pipeline.streams import split_windows
 

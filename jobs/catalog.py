@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs.recipes import CONFIG_DIR, load_recipe, unread_sections
 from pipeline.config import Autocast, ConfigError, Method, RunConfig
-from pipeline.config_tree import config_to_dict
+from pipeline.config.tree import config_to_dict
 from pipeline.output_dir import RESULT_SECTIONS
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -18,7 +18,7 @@ from typing import Any
 
 from jobs.recipes import read_yaml
 from pipeline.config import ConfigError, RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 
 
 def load_cluster(path: str | None) -> Any:

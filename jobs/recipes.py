@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import ConfigError, Method, RunConfig
 from pipeline.config.quantization import Rounding
-from pipeline.config_tree import apply_overrides, build_config
+from pipeline.config.tree import apply_overrides, build_config
 
 log = logging.getLogger(__name__)
 

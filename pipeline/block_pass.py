@@ -13,16 +13,16 @@ from typing import Any
 import psutil
 import torch
 
-from pipeline import compensation
 from pipeline.config import ExportFormat, Method, QuantizationConfig
 from pipeline.export import FOLDERS, QuantizedLinear, block_tensors
 from pipeline.formats import AffineFormat, QuantParams
 from pipeline.formats.gptq import zero_overflow as gptq_zero_overflow
+from pipeline.formats.peft_adapter import block_lora
+from pipeline.methods import lorc_block
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts, embed, run_block, token_nll
 from pipeline.parallel.collective import Collective, Solo, sum_scalars
 from pipeline.parallel.shares import WindowShare
-from pipeline.peft_adapter import block_lora
 from pipeline.reconstruct import (
     activation_quant,
     gptq_block,
@@ -67,8 +67,8 @@ def forward_saved_block(output: str, index: int, files: dict[str, Any], config: 
     """Forward through a finished block read back from its shards in a run's output (`files`:
     its marker's; used to rebuild the quantized stream when a run resumes), with its LoRC
     factors added when it has them."""
-    lora = (block_lora(output, files[compensation.STATE_FOLDER]["file"])
-            if compensation.STATE_FOLDER in files else None)
+    lora = (block_lora(output, files[lorc_block.STATE_FOLDER]["file"])
+            if lorc_block.STATE_FOLDER in files else None)
     parts = ModelParts(CheckpointReader(output, config=config, files=[files[""]["file"]]),
                        compute_dtype, device, lora)
     return forward_block(parts, index, stream, store, abits)
@@ -171,7 +171,7 @@ class BlockResult:
         """Output folder ("" = the output itself) -> the block's tensors written there."""
         out = {FOLDERS[layout]: tensors for layout, tensors in self.exports.items()}
         if self.adapter:
-            out[compensation.STATE_FOLDER] = self.adapter
+            out[lorc_block.STATE_FOLDER] = self.adapter
         return out
 
 
@@ -246,13 +246,13 @@ def quantize_block_weights(parts: ModelParts, index: int, quantization: Quantiza
     dtypes = parts.stored_dtypes(path)
     formats = block_formats(parts, index, quantization)
     lorc = quantization.lorc
-    reference = compensation.references(block, quantized_names(formats), path, lorc)
+    reference = lorc_block.references(block, quantized_names(formats), path, lorc)
     linears = quantize_linears_(block, formats, dtypes)
     held: dict[str, Any] = {}
     adapter: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
     if lorc is not None:
-        held, adapter, metrics["lorc"] = compensation.compensate_(parts, block, path, reference,
+        held, adapter, metrics["lorc"] = lorc_block.compensate_(parts, block, path, reference,
                                                                   lorc, dtypes)
     result = lay_out(path, block, linears, formats, dtypes, layouts, held, adapter)
     result.metrics.update({**metrics, "index": index, "data_free": True,
@@ -321,7 +321,7 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
                 if quantization.bias_correction else {})
     lorc = quantization.lorc
     # the FP weights LoRC corrects toward; OmniQuant gives them after LET (the exported basis)
-    reference = (compensation.references(block, names, path, lorc)
+    reference = (lorc_block.references(block, names, path, lorc)
                  if method is not Method.OMNIQUANT else {})
     if method is Method.RTN:
         linears = quantize_linears_(block, formats, dtypes)
@@ -340,12 +340,12 @@ def quantize_block(parts: ModelParts, index: int, fp_in: list[Any] | None, q_in:
                                      quantization, store, dtypes, group, share,
                                      reference if lorc is not None else None)
         reference = {n: w for n, w in reference.items()
-                     if lorc is not None and compensation.is_target(f"{path}.{n}", lorc)}
+                     if lorc is not None and lorc_block.is_target(f"{path}.{n}", lorc)}
         metrics.update(extra)
     held: dict[str, Any] = {}
     adapter: dict[str, torch.Tensor] = {}
     if lorc is not None:  # before bias correction, which then corrects what is left
-        held, adapter, metrics["lorc"] = compensation.compensate_(
+        held, adapter, metrics["lorc"] = lorc_block.compensate_(
             parts, block, path, reference, lorc, dtypes, q_in, store, group)
     private = max(private, private_bytes())
     if quantization.bias_correction:

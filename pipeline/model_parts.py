@@ -22,7 +22,7 @@ from pipeline.formats import compressed_tensors as ct
 from pipeline.storage import CheckpointReader
 
 if TYPE_CHECKING:
-    from pipeline.peft_adapter import LoraWeights
+    from pipeline.formats.peft_adapter import LoraWeights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

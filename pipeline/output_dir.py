@@ -15,11 +15,11 @@ import torch
 import pipeline
 from pipeline import checkpoint, storage
 from pipeline.config import ConfigError, ExportFormat, LorcConfig, RunConfig
-from pipeline.config_tree import config_to_dict
+from pipeline.config.tree import config_to_dict
 from pipeline.export import FOLDERS, format_config, kernel_flags
 from pipeline.formats import AffineFormat
+from pipeline.formats.peft_adapter import write_adapter
 from pipeline.model_parts import ModelParts
-from pipeline.peft_adapter import write_adapter
 from pipeline.plan import Plan
 from pipeline.schemes import vllm_servable
 
@@ -121,7 +121,7 @@ def predicted_output_bytes(parts: ModelParts, config: RunConfig) -> int:
     """What the finished output will hold, from the shapes and the recipe's formats: each
     quantized format the quantized linears at their stored bits plus everything else as
     stored; each fake-quant format a full copy of the checkpoint."""
-    from pipeline.compensation import model_bits
+    from pipeline.methods.lorc_block import model_bits
     from pipeline.schemes import format_for
 
     bits = model_bits(parts, config.quantization)

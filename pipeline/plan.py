@@ -7,8 +7,8 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.formats.peft_adapter import read_adapter
 from pipeline.model_parts import DTYPES, ModelParts
-from pipeline.peft_adapter import read_adapter
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from pipeline import block_pass
 from pipeline.config import QuantizationConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.streams import MemoryStore
 
 

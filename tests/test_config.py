@@ -7,7 +7,7 @@ import yaml
 
 from jobs.recipes import CONFIG_DIR, load_recipe, parse_overrides
 from pipeline.config import ConfigError, Method, RunConfig
-from pipeline.config_tree import build_config, config_to_dict
+from pipeline.config.tree import build_config, config_to_dict
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, EvalConfig, RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.formats import AffineFormat, QuantParams, choose_qparams, dequantize
 from pipeline.formats import quantize as quantize_codes
 
@@ -264,7 +264,7 @@ def test_reconstruction_is_the_same_on_one_and_two_workers(tiny_model, corpus_fi
 
 
 def _plain(config):
-    from pipeline.config_tree import config_to_dict
+    from pipeline.config.tree import config_to_dict
 
     return config_to_dict(config)
 

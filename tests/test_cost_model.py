@@ -5,7 +5,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.planning.clusters import PRESETS
 from pipeline.planning.cost_model import Workload, estimate, model_shape, worker_memory
 

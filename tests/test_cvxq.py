@@ -14,7 +14,7 @@ from cluster import runtime
 from cluster.coordinator import quantize, sensitivity_pass, start_stages
 from pipeline.calibration import calibration_windows_for
 from pipeline.config import BudgetConfig, Distortion, RunConfig
-from pipeline.config_tree import build_config, config_to_dict
+from pipeline.config.tree import build_config, config_to_dict
 from pipeline.cvxq import budget
 from pipeline.cvxq.sensitivity import pca_directions, projection_signs, unit_statistics
 from pipeline.plan import make_plan, open_model

@@ -12,7 +12,7 @@ from test_coordinator import assert_documented
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, ConfigError, RunConfig, Schedule
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.parallel.shares import WindowShare, split_windows_among
 from pipeline.reconstruct import assign_by_cost
 from pipeline.streams import MemoryStore
@@ -288,7 +288,7 @@ def test_data_free_rtn_gives_the_streamed_shards_and_resumes(tiny_model, corpus_
 
 
 def _plain(config):
-    from pipeline.config_tree import config_to_dict
+    from pipeline.config.tree import config_to_dict
 
     return config_to_dict(config)
 

@@ -10,7 +10,7 @@ import torch
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, ConfigError, EvalConfig, RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
@@ -126,7 +126,7 @@ def test_mixed_precision_export(tiny_model, corpus_files, tmp_path):
 
 
 def _plain(cfg):
-    from pipeline.config_tree import config_to_dict
+    from pipeline.config.tree import config_to_dict
 
     return config_to_dict(cfg)
 

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.coordinator import quantize
 from pipeline.config import RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 

@@ -124,7 +124,7 @@ def test_observer_reaches_the_format_and_bad_values_are_named():
     from pipeline.formats import OBSERVERS
     from pipeline.schemes import format_for
     assert {o.value for o in Observer} == set(OBSERVERS)
-    from pipeline.config_tree import build_config
+    from pipeline.config.tree import build_config
     config = build_config(QuantizationConfig, {"method": "gptq", "bits": 2, "group_size": 64,
                                                "observer": "mse"}, "quantization")
     assert format_for("model.layers.0.mlp.up_proj", config).observer == "mse"

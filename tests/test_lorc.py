@@ -8,12 +8,14 @@ import pytest
 import torch
 from block_helpers import quantization, stream
 
-from pipeline import block_pass, compensation
+from pipeline import block_pass
 from pipeline.config import ConfigError, ExportFormat, RunConfig
-from pipeline.config_tree import build_config, config_to_dict
+from pipeline.config.tree import build_config, config_to_dict
 from pipeline.cvxq.budget import check_feasible
 from pipeline.formats import AffineFormat
 from pipeline.formats.compressed_tensors import decompress_linear
+from pipeline.formats.peft_adapter import target_modules
+from pipeline.methods import lorc_block
 from pipeline.methods.lorc import (
     activation_weighted_factors,
     adapter_bits,
@@ -24,7 +26,6 @@ from pipeline.methods.lorc import (
 )
 from pipeline.model_parts import run_block
 from pipeline.output_dir import _differences
-from pipeline.peft_adapter import target_modules
 from pipeline.plan import open_model
 
 
@@ -160,7 +161,7 @@ def test_targets_must_name_a_quantized_linear():
     lorc = quantization(lorc={"targets": ["model.layers.0.mlp.up_proj", "re:.*nope"]}).lorc
     with pytest.raises(ConfigError, match=r"quantization.lorc.targets: 're:.\*nope' matches "
                                           "none of this model's 2 quantized linears"):
-        compensation.require_targets_match(lorc, {"model.layers.0.mlp.up_proj": (128, 64),
+        lorc_block.require_targets_match(lorc, {"model.layers.0.mlp.up_proj": (128, 64),
                                                   "model.layers.0.mlp.down_proj": (64, 128)})
 
 
@@ -170,8 +171,8 @@ def test_rank_must_fit_every_targeted_linear():
     shapes = {"model.layers.0.mlp.up_proj": (128, 64), "model.layers.0.mlp.down_proj": (64, 128)}
     with pytest.raises(ConfigError, match=r"quantization.lorc.rank: 65 exceeds the smaller side "
                                           r"of model.layers.0.mlp.up_proj \(128 x 64\)"):
-        compensation.require_targets_match(lorc, shapes)
-    compensation.require_targets_match(quantization(lorc={"rank": 64}).lorc, shapes)
+        lorc_block.require_targets_match(lorc, shapes)
+    lorc_block.require_targets_match(quantization(lorc={"rank": 64}).lorc, shapes)
 
 
 # --- a block: the quantized stream goes through Ŵ + B·A ---------------------------------------
@@ -236,14 +237,14 @@ def test_data_free_targets_and_int8(tiny_model):
         is torch.int8
     m = result.metrics["lorc"]
     assert m["residual_sq"] < m["error_sq"] and 0 < m["storage_error_sq"]
-    assert result.folder_exports()[compensation.STATE_FOLDER] is result.adapter
+    assert result.folder_exports()[lorc_block.STATE_FOLDER] is result.adapter
 
 
 @pytest.mark.e2e
 def test_adapter_bits_count_in_the_budget(tiny_model):
     parts = open_model(tiny_model("llama"), "float32")
     q = quantization(bits=2, group_size=16, lorc={"rank": 4})
-    bits = compensation.model_bits(parts, q)
+    bits = lorc_block.model_bits(parts, q)
     per_block = sum(4 * (r + c) * 16 for r, c in [(64, 64), (32, 64), (32, 64), (64, 64),
                                                    (128, 64), (128, 64), (64, 128)])
     assert bits["lorc"] == pytest.approx(4 * per_block / bits["quantized_weights"])

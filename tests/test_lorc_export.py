@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, EvalConfig, RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.model_parts import embed, run_block, run_head
 from pipeline.plan import open_model
 

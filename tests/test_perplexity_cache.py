@@ -8,7 +8,7 @@ import torch
 
 from cluster.coordinator import quantize
 from pipeline.config import RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.evaluation import perplexity_cache
 
 

@@ -10,7 +10,7 @@ import yaml
 from jobs.cli import main
 from jobs.quantize import summarize
 from pipeline.config import ConfigError, QuantizationConfig, RunConfig
-from pipeline.config_tree import build_config
+from pipeline.config.tree import build_config
 from pipeline.formats import AffineFormat
 from pipeline.output_dir import transformers_loading
 from pipeline.plan import open_model

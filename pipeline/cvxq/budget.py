@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from pipeline import storage
-from pipeline.compensation import model_bits
 from pipeline.config import ConfigError, Distortion, QuantizationConfig
 from pipeline.cvxq.allocation import Allocation, Unit, allocate, allocate_options
+from pipeline.methods.lorc_block import model_bits
 from pipeline.methods.rtn import rtn_quantize
 from pipeline.model_parts import ModelParts
 from pipeline.reporting.plot import bars_png

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.peft_adapter import adapter_folder, read_adapter
+from pipeline.formats.peft_adapter import adapter_folder, read_adapter
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install -e '.[tasks]' (lm-eval 0.4.13)"

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import compensation
 from pipeline.config import RunConfig
 from pipeline.cvxq import budget
 from pipeline.formats import AffineFormat
+from pipeline.methods import lorc_block
 from pipeline.model_parts import ModelParts
 from pipeline.schemes import validate_schemes
 
@@ -21,7 +21,7 @@ def check_recipe(parts: ModelParts, config: RunConfig
     q = config.quantization
     formats = validate_schemes(parts, q, config.export.formats)
     if q.lorc is not None:
-        compensation.require_targets_match(q.lorc, {
+        lorc_block.require_targets_match(q.lorc, {
             n: (int(shape[0]), int(shape[1]))
             for n, f in formats.items() if f is not None
             for shape in [parts.meta.get_submodule(n).get_parameter("weight").shape]})

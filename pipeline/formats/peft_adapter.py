@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline import storage
-from pipeline.compensation import PEFT_PREFIX, STATE_FOLDER
 from pipeline.config import ConfigError, LorcConfig, LorcDtype
+from pipeline.methods.lorc_block import PEFT_PREFIX, STATE_FOLDER
 from pipeline.storage import CheckpointReader
 
 if TYPE_CHECKING:
