@@ -327,3 +327,29 @@ def test_the_stages_start_inside_the_quantize_phase(tmp_path):
         runs[0]["predicted_quantize_phase_seconds"] + 7.0)
     assert runs[1]["predicted_seconds"] - runs[1]["predicted_quantize_phase_seconds"] == \
         pytest.approx(STARTUP_SECONDS)
+
+
+def test_cross_layer_is_charged_frozen_blocks_per_depth(tmp_path):
+    """cross-layer learning: each window also goes forward and back through `depth` frozen
+    blocks (a backward of the input's gradient only, so less than the block's own training
+    per window) plus their FP targets once; depth 2 costs twice depth 1, and the block's own
+    training is unchanged."""
+    from pipeline.planning.cost_model import forward_flops, training_seconds
+
+    shape, _blocks, _ = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    device = PRESETS["a100-80g"]
+
+    def learned(depth):
+        cl = {} if depth == 0 else {"cross_layer": {"weight": 1.0, "depth": depth}}
+        return build_config(QuantizationConfig, {
+            "method": "omniquant", "bits": 4, "omniquant": {
+                "epochs": 2, "batch_size": 2, "rounding": "learned", **cl}}, "quantization")
+
+    work = Workload(128, 512, 1, Schedule.SEQUENTIAL)
+    plain, one, two = (training_seconds(shape, learned(d), work, device, 128) for d in (0, 1, 2))
+    assert "cross_layer" not in plain
+    assert one["train"] == plain["train"] == two["train"]
+    assert two["cross_layer"] == pytest.approx(2 * one["cross_layer"])
+    windows = 2 * 128 * 3 * forward_flops(shape, 512, 512) / device.train_flops
+    assert 0.5 * windows < one["cross_layer"] < windows
