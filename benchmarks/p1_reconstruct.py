@@ -186,6 +186,13 @@ for _name, _extra in {
 VARIANTS["cqe_plus_best"] = ("p1-signround-{scheme}-best", {
     **VARIANTS["best_bf16"][1],
     "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}})
+# the ablation base and cross-layer learning at half the rates (LWC, LET, rounding 2.5e-3):
+# on P1's 12th block, where the loss jumps, the full rates walk away from their best step
+# and cross-layer learning hurts there; at half the rates neither (block_probe.json, block 11)
+HALF_RATES = {f"quantization.omniquant.{k}": 2.5e-3 for k in ("lwc_lr", "let_lr", "round_lr")}
+VARIANTS["half_rates_bf16"] = ("p1-omniquant-{scheme}", {**_BEST, **HALF_RATES})
+VARIANTS["cqe_plus_half_rates"] = ("p1-omniquant-{scheme}", {
+    **_BEST, **HALF_RATES, "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}})
 
 
 TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]
