@@ -276,9 +276,9 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         # every window also goes forward and back through the next blocks, which are frozen:
         # their backward forms the input's gradient only (about one forward's products, not
         # the two of a backward that also forms the weights'); their FP targets are computed
-        # once. (P1 W3 g64, 1 worker x 2 threads, 3 x 2 recipe: measured 1.44x the quantize
-        # phase without it; this term gives 1.52x, the one it replaced 1.78x. On the 6 x 2
-        # best preset, streams in bf16, measured 1.84x against about 1.5x: not modelled.)
+        # once. (P1 W3 g64, 1 worker x 2 threads, idle machine: p1-cqe-plus-w3g64 predicted
+        # 2112 s against 1810.6 s measured, the 6 x 2 best preset with it 4110 s against
+        # 3496.9 s; the term it replaced gave about 2440 and 4800 s.)
         depth = cfg.cross_layer.depth
         frozen = 2.0 * window_flops / device.train_flops
         out["cross_layer"] = (passes * share * depth * frozen
