@@ -82,11 +82,13 @@ def block_loss(parts: ModelParts, block: nn.Module, tensors: dict[str, torch.Ten
 @torch.no_grad()
 def probe_loss(parts: ModelParts, block: nn.Module,
                tensors: Callable[[], dict[str, torch.Tensor]] | None,
-               batch: list[torch.Tensor], weight: float, group: Collective) -> float:
-    """The training loss on the first few windows, without training (before and after); each
-    worker's part weighted by its share of those windows, summed over the workers."""
-    local = (block_loss(parts, block, tensors() if tensors else None, batch).item() * weight
-             if batch else 0.0)
+               batch: list[torch.Tensor], weight: float, group: Collective,
+               downstream: Downstream | None = None) -> float:
+    """The training loss on the first few windows, without training (before and after, and
+    keep_best's checks); each worker's part weighted by its share of those windows, summed
+    over the workers. `downstream`: the batch carries the next blocks' targets too."""
+    local = (block_loss(parts, block, tensors() if tensors else None, batch,
+                        downstream).item() * weight if batch else 0.0)
     return sum_scalars(group, [local])[0]
 
 
@@ -153,8 +155,29 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         unreached = model.start_rounding_at_gptq_(
             collect_hessians(parts, block, names, q_in, store, quantization.abits, group),
             quantization.gptq, dtypes)
+    # keep_best_every: the parameters are judged on the probe's windows every N steps (with
+    # the next blocks' targets under cross-layer learning), the start included
+    every = cfg.keep_best_every if cfg.keep_best and optimizer is not None else 0
+    check = (next(iter(Batches(streams, store, [share.count_below(probe_total)],
+                               parts.device))) if every and downstream is not None else probe)
+    checks = 0
+
+    def keep_if_best(done: int, value: float | None = None) -> None:
+        nonlocal best, best_step, checks
+        if value is None:
+            if shards is not None:  # each worker's copy of the others' exclusive parameters
+                shards.share_exclusive_()
+            value = probe_loss(parts, block, model.tensors, check, probe_weight, group,
+                               downstream if check is not probe else None)
+        checks += 1
+        if best is None or value < best[0]:
+            best = (value, [p.detach().clone() for p in learnable])
+            best_step = done
+
     with activation_quant(block, names, quantization.abits):
         loss_before = probe_loss(parts, block, model.tensors, probe, probe_weight, group)
+        if every:  # the start (the probe's loss is the check's without the next blocks)
+            keep_if_best(0, loss_before if check is probe else None)
         per_pass = len(sizes)
         passes = -(-total_steps // per_pass) if optimizer is not None and per_pass else 0
         for epoch in range(passes):
@@ -189,7 +212,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         f"the reconstruction loss became {value} at epoch "
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
                         "let_lr, or train in float32 (quantization.omniquant.autocast: float32)")
-                if cfg.keep_best and (best is None or value < best[0]):
+                if cfg.keep_best and not every and (best is None or value < best[0]):
                     best = (value, [p.detach().clone() for p in learnable])
                     best_step = epoch * per_pass + steps
                 if scaler is not None:
@@ -203,6 +226,9 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 model.after_step()
                 total += value
                 steps += 1
+                done = epoch * per_pass + steps
+                if every and (done % every == 0 or done == total_steps):
+                    keep_if_best(done)
             epoch_losses.append(total / max(steps, 1))
             seconds = time.perf_counter() - start
             events.emit("epoch", f"block {index + 1}: epoch {epoch + 1}/{passes}, loss "
@@ -228,7 +254,12 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
                                **({"best_train_loss": best[0], "best_step": best_step}
-                                  if best is not None else {}),
+                                  if best is not None and not every else {}),
+                               # keep_best_every: the kept parameters' loss on the fixed set,
+                               # after how many steps (0: the start), of how many checks
+                               **({"best_check_loss": best[0], "best_step": best_step,
+                                   "best_checks": checks} if best is not None and every
+                                  else {}),
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses),

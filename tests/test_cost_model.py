@@ -353,3 +353,32 @@ def test_cross_layer_is_charged_frozen_blocks_per_depth(tmp_path):
     assert two["cross_layer"] == pytest.approx(2 * one["cross_layer"])
     windows = 2 * 128 * 3 * forward_flops(shape, 512, 512) / device.train_flops
     assert 0.5 * windows < one["cross_layer"] < windows
+
+
+def test_keep_best_checks_are_charged_per_check(tmp_path):
+    """keep_best_every N: a float32 forward of the probe's 16 windows every N steps and after
+    the last (through the next blocks too under cross-layer learning, and then at the start
+    too); none for per-step keep_best."""
+    from pipeline.planning.cost_model import forward_flops, training_seconds
+
+    shape, _blocks, _ = model_shape(json.loads(
+        (llama70b_folder(tmp_path) / "config.json").read_text()))
+    device = PRESETS["a100-80g"]
+
+    def learned(every, depth=0):
+        cl = {"cross_layer": {"weight": 1.0, "depth": depth}} if depth else {}
+        return build_config(QuantizationConfig, {
+            "method": "omniquant", "bits": 4, "omniquant": {
+                "epochs": 2, "batch_size": 2, "rounding": "learned", "keep_best": True,
+                "keep_best_every": every, **cl}}, "quantization")
+
+    work = Workload(128, 512, 1, Schedule.SEQUENTIAL)
+    per_step, every8, every64, cl8 = (training_seconds(shape, learned(e, d), work, device, 128)
+                                      for e, d in ((0, 0), (8, 0), (64, 0), (8, 1)))
+    assert "keep_best_checks" not in per_step
+    assert every8["train"] == per_step["train"]
+    one = 16 * forward_flops(shape, 512, 512) / device.forward_flops
+    assert every8["keep_best_checks"] == pytest.approx(16 * one)  # 128 steps / 8
+    assert every64["keep_best_checks"] == pytest.approx(2 * one)
+    # through the next block too, and the start checked on its own
+    assert cl8["keep_best_checks"] == pytest.approx(2 * 17 * one)

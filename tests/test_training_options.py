@@ -46,6 +46,43 @@ def test_keep_best_restores_the_lowest_loss_parameters(tiny_model):
     assert mse[True]["loss_after"] <= mse[True]["loss_before"] * 1.05
 
 
+@pytest.mark.parametrize("cross_layer", [False, True])
+@pytest.mark.parametrize("lr", [5.0, 0.05])
+def test_keep_best_every_judges_the_parameters_on_a_fixed_set(tiny_model, cross_layer, lr):
+    """keep_best_every: the parameters are judged on the probe's windows (the start, every 3
+    steps and after the last) rather than each step on its own batch; the kept ones are
+    restored, so the block ends where its best check was, never worse than the start there
+    (a rate far too high keeps the start here, a sane one the last step). Under cross-layer
+    learning the check includes the next block's error."""
+    parts = open_model(tiny_model("llama"), "float32")
+    store, fp = stream(parts, n=8)
+    extra = {"cross_layer": {"weight": 1.0, "depth": 1}} if cross_layer else {}
+    q = quantization(bits=3, group_size=16, method="omniquant",
+                     omniquant={"epochs": 2, "batch_size": 2, "rounding": "learned",
+                                "lwc_lr": lr, "round_lr": lr, "keep_best": True,
+                                "keep_best_every": 3, "optimizer": "signsgd", "lwc_init": 2.0,
+                                **extra})
+    m = block_pass.quantize_block(parts, 0, fp, fp, q, [ExportFormat.COMPRESSED_TENSORS],
+                                  store).metrics
+    assert m["steps"] == 8 and m["best_checks"] == 4  # the start, steps 3, 6 and 8
+    assert m["best_step"] in (0, 3, 6, 8) and "best_train_loss" not in m
+    if not cross_layer:  # the start is a check: never worse than the host method's point
+        assert m["best_check_loss"] <= m["loss_before"]
+        # the kept parameters are the block's (the fold's rounding aside)
+        assert m["loss_after"] == pytest.approx(m["best_check_loss"], rel=1e-3)
+    else:  # the check adds the next block's error to the block's own
+        assert m["best_check_loss"] > 1.01 * m["loss_after"]
+
+
+def test_keep_best_every_is_checked():
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.keep_best_every: 4 needs "
+                                          "keep_best: true"):
+        quantization(method="omniquant", omniquant={"keep_best_every": 4})
+    with pytest.raises(ConfigError, match=r"quantization.omniquant.keep_best_every: -1; must "
+                                          "be an integer >= 0"):
+        quantization(method="omniquant", omniquant={"keep_best": True, "keep_best_every": -1})
+
+
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ConfigError, match=r"quantization.omniquant.optimizer.*adamw.*signsgd"):
         quantization(method="omniquant", omniquant={"optimizer": "sgd"})

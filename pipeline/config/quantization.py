@@ -147,6 +147,12 @@ class OmniQuantConfig:
     # keep the parameters of the step with the lowest training loss instead of the last ones
     # (AutoRound's rule; the loss of a step is that of the parameters before its update)
     keep_best: bool = False
+    # what keep_best judges by: 0, each step's loss on its own batch (AutoRound's rule; the
+    # batches differ, so a lucky batch can win); N > 0, the loss on a fixed set (the block's
+    # first 16 windows, the probe's, with the cross-layer terms when on) measured in float32
+    # before training, every N steps and after the last one, the parameters of the lowest kept
+    # (the start included, so the block never ends worse than the host method's point there)
+    keep_best_every: int = 0
     # data-parallel workers split the quantizer: each computes and trains its share of the
     # linears' fake-quant (the others read it: shared memory on one node, else
     # torch.distributed) instead of all of it; false: every worker computes the whole
@@ -216,6 +222,11 @@ class OmniQuantConfig:
         _require(self.round_init == "nearest" or (self.rounding is Rounding.LEARNED
                                                   and not self.let),
                  f"{where}.round_init: gptq needs rounding: learned and let: false")
+        _require(isinstance(self.keep_best_every, int) and self.keep_best_every >= 0,
+                 f"{where}.keep_best_every: {self.keep_best_every!r}; must be an integer >= 0 "
+                 "(0: each step's own batch)")
+        _require(self.keep_best_every == 0 or self.keep_best,
+                 f"{where}.keep_best_every: {self.keep_best_every} needs keep_best: true")
         _require(self.weight_decay >= 0,
                  f"{where}.weight_decay: {self.weight_decay}; must be >= 0")
         _require(0 <= self.alpha <= 1, f"{where}.alpha: {self.alpha}; must be in [0, 1]")

@@ -283,6 +283,15 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         frozen = 2.0 * window_flops / device.train_flops
         out["cross_layer"] = (passes * share * depth * frozen
                               + depth * share * window_flops / device.forward_flops)
+    if cfg.keep_best and cfg.keep_best_every and steps:
+        # keep_best's checks: the probe's windows forward in float32 every N steps and after
+        # the last; under cross-layer learning through the next blocks too, and at the start
+        # (without it the start's check is the probe's own)
+        cl = cfg.cross_layer
+        checks = -(-steps // cfg.keep_best_every) + (1 if cl is not None else 0)
+        depth = 1 + (cl.depth if cl is not None else 0)
+        out["keep_best_checks"] = (checks * depth * min(16, share) * window_flops
+                                   / device.forward_flops)
     if q.omniquant.rounding is Rounding.GPTQ or q.omniquant.round_init == "gptq":
         out["gptq"] = sweep_seconds(shape, device)
     if dp:
