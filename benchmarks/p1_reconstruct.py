@@ -193,6 +193,14 @@ HALF_RATES = {f"quantization.omniquant.{k}": 2.5e-3 for k in ("lwc_lr", "let_lr"
 VARIANTS["half_rates_bf16"] = ("p1-omniquant-{scheme}", {**_BEST, **HALF_RATES})
 VARIANTS["cqe_plus_half_rates"] = ("p1-omniquant-{scheme}", {
     **_BEST, **HALF_RATES, "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}})
+# keep_best judged on the fixed set every 16 steps (keep_best_every) instead of each step's
+# own batch, with cross-layer learning and without: on P1's 12th block cross-layer learning
+# with it is 6 % below the base at the output depth, where with per-step keep_best it was
+# 66 % above (block_probe.json, block 11)
+KEEP_BEST_16 = {"quantization.omniquant.keep_best_every": 16}
+VARIANTS["kbe16_bf16"] = ("p1-omniquant-{scheme}", {**_BEST, **KEEP_BEST_16})
+VARIANTS["cqe_plus_kbe16"] = ("p1-omniquant-{scheme}", {
+    **_BEST, **KEEP_BEST_16, "quantization.omniquant.cross_layer": {"weight": 1.0, "depth": 1}})
 
 
 TABLE = ["rtn", "gptq", "omniquant_lwc", "omniquant_lwc_let", "omniquant_signround_let_direct"]

@@ -67,7 +67,9 @@ def test_autocast_auto_shows_the_row_of_each_precision(capsys):
     # a row of the CQE+ ablation file is its recipe's figure too (the same config)
     cqe = next(r for r in rows if (r["scheme"], r["method"]) == ("w3_g64_asym", "cqe_plus"))
     assert listed["p1-cqe-plus-w3g64"]["measured"]["perplexity"] == cqe["perplexity"]
-    cqe2 = next(r for r in rows if (r["scheme"], r["method"]) == ("w2_g64_asym", "cqe_plus"))
+    # the W2 recipe is the best preset's schedule with cross-layer learning: that variant's row
+    cqe2 = next(r for r in rows
+                if (r["scheme"], r["method"]) == ("w2_g64_asym", "cqe_plus_best"))
     assert listed["p1-cqe-plus-w2g64"]["measured"]["perplexity"] == cqe2["perplexity"]
     assert listed["llama-70b-omniquant-w3g64"]["measured"] is None  # auto too, never on P1
     assert main(["recipes"]) == 0
