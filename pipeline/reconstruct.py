@@ -162,12 +162,23 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                                parts.device))) if every and downstream is not None else probe)
     checks = 0
 
+    def check_tensors() -> dict[str, torch.Tensor]:
+        """The block's tensors now; with a split quantizer each read from its owner, as a
+        step does (a worker's copies of the others' exclusive parameters are stale until the
+        end: the kept copies that count are the owners')."""
+        with torch.no_grad():
+            if shards is None:
+                return model.tensors()
+            own = model.tensors(mine)
+            return {**own, **shards.exchange.gather({k: own[k] for k in shards.mine()})}
+
     def keep_if_best(done: int, value: float | None = None) -> None:
         nonlocal best, best_step, checks
         if value is None:
-            if shards is not None:  # each worker's copy of the others' exclusive parameters
-                shards.share_exclusive_()
-            value = probe_loss(parts, block, model.tensors, check, probe_weight, group,
+            # on every worker, windows of the set or not: with a split quantizer reading the
+            # tensors is a collective
+            tensors = check_tensors()
+            value = probe_loss(parts, block, lambda: tensors, check, probe_weight, group,
                                downstream if check is not probe else None)
         checks += 1
         if best is None or value < best[0]:

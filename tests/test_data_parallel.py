@@ -159,8 +159,8 @@ def _learned(optimizer, batch_size):
 @pytest.mark.cluster
 @pytest.mark.e2e
 @pytest.mark.parametrize("optimizer,batch_size,counts,split,shm,every", [
-    ("adamw", 4, (2, 3), False, True, 0), ("signsgd", 2, (2, 3), True, True, 0),
-    ("adamw", 4, (3,), True, False, 2)])
+    ("adamw", 4, (2, 3), False, True, 0), ("signsgd", 2, (2, 3), True, True, 2),
+    ("adamw", 4, (3,), True, False, 0)])
 def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp_path, optimizer,
                                                    batch_size, counts, split, shm, every,
                                                    monkeypatch):
