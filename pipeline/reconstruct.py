@@ -157,10 +157,17 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             quantization.gptq, dtypes)
     # keep_best_every: the parameters are judged on the probe's windows every N steps (with
     # the next blocks' targets under cross-layer learning), the start included
-    every = cfg.keep_best_every if cfg.keep_best and optimizer is not None else 0
+    every = cfg.keep_best_every if optimizer is not None else 0  # (needs keep_best)
     check = (next(iter(Batches(streams, store, [share.count_below(probe_total)],
                                parts.device))) if every and downstream is not None else probe)
     checks = 0
+
+    def keep(value: float, done: int) -> None:
+        """keep_best: these parameters, if `value` is the lowest loss so far."""
+        nonlocal best, best_step
+        if best is None or value < best[0]:
+            best = (value, [p.detach().clone() for p in learnable])
+            best_step = done
 
     def check_tensors() -> dict[str, torch.Tensor]:
         """The block's tensors now; with a split quantizer each read from its owner, as a
@@ -172,23 +179,21 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
             own = model.tensors(mine)
             return {**own, **shards.exchange.gather({k: own[k] for k in shards.mine()})}
 
-    def keep_if_best(done: int, value: float | None = None) -> None:
-        nonlocal best, best_step, checks
+    def check_and_keep(done: int, value: float | None = None) -> None:
+        nonlocal checks
         if value is None:
             # on every worker, windows of the set or not: with a split quantizer reading the
             # tensors is a collective
             tensors = check_tensors()
             value = probe_loss(parts, block, lambda: tensors, check, probe_weight, group,
-                               downstream if check is not probe else None)
+                               downstream)
         checks += 1
-        if best is None or value < best[0]:
-            best = (value, [p.detach().clone() for p in learnable])
-            best_step = done
+        keep(value, done)
 
     with activation_quant(block, names, quantization.abits):
         loss_before = probe_loss(parts, block, model.tensors, probe, probe_weight, group)
         if every:  # the start (the probe's loss is the check's without the next blocks)
-            keep_if_best(0, loss_before if check is probe else None)
+            check_and_keep(0, loss_before if downstream is None else None)
         per_pass = len(sizes)
         passes = -(-total_steps // per_pass) if optimizer is not None and per_pass else 0
         for epoch in range(passes):
@@ -223,9 +228,8 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                         f"the reconstruction loss became {value} at epoch "
                         f"{epoch + 1}, step {steps + 1}; lower quantization.omniquant.lwc_lr / "
                         "let_lr, or train in float32 (quantization.omniquant.autocast: float32)")
-                if cfg.keep_best and not every and (best is None or value < best[0]):
-                    best = (value, [p.detach().clone() for p in learnable])
-                    best_step = epoch * per_pass + steps
+                if cfg.keep_best and not every:
+                    keep(value, epoch * per_pass + steps)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                     scaler.step(optimizer)
@@ -239,7 +243,7 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
                 steps += 1
                 done = epoch * per_pass + steps
                 if every and (done % every == 0 or done == total_steps):
-                    keep_if_best(done)
+                    check_and_keep(done)
             epoch_losses.append(total / max(steps, 1))
             seconds = time.perf_counter() - start
             events.emit("epoch", f"block {index + 1}: epoch {epoch + 1}/{passes}, loss "
@@ -264,13 +268,12 @@ def train_block(parts: ModelParts, index: int, block: nn.Module,
         loss_after = probe_loss(parts, block, None, probe, probe_weight, group)
     block.to(compute_dtype)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start,
-                               **({"best_train_loss": best[0], "best_step": best_step}
-                                  if best is not None and not every else {}),
-                               # keep_best_every: the kept parameters' loss on the fixed set,
-                               # after how many steps (0: the start), of how many checks
-                               **({"best_check_loss": best[0], "best_step": best_step,
-                                   "best_checks": checks} if best is not None and every
-                                  else {}),
+                               # keep_best: the kept parameters' loss (keep_best_every: on
+                               # the fixed set, of how many checks), after how many steps
+                               **({"best_check_loss" if every else "best_train_loss": best[0],
+                                   "best_step": best_step,
+                                   **({"best_checks": checks} if every else {})}
+                                  if best is not None else {}),
                                **({"round_init_unreached": unreached}
                                   if unreached is not None else {}),
                                "epochs": len(epoch_losses),

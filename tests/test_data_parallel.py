@@ -171,8 +171,8 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
     workers (each computes its share of the linears; LET's scales summed from every owner's
     part) and without; the split exchanging through shared memory (one node) and through
     gloo (as workers on several nodes, or GPUs through NCCL, do); keep_best judged on the
-    fixed set every 2 steps (`every`; the split quantizer's parameters shared before each
-    check) or on each step's batch."""
+    fixed set every 2 steps (`every`; with the split quantizer each check reads every
+    tensor from its owner) or on each step's batch."""
     if not shm:
         monkeypatch.setenv("RELAYQUANT_SHARED_MEMORY", "0")
     model = tiny_model("llama")

@@ -283,7 +283,7 @@ def training_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, d
         frozen = 2.0 * window_flops / device.train_flops
         out["cross_layer"] = (passes * share * depth * frozen
                               + depth * share * window_flops / device.forward_flops)
-    if cfg.keep_best and cfg.keep_best_every and steps:
+    if cfg.keep_best_every and steps:  # (needs keep_best)
         # keep_best's checks: the probe's windows forward in float32 every N steps and after
         # the last; under cross-layer learning through the next blocks too, and at the start
         # (without it the start's check is the probe's own)
