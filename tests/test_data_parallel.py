@@ -158,12 +158,12 @@ def _learned(optimizer, batch_size):
 @cluster
 @pytest.mark.cluster
 @pytest.mark.e2e
-@pytest.mark.parametrize("optimizer,batch_size,counts,split,shm,every", [
-    ("adamw", 4, (2, 3), False, True, 0), ("signsgd", 2, (2, 3), True, True, 2),
-    ("adamw", 4, (3,), True, False, 0)])
+@pytest.mark.parametrize("optimizer,batch_size,counts,split,shm,every,keep_best", [
+    ("adamw", 4, (2, 3), False, True, 0, True), ("signsgd", 2, (2, 3), True, True, 2, True),
+    ("adamw", 4, (3,), True, False, 0, False)])
 def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp_path, optimizer,
                                                    batch_size, counts, split, shm, every,
-                                                   monkeypatch):
+                                                   keep_best, monkeypatch):
     """LWC + LET + learned rounding with keep_best: the weights within 1e-5 relative of one
     worker's and the same best step in every block (3 workers on a batch of 4: uneven shares
     2 + 1 + 1, float64 sums; signsgd with a batch of 2: float32 sums, and on 3 workers one
@@ -172,13 +172,16 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
     part) and without; the split exchanging through shared memory (one node) and through
     gloo (as workers on several nodes, or GPUs through NCCL, do); keep_best judged on the
     fixed set every 2 steps (`every`; with the split quantizer each check reads every
-    tensor from its owner) or on each step's batch."""
+    tensor from its owner) or on each step's batch; through gloo without keep_best, so the
+    last step's parameters count (a step that differs in the last bit flips rounding
+    decisions: the weights then differ by percents, not ulps)."""
     if not shm:
         monkeypatch.setenv("RELAYQUANT_SHARED_MEMORY", "0")
     model = tiny_model("llama")
     quantization = _learned(optimizer, batch_size)
     quantization["omniquant"]["shard_quantizer"] = split
     quantization["omniquant"]["keep_best_every"] = every
+    quantization["omniquant"]["keep_best"] = keep_best
     ref_report = quantize(run_config(model, str(tmp_path / "w1"), *corpus_files, 1,
                                      **quantization))
     ref = fake_quant(str(tmp_path / "w1"))
@@ -195,9 +198,11 @@ def test_learned_reconstruction_matches_one_worker(tiny_model, corpus_files, tmp
             assert mine["quantizer_split"] is split
             if split:
                 assert mine["quantizer_exchange"] == ("shared_memory" if shm else "distributed")
-            assert mine["best_step"] == theirs["best_step"]
+            assert mine.get("best_step") == theirs.get("best_step")
+            assert ("best_step" in mine) is keep_best
             kept = "best_check_loss" if every else "best_train_loss"
-            assert mine[kept] == pytest.approx(theirs[kept], rel=1e-4)
+            if keep_best:
+                assert mine[kept] == pytest.approx(theirs[kept], rel=1e-4)
             assert mine.get("best_checks") == theirs.get("best_checks")
             assert ("best_checks" in mine) is bool(every)
             assert mine["loss_before"] == pytest.approx(theirs["loss_before"], rel=1e-5)

@@ -144,7 +144,9 @@ class DistributedShards:
             self.dist.broadcast(flat, src=owner)
             out.update(self._split(flat, keys))
         self._count(start)
-        return out
+        # in the keys' own order, not the owners': a step sums the shared parameters'
+        # contributions in this order, and one worker sums them in it
+        return {key: out[key] for key in self.shapes}
 
     def reduce(self, grads: dict[str, torch.Tensor | None], dtype: torch.dtype,
                extra: torch.Tensor) -> dict[str, torch.Tensor]:
