@@ -14,6 +14,13 @@ r16int8. `SCHEME:cvxq:matched` is the method of that scheme's best LoRC row, no 
 {2,3,4} (W2) or {3,4} (W3) and group sizes {32, 64, 96, 192, per-channel} allocated by CVXQ
 (measured distortion) at that row's total bits per weight, side information counted.
 
+With `--peft`, each LoRC row's output is also scored by plain transformers + peft in a fresh
+interpreter that imports nothing of relayquant (float32; the adapter `OUT/lorc` wrapped by
+`PeftModel` around the compressed-tensors folder loaded dequantized, or at 3 bits, which the
+pinned compressed-tensors 0.17.1 cannot read (README, Output), around `OUT/fake_quant`), on
+the same windows: `peft.perplexity` and its relative difference from relayquant's (issue 17's
+check: within 0.1 %).
+
 Rows are merged into benchmarks/results/p1_lorc.json as they finish (default: every row not
 there yet, the cvxq rows last; --redo to run them again). The FP perplexity comes from the
 pipeline's FP cache after the first row. `--set KEY=VALUE` changes every row's recipe (a smoke
@@ -26,13 +33,18 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+import torch
+
 from cluster.coordinator import quantize
 from jobs.recipes import load_recipe, parse_overrides
+from pipeline.assets import resolve_model_path
+from pipeline.calibration import eval_windows_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result
@@ -44,6 +56,32 @@ LORC: dict[str, dict[str, Any] | None] = {
     "r8fp16": {"rank": 8, "dtype": "float16"}, "r8int8": {"rank": 8, "dtype": "int8"},
     "r16fp16": {"rank": 16, "dtype": "float16"}, "r16int8": {"rank": 16, "dtype": "int8"},
 }
+# the perplexity of OUT with its adapter OUT/lorc through transformers + peft only
+PEFT_PERPLEXITY = """
+import json, math, sys, time, torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from peft import PeftModel
+out, base_path, ids_path, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+start = time.perf_counter()
+# compressed-tensors keeps packed linears without a `.weight`, which PEFT cannot wrap
+extra = ({} if base_path != out else
+         {"quantization_config": CompressedTensorsConfig(dequantize=True)})
+base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **extra)
+model = PeftModel.from_pretrained(base, out + "/lorc").eval()
+ours = [m for m in sys.modules if m.split(".")[0] in ("pipeline", "cluster", "jobs", "relayquant")]
+assert not ours, ours
+ids = torch.load(ids_path)
+nll, count = 0.0, 0
+with torch.no_grad():
+    for i in range(0, ids.shape[0], batch):
+        x = ids[i:i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+print(json.dumps({"perplexity": math.exp(nll / count), "tokens": count,
+                  "seconds": time.perf_counter() - start}))
+"""
 CVXQ_CHOICES = {"w3g64": [3, 4], "w2g64": [2, 3, 4]}
 CVXQ_GROUPS = [32, 64, 96, 192, None]
 
@@ -58,8 +96,33 @@ def recipe_config(scheme: str, method: str, work: str, workers: int,
         "quantization.group_size": group, "quantization.symmetric": False, **extra})
 
 
+def peft_base(config: Any) -> str:
+    """The base folder the PEFT check wraps: the compressed-tensors output, or its fake_quant
+    export where the pinned compressed-tensors cannot load the width (not 2, 4 or 8 bits)."""
+    if config.quantization.bits in (2, 4, 8):
+        return str(config.output)
+    return os.path.join(config.output, "fake_quant")
+
+
+def peft_perplexity(config: Any, work: str) -> dict[str, Any]:
+    """`config`'s output scored by transformers + peft in a fresh interpreter, on the run's
+    evaluation windows."""
+    ids_path = os.path.join(work, "peft-windows.pt")
+    windows = eval_windows_for(resolve_model_path(config.model.path), config.eval)
+    torch.save(windows, ids_path)
+    base = peft_base(config)
+    done = subprocess.run([sys.executable, "-c", PEFT_PERPLEXITY, config.output, base,
+                           ids_path, "4"], check=False, capture_output=True, text=True,
+                          cwd=work)
+    if done.returncode != 0:
+        raise SystemExit(f"the PEFT check failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]),
+            "base": "fake_quant" if base != str(config.output) else "compressed-tensors"}
+
+
 def run_row(row: str, result: dict[str, Any], work: str, workers: int,
-            overrides: dict[str, Any], without_lorc: bool = False) -> dict[str, Any]:
+            overrides: dict[str, Any], without_lorc: bool = False,
+            peft: bool = False) -> dict[str, Any]:
     scheme, method, lorc = row.split(":")
     extra: dict[str, Any] = {"eval.without_lorc": without_lorc}
     target = None
@@ -74,6 +137,8 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
             "distortion": "measured", "group_sizes": CVXQ_GROUPS}})
     else:
         extra["quantization.lorc"] = LORC[lorc]
+        if peft and LORC[lorc] is not None and SCHEMES[scheme][0] not in (2, 4, 8):
+            extra["export.formats"] = ["compressed-tensors", "fake_quant"]
     extra.update(overrides)  # --set last: it may change the budget's fields too
     recipe, config = recipe_config(scheme, method, work, workers, extra)
     start = time.perf_counter()
@@ -89,6 +154,11 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
            "workers": workers}
     if "lorc" in report:
         out["lorc_report"] = report["lorc"]
+        if peft:
+            check = peft_perplexity(config, work)
+            out["peft"] = {**check, "relative_difference":
+                           check["perplexity"] / out["perplexity"] - 1,
+                           "relayquant_tokens": ppl.get("tokens")}
     if target is not None:
         out["matched_bits"] = target
         out["allocation"] = {k: report["allocation"][k] for k in ("achieved_bits", "target_bits")}
@@ -115,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--without-lorc", action="store_true",
                         help="LoRC rows: also the perplexity without the adapter")
+    parser.add_argument("--peft", action="store_true",
+                        help="LoRC rows: also the perplexity through transformers + peft")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",
                         help="recipe changes for every row (e.g. a smoke run on a tiny model)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_lorc.json"))
@@ -130,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in sorted(args.rows, key=lambda r: r.endswith(":cvxq:matched")):
             if row in done and not args.redo:
                 continue
-            out = run_row(row, result, work, args.workers, overrides, args.without_lorc)
+            out = run_row(row, result, work, args.workers, overrides, args.without_lorc,
+                          args.peft)
             result["fp"] = out["fp_perplexity"] or result["fp"]
             result["rows"] = [r for r in result["rows"] if r["row"] != row] + [out]
             write_result(args.out, result)
@@ -140,15 +213,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [("| scheme | method | LoRC | total bits/weight | adapter bits/weight | PPL | "
-              "PPL without adapter |"), "|---|---|---|---|---|---|---|"]
+              "PPL without adapter | PPL through peft |"), "|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["row"]):
         bits = r["bits_per_weight"]
         without = r.get("perplexity_without_lorc")
         ppl = r["perplexity"]
+        peft = r.get("peft", {}).get("perplexity")
         lines.append(f"| {r['scheme']} | {r['method']}{' (cvxq)' if 'matched_bits' in r else ''}"
                      f" | {r['lorc']} | {bits['total']:.4f} | {bits['lorc']:.4f} | "
                      f"{'-' if ppl is None else f'{ppl:.3f}'} | "
-                     f"{'-' if without is None else f'{without:.3f}'} |")
+                     f"{'-' if without is None else f'{without:.3f}'} | "
+                     f"{'-' if peft is None else f'{peft:.3f}'} |")
     return "\n".join(lines)
 
 
