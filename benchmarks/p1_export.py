@@ -15,49 +15,14 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# runs in a fresh interpreter: transformers (+ compressed-tensors) only
-SCORE = """
-import json, math, sys, time, torch
-from transformers import AutoModelForCausalLM
-assert not any(m.split('.')[0] in ('pipeline', 'cluster', 'jobs') for m in sys.modules)
-folder, windows_path, out = sys.argv[1:4]
-torch.set_num_threads(2)
-start = time.time()
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-windows = torch.load(windows_path)
-nll, count = 0.0, 0
-with torch.no_grad():
-    first = model(input_ids=windows[:2]).logits
-    for i in range(windows.shape[0]):
-        x = windows[i : i + 1]
-        logits = model(input_ids=x).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
-        count += x.shape[1] - 1
-torch.save(first, out + ".logits.pt")
-json.dump({"perplexity": math.exp(nll / count), "windows": int(windows.shape[0]),
-           "seconds": time.time() - start}, open(out, "w"))
-"""
-
-
 sys.path.insert(0, os.path.dirname(__file__))
+from plain_transformers import score
 from results_file import write_result
-
-
-def score_with_transformers(folder: str, windows_path: str, work: str) -> dict:
-    out = os.path.join(work, f"score-{os.path.basename(folder) or 'ct'}.json")
-    subprocess.run([sys.executable, "-c", SCORE, folder, windows_path, out], check=True,
-                   cwd=work)
-    import torch
-
-    result = json.loads(Path(out).read_text())
-    result["logits"] = torch.load(out + ".logits.pt")
-    return result
 
 
 def predicted_bytes(folder: str) -> dict:
@@ -125,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         windows_path = os.path.join(work, "windows.pt")
         torch.save(windows, windows_path)
         ours = evaluate(out, eval_config, ClusterConfig(workers=2))
-        ct = score_with_transformers(out, windows_path, work)
-        fake = score_with_transformers(os.path.join(out, "fake_quant"), windows_path, work)
+        ct = score(out, windows_path, work)
+        fake = score(os.path.join(out, "fake_quant"), windows_path, work)
         logits_rel = ((ct["logits"] - fake["logits"]).abs().max() /
                       fake["logits"].abs().max()).item()
         result = {

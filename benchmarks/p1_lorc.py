@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,8 @@ from pipeline.assets import resolve_model_path
 from pipeline.calibration import eval_windows_for
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import RESULTS, write_result
+from plain_transformers import score
+from results_file import RESULTS, provenance, write_result
 
 SCHEMES = {"w3g64": (3, 64), "w2g64": (2, 64)}
 METHODS = {"rtn": "p1-rtn-w4", "gptq": "p1-gptq-{scheme}", "signround": "p1-signround-{scheme}"}
@@ -56,32 +56,6 @@ LORC: dict[str, dict[str, Any] | None] = {
     "r8fp16": {"rank": 8, "dtype": "float16"}, "r8int8": {"rank": 8, "dtype": "int8"},
     "r16fp16": {"rank": 16, "dtype": "float16"}, "r16int8": {"rank": 16, "dtype": "int8"},
 }
-# the perplexity of OUT with its adapter OUT/lorc through transformers + peft only
-PEFT_PERPLEXITY = """
-import json, math, sys, time, torch
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-from peft import PeftModel
-out, base_path, ids_path, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-start = time.perf_counter()
-# compressed-tensors keeps packed linears without a `.weight`, which PEFT cannot wrap
-extra = ({} if base_path != out else
-         {"quantization_config": CompressedTensorsConfig(dequantize=True)})
-base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **extra)
-model = PeftModel.from_pretrained(base, out + "/lorc").eval()
-ours = [m for m in sys.modules if m.split(".")[0] in ("pipeline", "cluster", "jobs", "relayquant")]
-assert not ours, ours
-ids = torch.load(ids_path)
-nll, count = 0.0, 0
-with torch.no_grad():
-    for i in range(0, ids.shape[0], batch):
-        x = ids[i:i + batch]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
-        count += x[:, 1:].numel()
-print(json.dumps({"perplexity": math.exp(nll / count), "tokens": count,
-                  "seconds": time.perf_counter() - start}))
-"""
 CVXQ_CHOICES = {"w3g64": [3, 4], "w2g64": [2, 3, 4]}
 CVXQ_GROUPS = [32, 64, 96, 192, None]
 
@@ -105,19 +79,16 @@ def peft_base(config: Any) -> str:
 
 
 def peft_perplexity(config: Any, work: str) -> dict[str, Any]:
-    """`config`'s output scored by transformers + peft in a fresh interpreter, on the run's
-    evaluation windows."""
+    """`config`'s output with its adapter scored by transformers + peft in a fresh
+    interpreter, on the run's evaluation windows."""
     ids_path = os.path.join(work, "peft-windows.pt")
-    windows = eval_windows_for(resolve_model_path(config.model.path), config.eval)
-    torch.save(windows, ids_path)
+    torch.save(eval_windows_for(resolve_model_path(config.model.path), config.eval), ids_path)
     base = peft_base(config)
-    done = subprocess.run([sys.executable, "-c", PEFT_PERPLEXITY, config.output, base,
-                           ids_path, "4"], check=False, capture_output=True, text=True,
-                          cwd=work)
-    if done.returncode != 0:
-        raise SystemExit(f"the PEFT check failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]),
-            "base": "fake_quant" if base != str(config.output) else "compressed-tensors"}
+    whole = base == str(config.output)
+    result = score(base, ids_path, work, adapter=os.path.join(config.output, "lorc"),
+                   dequantize=whole, batch=4)
+    result.pop("logits")
+    return {**result, "base": "compressed-tensors" if whole else "fake_quant"}
 
 
 def run_row(row: str, result: dict[str, Any], work: str, workers: int,
@@ -151,7 +122,7 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
            "fp_perplexity": ppl.get("fp"), "windows": ppl.get("windows"),
            "wall_seconds": time.perf_counter() - start,
            "quantize_seconds": sum(b["seconds"] for b in report["blocks"]),
-           "workers": workers}
+           "workers": workers, **provenance()}
     if "lorc" in report:
         out["lorc_report"] = report["lorc"]
         if peft:

@@ -40,7 +40,7 @@ from cluster.evaluation import evaluate
 from jobs.recipes import load_recipe
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import RESULTS, write_result
+from results_file import RESULTS, provenance, write_result
 
 # scheme: (bits, group size, symmetric, the bundled recipes' scheme suffix, symmetric_range)
 SCHEMES = {"w4": (4, None, False, "w4", None), "w3g64": (3, 64, False, "w3g64", None),
@@ -269,7 +269,7 @@ def run_row(scheme: str, variant: str, work: str, workers: int, fp: bool,
         "stage_peak_private_bytes": max(b["peak_private_bytes"] for b in blocks),
         "mean_loss_before": _mean(blocks, "loss_before"),
         "mean_loss_after": _mean(blocks, "loss_after"),
-        "workers": workers, "threads": config.cluster.threads,
+        "workers": workers, "threads": config.cluster.threads, **provenance(),
         # with SDE: how far it moved each block's weights (the largest ||dW|| / ||W|| of the
         # block's linears), block by block
         **({"sde_relative_change": [b.get("sde_relative_change") for b in blocks]}
