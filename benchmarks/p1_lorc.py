@@ -70,12 +70,9 @@ def recipe_config(scheme: str, method: str, work: str, workers: int,
         "quantization.group_size": group, "quantization.symmetric": False, **extra})
 
 
-def peft_base(config: Any) -> str:
-    """The base folder the PEFT check wraps: the compressed-tensors output, or its fake_quant
-    export where the pinned compressed-tensors cannot load the width (not 2, 4 or 8 bits)."""
-    if config.quantization.bits in (2, 4, 8):
-        return str(config.output)
-    return os.path.join(config.output, "fake_quant")
+# the widths whose compressed-tensors folder the pinned compressed-tensors 0.17.1 reads (README,
+# Output); at the others the PEFT check wraps OUT/fake_quant instead
+LOADABLE_BITS = (2, 4, 8)
 
 
 def peft_perplexity(config: Any, work: str) -> dict[str, Any]:
@@ -83,8 +80,8 @@ def peft_perplexity(config: Any, work: str) -> dict[str, Any]:
     interpreter, on the run's evaluation windows."""
     ids_path = os.path.join(work, "peft-windows.pt")
     torch.save(eval_windows_for(resolve_model_path(config.model.path), config.eval), ids_path)
-    base = peft_base(config)
-    whole = base == str(config.output)
+    whole = config.quantization.bits in LOADABLE_BITS
+    base = str(config.output) if whole else os.path.join(config.output, "fake_quant")
     result = score(base, ids_path, work, adapter=os.path.join(config.output, "lorc"),
                    dequantize=whole, batch=4)
     result.pop("logits")
@@ -108,7 +105,7 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
             "distortion": "measured", "group_sizes": CVXQ_GROUPS}})
     else:
         extra["quantization.lorc"] = LORC[lorc]
-        if peft and LORC[lorc] is not None and SCHEMES[scheme][0] not in (2, 4, 8):
+        if peft and LORC[lorc] is not None and SCHEMES[scheme][0] not in LOADABLE_BITS:
             extra["export.formats"] = ["compressed-tensors", "fake_quant"]
     extra.update(overrides)  # --set last: it may change the budget's fields too
     recipe, config = recipe_config(scheme, method, work, workers, extra)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 # runs in a fresh interpreter: transformers (+ compressed-tensors, + peft) only
@@ -49,7 +50,8 @@ def score(folder: str, windows_path: str, work: str, adapter: str | None = None,
     float32, `batch` windows per forward; also `logits`, those of the first two windows."""
     import torch
 
-    out = os.path.join(work, f"score-{len(os.listdir(work))}.json")
+    handle, out = tempfile.mkstemp(prefix="score-", suffix=".json", dir=work)
+    os.close(handle)
     done = subprocess.run([sys.executable, "-c", SCRIPT, folder, windows_path, out,
                            adapter or "-", "1" if dequantize else "0", str(batch)],
                           check=False, capture_output=True, text=True, cwd=work)
