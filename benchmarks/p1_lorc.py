@@ -2,17 +2,19 @@
 recipe (p1-signround-*) at W3 g64 and W2 g64 asymmetric, each without LoRC and with rank 8 and
 16 in fp16 and int8 factors; the total bits per weight of every row (codes, scales and zero
 points, and the adapter); the perplexity on all 292 SOTU test windows (with `--without-lorc`
-also without the adapter: a second evaluation pass, about 400 s a row here); and, per scheme, the CVXQ allocation without LoRC at the total bits of the best LoRC
-row, so the table says whether LoRC's bits buy more than the same bits spent on width.
+also without the adapter: a second evaluation pass, about 400 s a row here); and, per scheme
+and method, the CVXQ allocation without LoRC at the total bits of that method's best LoRC row,
+so the table says whether LoRC's bits buy more than the same bits spent on width.
 
     python benchmarks/p1_lorc.py [--rows w3g64:gptq:r8fp16 w2g64:rtn:none ...] [--workers 2]
-    python benchmarks/p1_lorc.py --rows w3g64:cvxq:matched   # after that scheme's LoRC rows
+    python benchmarks/p1_lorc.py --rows w3g64:gptq:cvxq   # after w3g64's GPTQ LoRC rows
 
 Row `SCHEME:METHOD:LORC`: METHOD rtn (p1-rtn-w4 at the scheme; data-free, LoRC needs no
 data), gptq (p1-gptq-*), signround (p1-signround-*); LORC none, r8fp16, r8int8, r16fp16,
-r16int8. `SCHEME:cvxq:matched` is the method of that scheme's best LoRC row, no LoRC, widths
-{2,3,4} (W2) or {3,4} (W3) and group sizes {32, 64, 96, 192, per-channel} allocated by CVXQ
-(measured distortion) at that row's total bits per weight, side information counted.
+r16int8, or cvxq: METHOD without LoRC, widths {2,3,4} (W2) or {3,4} (W3) and group sizes
+{32, 64, 96, 192, per-channel} allocated by CVXQ (measured distortion) at the total bits per
+weight of METHOD's best LoRC row at SCHEME, side information counted. The cvxq row of the
+scheme's best LoRC row overall is issue 17's comparison; the others say the same per method.
 
 With `--peft`, each LoRC row's output is also scored by plain transformers + peft in a fresh
 interpreter that imports nothing of relayquant (float32; the adapter `OUT/lorc` wrapped by
@@ -94,12 +96,12 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
     scheme, method, lorc = row.split(":")
     extra: dict[str, Any] = {"eval.without_lorc": without_lorc}
     target = None
-    if method == "cvxq":
-        best = best_lorc_row(result, scheme)
+    if lorc == "cvxq":
+        best = best_lorc_row(result, scheme, method)
         if best is None:
-            raise SystemExit(f"{row}: run the LoRC rows of {scheme} first (the allocation "
-                             "matches the best one's total bits per weight)")
-        method, target = best["method"], best["bits_per_weight"]["total"]
+            raise SystemExit(f"{row}: run the LoRC rows of {scheme}:{method} first (the "
+                             "allocation matches the best one's total bits per weight)")
+        target = best["bits_per_weight"]["total"]
         extra.update({"quantization.budget": {
             "average_bits": target, "choices": CVXQ_CHOICES[scheme], "count_side_info": True,
             "distortion": "measured", "group_sizes": CVXQ_GROUPS}})
@@ -129,21 +131,22 @@ def run_row(row: str, result: dict[str, Any], work: str, workers: int,
                            "relayquant_tokens": ppl.get("tokens")}
     if target is not None:
         out["matched_bits"] = target
+        out["matched_row"] = best["row"]
         out["allocation"] = {k: report["allocation"][k] for k in ("achieved_bits", "target_bits")}
         out["allocation"]["widths"] = [[u["bits"], u.get("group_size")]
                                        for u in report["allocation"]["units"]]
     return out
 
 
-def best_lorc_row(result: dict[str, Any], scheme: str) -> dict[str, Any] | None:
-    rows = [r for r in result["rows"] if r["scheme"] == scheme
-            and r["lorc"] not in ("none", "matched") and r["perplexity"] is not None]
+def best_lorc_row(result: dict[str, Any], scheme: str, method: str) -> dict[str, Any] | None:
+    """The lowest-perplexity row of `method` at `scheme` that carries an adapter."""
+    rows = [r for r in result["rows"] if r["scheme"] == scheme and r["method"] == method
+            and LORC.get(r["lorc"]) is not None and r["perplexity"] is not None]
     return min(rows, key=lambda r: r["perplexity"], default=None)
 
 
 def every_row() -> list[str]:
-    rows = [f"{s}:{m}:{lo}" for s in SCHEMES for m in METHODS for lo in LORC]
-    return rows + [f"{s}:cvxq:matched" for s in SCHEMES]
+    return [f"{s}:{m}:{lo}" for s in SCHEMES for m in METHODS for lo in [*LORC, "cvxq"]]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = json.load(f)
     done = {r["row"] for r in result["rows"]}
     with tempfile.TemporaryDirectory(prefix="relayquant-p1l-") as work:
-        for row in sorted(args.rows, key=lambda r: r.endswith(":cvxq:matched")):
+        for row in sorted(args.rows, key=lambda r: r.endswith(":cvxq")):
             if row in done and not args.redo:
                 continue
             out = run_row(row, result, work, args.workers, overrides, args.without_lorc,
@@ -187,8 +190,9 @@ def table(result: dict[str, Any]) -> str:
         without = r.get("perplexity_without_lorc")
         ppl = r["perplexity"]
         peft = r.get("peft", {}).get("perplexity")
-        lines.append(f"| {r['scheme']} | {r['method']}{' (cvxq)' if 'matched_bits' in r else ''}"
-                     f" | {r['lorc']} | {bits['total']:.4f} | {bits['lorc']:.4f} | "
+        lorc = (f"none, CVXQ at {r['matched_row']}'s bits" if "matched_bits" in r
+                else r["lorc"])
+        lines.append(f"| {r['scheme']} | {r['method']} | {lorc} | {bits['total']:.4f} | {bits['lorc']:.4f} | "
                      f"{'-' if ppl is None else f'{ppl:.3f}'} | "
                      f"{'-' if without is None else f'{without:.3f}'} | "
                      f"{'-' if peft is None else f'{peft:.3f}'} |")
