@@ -167,6 +167,19 @@ STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                   ray.exceptions.WorkerCrashedError)
 
 
+def stage_failed(error: BaseException, attempt: int, max_retries: int,
+                 history: dict[str, Any]) -> None:
+    """Record a dead stage; give up (RuntimeError, with the resume hint) after max_retries."""
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+    history["stage_failures"].append(reason)
+    if attempt == max_retries:
+        raise RuntimeError(
+            f"a stage failed {attempt + 1} times, giving up ({reason}); every finished "
+            "block is kept: run the same command again to resume") from error
+    log.warning("a stage failed (%s); restarting the stages and resuming from the "
+                "finished blocks (retry %d of %d)", reason, attempt + 1, max_retries)
+
+
 def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path: str,
                           calib: torch.Tensor | None, formats: dict[str, Any]
                           ) -> tuple[Stages, Any, list[dict[str, Any]], dict[str, Any]]:
@@ -178,7 +191,11 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
         ExportFormat.COMPRESSED_TENSORS, formats)}
     history: dict[str, Any] = {"stage_failures": []}
     for attempt in range(config.cluster.max_retries + 1):
-        stages, group = start_stages(plan, config.cluster)
+        try:  # a stage may die while it starts, too (start_stages releases what it started)
+            stages, group = start_stages(plan, config.cluster)
+        except STAGE_FAILURES as e:
+            stage_failed(e, attempt, config.cluster.max_retries, history)
+            continue
         try:
             done, redo = verified_markers(config.output, plan.num_blocks)
             if redo:
@@ -196,15 +213,7 @@ def quantize_with_retries(plan: Plan, config: RunConfig, parts: Any, model_path:
             return stages, group, markers, history
         except STAGE_FAILURES as e:
             runtime.release(stages.actors, group)
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-            history["stage_failures"].append(reason)
-            if attempt == config.cluster.max_retries:
-                raise RuntimeError(
-                    f"a stage failed {attempt + 1} times, giving up ({reason}); every finished "
-                    "block is kept: run the same command again to resume") from e
-            log.warning("a stage failed (%s); restarting the stages and resuming from the "
-                        "finished blocks (retry %d of %d)", reason, attempt + 1,
-                        config.cluster.max_retries)
+            stage_failed(e, attempt, config.cluster.max_retries, history)
         except ray.exceptions.RayTaskError as e:
             runtime.release(stages.actors, group)
             if isinstance(e.cause, METHOD_ERRORS):  # say it plainly, not as a remote traceback
