@@ -192,7 +192,8 @@ def table(result: dict[str, Any]) -> str:
         peft = r.get("peft", {}).get("perplexity")
         lorc = (f"none, CVXQ at {r['matched_row']}'s bits" if "matched_bits" in r
                 else r["lorc"])
-        lines.append(f"| {r['scheme']} | {r['method']} | {lorc} | {bits['total']:.4f} | {bits['lorc']:.4f} | "
+        lines.append(f"| {r['scheme']} | {r['method']} | {lorc} | {bits['total']:.4f} | "
+                     f"{bits['lorc']:.4f} | "
                      f"{'-' if ppl is None else f'{ppl:.3f}'} | "
                      f"{'-' if without is None else f'{without:.3f}'} | "
                      f"{'-' if peft is None else f'{peft:.3f}'} |")

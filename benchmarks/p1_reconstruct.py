@@ -38,6 +38,7 @@ from typing import Any
 from cluster.coordinator import quantize
 from cluster.evaluation import evaluate
 from jobs.recipes import load_recipe
+from pipeline.calibration import load_text
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, provenance, write_result
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     done = {(r["scheme"], r["method"]) for r in result["rows"]
             if args.unseen is None or r.get("unseen", {}).get("corpus") == args.unseen}
     unseen = (args.unseen, args.unseen_windows) if args.unseen is not None else None
+    if unseen is not None:  # before any row: a row scored on SOTU and lost to this costs ~40 min
+        load_text(args.unseen, field="--unseen")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relayquant-p1r-") as work:
         for row in args.rows:

@@ -127,6 +127,9 @@ def evaluate_run(stages: Stages, config: RunConfig, model_path: str,
     bare = (stream_perplexity(stages, config.output, windows, "quantized without lorc",
                               config.quantization.abits)
             if adapter is not None and config.eval.without_lorc else None)
+    log.info("perplexity on %s: quantized %.4f%s%s", config.eval.corpus, quant["perplexity"],
+             "" if bare is None else f", without LoRC {bare['perplexity']:.4f}",
+             f", FP {fp['perplexity']:.4f}" if fp else "")
     return {"fp": fp["perplexity"] if fp else None, "quantized": quant["perplexity"],
             **({"quantized_without_lorc": bare["perplexity"]} if bare is not None else {}),
             "corpus": config.eval.corpus, "windows": quant["windows"],
