@@ -33,23 +33,29 @@ def shards(folder):
                                       recursive=True))}
 
 
-def kill_a_stage_when(marker, stage_name="StageActor"):
-    """SIGKILL one stage actor process (ours: a descendant of this process) once `marker`
-    exists, or with `marker` None as soon as one runs (then the run cannot have ended first)."""
+def kill_one_stage(stage_name="StageActor"):
+    """SIGKILL one stage actor process (ours: a descendant of this process); its pid or None."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if stage_name in " ".join(proc.cmdline()):
+                os.kill(proc.pid, signal.SIGKILL)
+                return proc.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def kill_a_stage_when(marker):
+    """Kill one stage actor once `marker` exists (in a thread)."""
     killed = []
 
     def watch():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if marker is None or os.path.exists(marker):
-                for proc in psutil.Process().children(recursive=True):
-                    try:
-                        if stage_name in " ".join(proc.cmdline()):
-                            os.kill(proc.pid, signal.SIGKILL)
-                            killed.append(proc.pid)
-                            return
-                    except psutil.Error:
-                        continue
+            pid = kill_one_stage() if os.path.exists(marker) else None
+            if pid is not None:
+                killed.append(pid)
+                return
             time.sleep(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -75,27 +81,47 @@ def test_killed_stage_actor_is_replaced_and_the_run_resumes(tiny_model, corpus_f
     assert [b["sha256"] for b in report["blocks"]] == [b["sha256"] for b in reference["blocks"]]
 
 
-def test_a_fault_that_repeats_fails_loudly(tiny_model, corpus_files, tmp_path):
+@pytest.fixture
+def kill_a_stage_while_starting(monkeypatch):
+    """Kills one stage actor inside the first `gather` of start_stages (the actors' `place`
+    calls), so the fault lands while the stages start, before any block; the pids killed."""
+    from cluster import stages as stages_module
+
+    real, killed = stages_module.gather, []
+
+    def gather(refs):
+        deadline = time.time() + 120
+        while not killed and time.time() < deadline:  # the actor's process may not be up yet
+            pid = kill_one_stage()
+            if pid is None:
+                time.sleep(0.02)
+            else:
+                killed.append(pid)
+        return real(refs)
+
+    monkeypatch.setattr(stages_module, "gather", gather)
+    return killed
+
+
+def test_a_fault_that_repeats_fails_loudly(tiny_model, corpus_files, tmp_path,
+                                           kill_a_stage_while_starting):
     """No retries left: the first stage failure ends the run with the resume hint. The stage is
-    killed as soon as it runs: a kill timed by a block's marker could land after the tiny run's
-    last block (CI once saw this test fail, and it passed on its rerun)."""
+    killed while the stages start: a kill timed by a block's marker could land after the tiny
+    run's last block (CI once saw this test fail, and it passed on its rerun)."""
     out = str(tmp_path / "out")
-    thread, killed = kill_a_stage_when(None)
     with pytest.raises(RuntimeError, match="a stage failed 1 times, giving up .*run the same "
                                            "command again to resume"):
         quantize(run_config(tiny_model("llama", 6), out, corpus_files[0], retries=0))
-    thread.join()
-    assert killed
+    assert len(kill_a_stage_while_starting) == 1
     assert not os.path.exists(os.path.join(out, "report.json"))
 
 
-def test_a_stage_killed_as_it_starts_is_replaced(tiny_model, corpus_files, tmp_path):
-    """A stage that dies while the stages start (placing, joining the process group) counts
-    as a stage failure like one that dies mid-block: retried, not a raw Ray error."""
+def test_a_stage_killed_as_it_starts_is_replaced(tiny_model, corpus_files, tmp_path,
+                                                 kill_a_stage_while_starting):
+    """A stage that dies while the stages start (placing them) counts as a stage failure like
+    one that dies mid-block: retried, not a raw Ray error."""
     out = str(tmp_path / "out")
-    thread, killed = kill_a_stage_when(None)
     report = quantize(run_config(tiny_model("llama", 6), out, corpus_files[0], retries=1))
-    thread.join()
-    assert killed
+    assert len(kill_a_stage_while_starting) == 1
     assert len(report["stage_failures"]) == 1
     assert os.path.exists(os.path.join(out, "report.json"))
