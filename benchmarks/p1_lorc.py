@@ -49,7 +49,7 @@ from pipeline.calibration import eval_windows_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 from plain_transformers import score
-from results_file import RESULTS, provenance, write_result
+from results_file import RESULTS, add_rows_argument, chosen_rows, provenance, write_result
 
 SCHEMES = {"w3g64": (3, 64), "w2g64": (2, 64)}
 METHODS = {"rtn": "p1-rtn-w4", "gptq": "p1-gptq-{scheme}", "signround": "p1-signround-{scheme}"}
@@ -145,13 +145,10 @@ def best_lorc_row(result: dict[str, Any], scheme: str, method: str) -> dict[str,
     return min(rows, key=lambda r: r["perplexity"], default=None)
 
 
-def every_row() -> list[str]:
-    return [f"{s}:{m}:{lo}" for s in SCHEMES for m in METHODS for lo in [*LORC, "cvxq"]]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=every_row(), choices=every_row())
+    add_rows_argument(parser, [("SCHEME", list(SCHEMES)), ("METHOD", list(METHODS)),
+                               ("LORC", [*LORC, "cvxq"])])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--without-lorc", action="store_true",
@@ -162,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="recipe changes for every row (e.g. a smoke run on a tiny model)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_lorc.json"))
     args = parser.parse_args(argv)
+    args.rows = chosen_rows(args.rows)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
     overrides = parse_overrides(args.set)
     result: dict[str, Any] = {"benchmark": "p1_lorc", "fp": None, "rows": []}

@@ -41,7 +41,7 @@ from jobs.recipes import load_recipe
 from pipeline.calibration import load_text
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results_file import RESULTS, provenance, write_result
+from results_file import RESULTS, add_rows_argument, chosen_rows, provenance, write_result
 
 # scheme: (bits, group size, symmetric, the bundled recipes' scheme suffix, symmetric_range)
 SCHEMES = {"w4": (4, None, False, "w4", None), "w3g64": (3, 64, False, "w3g64", None),
@@ -292,8 +292,7 @@ def _mean(blocks: list[dict[str, Any]], key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    every = [f"{s}:{v}" for s in SCHEMES for v in VARIANTS]
-    parser.add_argument("--rows", nargs="+", default=every, choices=every)
+    add_rows_argument(parser, [("SCHEME", list(SCHEMES)), ("VARIANT", list(VARIANTS))])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: its share of the CPUs); 1 lets "
@@ -309,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="every scheme x " + ", ".join(TABLE) + "; implies --redo")
     parser.add_argument("--out", default=os.path.join(RESULTS, "p1_reconstruct.json"))
     args = parser.parse_args(argv)
+    args.rows = chosen_rows(args.rows)
     logging.basicConfig(level=logging.INFO, format="relayquant: %(message)s")
     result: dict[str, Any] = {"benchmark": "p1_reconstruct", "peers": PEERS, "fp": None,
                               "rows": []}
