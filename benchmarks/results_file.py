@@ -15,7 +15,7 @@ def provenance() -> dict[str, str]:
     install imports the installed checkout's, not that of the benchmark script, unless
     PYTHONPATH names the script's checkout) and the digest of its sources (the FP cache's)."""
     import pipeline
-    from pipeline.evaluation.perplexity_cache import code_version
+    from pipeline.user_cache import code_version
 
     return {"code": os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__))),
             "code_version": code_version()[:16]}

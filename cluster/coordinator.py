@@ -36,7 +36,7 @@ from cluster.stages import (  # noqa: F401
     report_progress,
     start_stages,
 )
-from pipeline import calibration, storage
+from pipeline import calibration, storage, user_cache
 from pipeline.assets import resolve_model_path
 from pipeline.checkpoint import STATE_DIR, verified_markers
 from pipeline.config import (
@@ -50,7 +50,7 @@ from pipeline.config import (
     QuantizationConfig,
     RunConfig,
 )
-from pipeline.cvxq import budget
+from pipeline.cvxq import budget, statistics_cache
 from pipeline.cvxq.sensitivity import unit_statistics
 from pipeline.export import format_config
 from pipeline.methods import lorc_block
@@ -111,40 +111,66 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
                   calib: torch.Tensor | None, saved: list[dict[str, Any]] | None = None
                   ) -> dict[str, Any]:
     """The run's allocation: read back when an earlier attempt saved it (same fingerprint),
-    else the sensitivity pass on fresh stages (or the statistics `saved` from
-    budget.sensitivity_from, read before the output was opened: it may lie in the output a
-    --restart clears) and the global solve."""
+    else the global solve on the sensitivity statistics (from `saved`, budget.sensitivity_from
+    read before the output was opened: it may lie in the output a --restart clears; else from
+    the user cache when this model, calibration and objective were measured before; else the
+    sensitivity pass) and, with measured distortion, the RTN errors (cached likewise). Stages
+    start only for what the cache does not hold."""
     path = storage.join(config.output, STATE_DIR, budget.ALLOCATION_FILE)
     if storage.exists(path):
         log.info("allocation: reusing the one saved by an earlier attempt")
         return storage.read_json(path)
-    source = config.quantization.budget.sensitivity_from
-    measured = config.quantization.budget.distortion is Distortion.MEASURED
+    q = config.quantization
+    source = q.budget.sensitivity_from
+    measured = q.budget.distortion is Distortion.MEASURED
+    stats_key = errors_key = None
+    linear_stats: dict[str, dict[str, float]] | None = None
+    timing: dict[str, Any] = {}
     if source is not None:
         log.info("allocation: sensitivity statistics from %s (no sensitivity pass)", source)
-    if source is not None and not measured:
-        assert saved is not None
-        allocation = budget.solve(parts, saved, config.quantization)
-        allocation["sensitivity"] = {"reused_from": source}
+        timing = {"reused_from": source}
     else:
+        assert calib is not None  # run_calibration reads it when a sensitivity pass may run
+        stats_key = statistics_cache.statistics_key(model_path, calib, q.budget, config.cluster)
+        cached = user_cache.read(statistics_cache.STATISTICS, stats_key)
+        if cached is not None:
+            linear_stats = cached["linears"]
+            where = user_cache.entry_path(statistics_cache.STATISTICS, stats_key)
+            timing = {"reused_from": where, "measured_seconds": cached["timing"].get("seconds")}
+            log.info("allocation: sensitivity statistics from the user cache %s (the pass took "
+                     "%.1fs when they were measured)", where, cached["timing"].get("seconds", 0))
+    errors = None
+    if measured:
+        errors_key = statistics_cache.errors_key(model_path, parts, q, config.cluster)
+        cached = user_cache.read(statistics_cache.ERRORS, errors_key)
+        if cached is not None:
+            errors = cached["errors"]
+            log.info("allocation: RTN errors of %d linears from the user cache %s", len(errors),
+                     user_cache.entry_path(statistics_cache.ERRORS, errors_key))
+    if (source is None and linear_stats is None) or (measured and errors is None):
         stages, group = start_stages(plan, config.cluster)
         try:
-            if source is not None:
-                assert saved is not None
-                stats = saved
-                timing: dict[str, Any] = {"reused_from": source}
-            else:
-                assert calib is not None  # run_calibration reads it for a sensitivity pass
-                linear_stats, timing = sensitivity_pass(stages, model_path, calib,
-                                                        config.quantization.budget)
-                stats = unit_statistics(parts, linear_stats)
-            errors = (measure_errors(stages, model_path, config.quantization) if measured
-                      else None)
+            if source is None and linear_stats is None:
+                assert calib is not None and stats_key is not None
+                linear_stats, timing = sensitivity_pass(stages, model_path, calib, q.budget)
+                user_cache.write(statistics_cache.STATISTICS, stats_key,
+                                 {"linears": linear_stats, "timing": timing})
+            if measured and errors is None:
+                assert errors_key is not None
+                start = time.perf_counter()
+                errors = measure_errors(stages, model_path, q)
+                user_cache.write(statistics_cache.ERRORS, errors_key,
+                                 {"errors": errors, "seconds": time.perf_counter() - start})
         finally:
             runtime.release(stages.actors, group)
-        allocation = budget.solve(parts, stats, config.quantization, errors)
-        allocation["sensitivity"] = timing
-    timing = allocation["sensitivity"]
+    if source is not None:
+        assert saved is not None
+        stats = saved
+    else:
+        assert linear_stats is not None
+        stats = unit_statistics(parts, linear_stats)
+    allocation = budget.solve(parts, stats, q, errors)
+    allocation["sensitivity"] = timing
     log.info("allocation: log2 lambda %.3f, %d units, achieved %.4f bits per weight (target "
              "%.4f%s); %s", allocation["log_lambda"], len(allocation["units"]),
              allocation["achieved_bits"], allocation["target_bits"],

@@ -23,6 +23,15 @@ from pipeline.streams import split_windows
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own user cache: CVXQ's statistics of one test's model and calibration
+    must not answer another's sensitivity pass."""
+    folder = tmp_path / "user-cache"
+    monkeypatch.setenv("RELAYQUANT_CACHE_DIR", str(folder))
+    return folder
+
+
 def config_for(model, output, train, test, workers, **quantization):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": output,
@@ -155,11 +164,13 @@ def test_budgeted_run_quantizes_reports_plots_and_resumes(tiny_model, corpus_fil
     assert in_place["allocation"]["units"] == lower["units"]
 
 
-def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_files, tmp_path):
+def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_files, tmp_path,
+                                                         own_cache, monkeypatch):
     """distortion: measured with group_sizes: each unit gets a (width, group size) option at the
     total cost of uniform 3-bit g16 (side information counted); the stages' measured RTN errors
     equal a direct computation on the checkpoint; the blocks are quantized at the chosen formats;
-    a run that reuses the statistics measures again and solves the same."""
+    a run that reuses the statistics measures again and solves the same; a second run takes
+    the FP model's statistics and errors from the user cache."""
     from safetensors.torch import load_file
 
     from pipeline.formats import AffineFormat
@@ -201,6 +212,39 @@ def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_file
     again = quantize(reused)["allocation"]
     assert [(u["bits"], u["group_size"]) for u in again["units"]] == \
         [(u["bits"], u["group_size"]) for u in alloc["units"]]
+    # a second run of the same model (another output): the sensitivity statistics and the
+    # measured errors of the FP model come from the user cache, no pass runs, same allocation;
+    # another calibration, or a damaged entry, is measured again
+    from cluster import coordinator
+
+    kinds = sorted(p.name for p in own_cache.iterdir())
+    assert kinds == ["cvxq_errors", "cvxq_statistics"]
+    measured_errors, measured_pass = coordinator.measure_errors, coordinator.sensitivity_pass
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed what the user cache holds")
+
+    monkeypatch.setattr(coordinator, "measure_errors", refuse)
+    monkeypatch.setattr(coordinator, "sensitivity_pass", refuse)
+    d = config_to_dict(config)
+    cached = quantize(build_config(RunConfig, {**d, "output": str(tmp_path / "cached")}))
+    assert cached["allocation"]["units"] == alloc["units"]
+    assert cached["allocation"]["sensitivity"]["reused_from"].startswith(str(own_cache))
+    # another calibration seed: the statistics are measured again (the errors are still cached)
+    calls = []
+    monkeypatch.setattr(coordinator, "sensitivity_pass",
+                        lambda *a, **k: calls.append(1) or measured_pass(*a, **k))
+    other = build_config(RunConfig, {**d, "output": str(tmp_path / "seed1"),
+                                     "calibration": {**d["calibration"], "seed": 1}})
+    assert "seconds" in quantize(other)["allocation"]["sensitivity"] and calls == [1]
+    # a damaged errors entry is measured again
+    for entry in (own_cache / "cvxq_errors").iterdir():
+        entry.write_text("{not json")
+    monkeypatch.setattr(coordinator, "measure_errors", measured_errors)
+    again = quantize(build_config(RunConfig, {**d, "output": str(tmp_path / "damaged")}))
+    assert again["allocation"]["units"] == alloc["units"]
+    entry = next((own_cache / "cvxq_errors").iterdir())
+    assert json.loads(entry.read_text())["errors"]
 
 
 def test_an_infeasible_budget_is_refused_before_any_work(tiny_model, corpus_files, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cluster.coordinator import quantize
+from pipeline import user_cache
 from pipeline.config import RunConfig
 from pipeline.config.tree import build_config
 from pipeline.evaluation import perplexity_cache
@@ -33,7 +34,7 @@ def test_any_change_of_model_windows_or_code_is_another_key(tiny_model, tmp_path
     os.utime(os.path.join(model, shard), ns=(time.time_ns(), time.time_ns() + 10**9))
     rewritten = perplexity_cache.cache_key(model, windows, 16)
     assert rewritten != key
-    monkeypatch.setattr(perplexity_cache, "code_version", lambda: "another version")
+    monkeypatch.setattr(user_cache, "code_version", lambda: "another version")
     assert perplexity_cache.cache_key(model, windows, 16) != rewritten
 
 
@@ -42,7 +43,7 @@ def test_a_damaged_entry_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("RELAYQUANT_CACHE_DIR", str(tmp_path))
     perplexity_cache.write_cached("k", {"perplexity": 3.0})
     assert perplexity_cache.read_cached("k") == {"perplexity": 3.0}
-    (tmp_path / "k.json").write_text("{not json")
+    (tmp_path / "fp_perplexity" / "k.json").write_text("{not json")
     assert perplexity_cache.read_cached("k") is None
 
 

@@ -20,7 +20,7 @@ from pipeline.schemes import format_for
 ALLOCATION_FILE = "allocation.json"  # under OUT/.relayquant/, so a resumed run reuses it
 
 
-def _stored_dtype(parts: ModelParts, linear: str) -> torch.dtype:
+def stored_dtype(parts: ModelParts, linear: str) -> torch.dtype:
     index, relative = linear.removeprefix(parts.adapter.blocks + ".").split(".", 1)
     return parts.stored_dtypes(parts.block_path(int(index)))[f"{relative}.weight"]
 
@@ -35,7 +35,7 @@ def side_information(parts: ModelParts, linear: str, quantization: QuantizationC
     in_features = int(parts.meta.get_submodule(linear).get_parameter("weight").shape[1])
     group = (fmt.group_size if group_size == "recipe" else group_size) or in_features
     assert isinstance(group, int)
-    scale_bits = _stored_dtype(parts, linear).itemsize * 8  # scales: the weight's dtype
+    scale_bits = stored_dtype(parts, linear).itemsize * 8  # scales: the weight's dtype
     return scale_bits / group, (0.0 if fmt.symmetric else 1.0 / group)
 
 
@@ -67,7 +67,7 @@ def weight_errors(parts: ModelParts, blocks: tuple[int, int], quantization: Quan
             if fmt is None:
                 continue
             w = block.get_submodule(name).get_parameter("weight").detach().float()
-            dtype = _stored_dtype(parts, linear)
+            dtype = stored_dtype(parts, linear)
             scale_dtype = dtype if dtype.is_floating_point else torch.float32
             out[linear] = {
                 option_key(bits, group): float(
