@@ -135,7 +135,12 @@ def summarize(r: dict[str, Any]) -> str:
     for k, v in sorted(r["memory_per_worker"].items(), key=lambda kv: -kv[1]):
         lines.append(f"    {k}: {v / 2**30:.3f} GiB")
     block = sum(r["block_seconds"].values())
-    lines.append(f"  predicted quantize phase: {r['predicted_seconds'] / 60:.1f} min "
+    allocation = sum(r.get("allocation_seconds", {}).values())
+    if allocation:
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in r["allocation_seconds"].items())
+        lines.append(f"  predicted CVXQ allocation: {allocation / 60:.1f} min ({parts}; none for "
+                     "what the user cache holds from an earlier run)")
+    lines.append(f"  predicted quantize phase: {(r['predicted_seconds'] - allocation) / 60:.1f} min "
                  f"({block:.1f}s per block: " + ", ".join(
                      f"{k} {v:.1f}s" for k, v in r["block_seconds"].items()) + ")")
     return "\n".join(lines)

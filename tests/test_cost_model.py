@@ -382,3 +382,55 @@ def test_keep_best_checks_are_charged_per_check(tmp_path):
     assert every64["keep_best_checks"] == pytest.approx(2 * one)
     # through the next block too, and the start checked on its own
     assert cl8["keep_best_checks"] == pytest.approx(2 * 17 * one)
+
+
+def test_cvxq_passes_are_predicted_before_the_blocks(tmp_path, capsys):
+    """A budget adds the sensitivity pass (forward pipelined, backward stage after stage: 1/W +
+    3 forwards of the calibration) and, with measured distortion, the RTN errors at every option
+    (the mse search at its rate): none of it in the quantize phase, all of it in the run."""
+    import dataclasses
+
+    from pipeline.config import BudgetConfig, Distortion, Observer
+    from pipeline.planning.cost_model import (
+        SEARCH_BYTES,
+        allocation_seconds,
+        forward_flops,
+        plan_run,
+    )
+
+    folder = llama70b_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    shape, blocks, _ = model_shape(config)
+    device = PRESETS["h100-80g"]
+    plain = build_config(QuantizationConfig, {"method": "gptq", "bits": 3, "group_size": 64},
+                         "quantization")
+    assert allocation_seconds(shape, blocks, plain, 128, 2048, 8, device) == {}
+    budget = BudgetConfig(average_bits=3.5, choices=[3, 4])
+    q = dataclasses.replace(plain, budget=budget)
+    one = blocks * forward_flops(shape, 128 * 2048, 2048) / device.forward_flops
+    assert allocation_seconds(shape, blocks, q, 128, 2048, 8, device) == \
+        pytest.approx({"sensitivity": one / 8 + 3 * one})
+    measured = dataclasses.replace(q, budget=dataclasses.replace(
+        budget, distortion=Distortion.MEASURED, group_sizes=[64, 128, None]))
+    minmax = allocation_seconds(shape, blocks, measured, 128, 2048, 8, device)
+    searched = allocation_seconds(shape, blocks, dataclasses.replace(
+        measured, observer=Observer.MSE), 128, 2048, 8, device)
+    assert minmax["measured_errors"] == pytest.approx(
+        blocks * shape.linear_params * 6 / device.rtn_params / 8)
+    rate = device.search_params or device.elementwise_bytes / SEARCH_BYTES
+    assert searched["measured_errors"] == pytest.approx(
+        blocks * shape.linear_params * 6 / rate / 8)
+    reused = dataclasses.replace(measured, budget=dataclasses.replace(
+        measured.budget, sensitivity_from="earlier/report.json"))
+    assert set(allocation_seconds(shape, blocks, reused, 128, 2048, 8, device)) == \
+        {"measured_errors"}
+    with_budget = plan_run(config, measured, 128, 2048, 8, Schedule.DATA_PARALLEL, None, device)
+    without = plan_run(config, plain, 128, 2048, 8, Schedule.DATA_PARALLEL, None, device)
+    assert with_budget["predicted_quantize_phase_seconds"] == \
+        pytest.approx(without["predicted_quantize_phase_seconds"])
+    assert with_budget["predicted_seconds"] - without["predicted_seconds"] == \
+        pytest.approx(sum(minmax.values()))
+    rc = main(["plan", "--config", recipe(tmp_path, folder, "gptq", 64,
+                                          budget={"average_bits": 3.5, "choices": [3, 4]}),
+               "--cluster", cluster_file(tmp_path, "h100-80g", 1, 8)])
+    assert rc == 0 and "predicted CVXQ allocation:" in capsys.readouterr().err

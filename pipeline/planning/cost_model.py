@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import (
     Autocast,
+    Distortion,
     Method,
     Observer,
     QuantizationConfig,
@@ -184,6 +185,32 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
             out["collective"] = shape.linear_params * 12 / device.network_bytes
     else:
         out.update(training_seconds(shape, q, work, device, share))
+    return out
+
+
+def allocation_seconds(shape: BlockShape, blocks: int, q: QuantizationConfig, windows: int,
+                       seq_len: int, workers: int, device: Device) -> dict[str, float]:
+    """CVXQ's passes before the first block (`quantization.budget.average_bits` set), by part:
+    the sensitivity pass over the calibration windows (none with `sensitivity_from`) and, with
+    measured distortion, every quantized linear's RTN error at each option. Both are what a run
+    that finds nothing in the user cache spends; one that finds them there spends neither."""
+    b = q.budget
+    if b.average_bits is None:
+        return {}
+    out = {}
+    if b.sensitivity_from is None:
+        one = blocks * forward_flops(shape, windows * seq_len, seq_len) / device.forward_flops
+        # the forward is pipelined over the stages (all compute at once); the backward goes
+        # stage after stage, a recomputed forward and the backward (two forwards) per block.
+        # On P1 (2 stages) this is 7 x the pipelined forward; measured 5.88 x (556.6 s)
+        out["sensitivity"] = one / max(1, min(workers, blocks)) + 3.0 * one
+    if b.distortion is Distortion.MEASURED:
+        options = len(set(b.choices)) * max(1, len(b.group_sizes))
+        rate = (device.search_params or device.elementwise_bytes / SEARCH_BYTES
+                if q.observer is Observer.MSE else device.rtn_params)
+        # each stage measures its own blocks, all at once
+        out["measured_errors"] = (blocks * shape.linear_params * options / rate
+                                  / max(1, min(workers, blocks)))
     return out
 
 
@@ -364,6 +391,7 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     shape, blocks, shared = model_shape(config)
     from pipeline.calibration import fp_stream_needed, streams_needed
 
+    allocation = allocation_seconds(shape, blocks, q, windows, seq_len, workers, device)
     if windows and not streams_needed(q, block_errors):
         windows = 0
     work = Workload(windows, seq_len, workers, schedule, activation_memory_bytes,
@@ -372,8 +400,10 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     memory = sum(v for k, v in est.memory.items() if k != "streams_on_disk")
     return {"blocks": blocks, "workers": workers, "schedule": schedule.value,
             "data_free": windows == 0, "linear_params_per_block": shape.linear_params,
-            "predicted_seconds": est.seconds,
+            "predicted_seconds": est.seconds + sum(allocation.values()),
             "predicted_quantize_phase_seconds": est.seconds - STARTUP_SECONDS,
+            # CVXQ's passes before the blocks (not in the quantize phase), by part
+            "allocation_seconds": allocation,
             "block_seconds": est.block_seconds[0],
             "memory_per_worker": est.memory, "memory_per_worker_bytes": memory,
             "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
