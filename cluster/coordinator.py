@@ -266,7 +266,9 @@ def local_memory_check(config: RunConfig, parts: Any) -> None:
                             psutil.virtual_memory().total // config.cluster.workers,
                             config.eval.block_errors,
                             advise=lambda: fit.fewer_local_workers(
-                                parts.reader.config, config, config.cluster.workers))
+                                parts.reader.config, config, config.cluster.workers),
+                            chunk_size=config.cluster.chunk_size,
+                            compute_dtype=config.cluster.compute_dtype)
 
 
 def local_device_check(cluster: ClusterConfig) -> None:

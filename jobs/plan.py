@@ -111,7 +111,8 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     result = plan_run(model_config, config.quantization, config.calibration.num_samples,
                       config.calibration.seq_len, workers, schedule,
                       config.cluster.activation_memory_bytes, device,
-                      config.eval.block_errors)
+                      config.eval.block_errors, config.cluster.chunk_size,
+                      config.cluster.compute_dtype)
     result.update(model=model_path, cluster=dataclasses.asdict(spec))
     if not result["fits"]:
         from pipeline.planning.fit import check_memory, fewer_local_workers
@@ -121,7 +122,9 @@ def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
                      config.cluster.activation_memory_bytes, device.memory_bytes,
                      config.eval.block_errors,
                      advise=(lambda: fewer_local_workers(model_config, config, workers))
-                     if spec.device == "this machine" else None)
+                     if spec.device == "this machine" else None,
+                     chunk_size=config.cluster.chunk_size,
+                     compute_dtype=config.cluster.compute_dtype)
     return result
 
 
@@ -140,6 +143,9 @@ def summarize(r: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in r["allocation_seconds"].items())
         lines.append(f"  predicted CVXQ allocation: {allocation / 60:.1f} min ({parts}; none for "
                      "what the user cache holds from an earlier run)")
+    if r.get("memory_sensitivity_pass"):
+        lines.append("  memory per stage in CVXQ's sensitivity pass: "
+                     f"{sum(r['memory_sensitivity_pass'].values()) / 2**30:.2f} GiB")
     lines.append(f"  predicted quantize phase: {(r['predicted_seconds'] - allocation) / 60:.1f} min "
                  f"({block:.1f}s per block: " + ", ".join(
                      f"{k} {v:.1f}s" for k, v in r["block_seconds"].items()) + ")")

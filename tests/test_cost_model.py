@@ -434,3 +434,34 @@ def test_cvxq_passes_are_predicted_before_the_blocks(tmp_path, capsys):
                                           budget={"average_bits": 3.5, "choices": [3, 4]}),
                "--cluster", cluster_file(tmp_path, "h100-80g", 1, 8)])
     assert rc == 0 and "predicted CVXQ allocation:" in capsys.readouterr().err
+
+
+def test_cvxq_sensitivity_pass_memory_is_checked_per_stage(tmp_path):
+    """Each stage of the sensitivity pass holds all of its blocks at once: Llama-2-70B with a
+    budget on one 80 GB GPU is refused (naming the pass and its way out), on 8 it fits, and
+    the statistics of an earlier run (no pass) need none of it."""
+    from pipeline.config.tree import build_config as build
+    from pipeline.planning.fit import check_memory
+
+    config = json.loads((llama70b_folder(tmp_path) / "config.json").read_text())
+    device = PRESETS["h100-80g"]
+
+    def q(**budget):
+        return build(QuantizationConfig, {"method": "gptq", "bits": 3, "group_size": 64,
+                                          "budget": {"average_bits": 3.5, "choices": [3, 4],
+                                                     **budget}}, "quantization")
+
+    def memory(workers, quantization):
+        return check_memory(config, quantization, 128, 2048, workers, Schedule.DATA_PARALLEL,
+                            None, device.memory_bytes, chunk_size=4, compute_dtype="bfloat16")
+
+    with pytest.raises(ConfigError, match=r"CVXQ's sensitivity pass would need .* all of its "
+                                          r"80 blocks at once.*sensitivity_from"):
+        memory(1, q())
+    eight = memory(8, q())
+    per_stage = sum(eight["memory_sensitivity_pass"].values())
+    assert eight["fits"] and per_stage <= device.memory_bytes
+    assert eight["memory_sensitivity_pass"]["block_weights"] == \
+        10 * memory(80, q())["memory_sensitivity_pass"]["block_weights"]
+    reused = memory(1, q(sensitivity_from="earlier/report.json"))
+    assert reused["memory_sensitivity_pass"] == {}

@@ -28,7 +28,12 @@ from pipeline.config import (
     Schedule,
 )
 from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
-from pipeline.planning.memory_model import hessian_float64, solve_float64, worker_memory
+from pipeline.planning.memory_model import (
+    hessian_float64,
+    sensitivity_memory,
+    solve_float64,
+    worker_memory,
+)
 
 __all__ = ["hessian_float64", "solve_float64", "worker_memory"]  # re-exported: the memory side of the model
 
@@ -385,13 +390,19 @@ def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]
 
 def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
              workers: int, schedule: Schedule, activation_memory_bytes: int | None,
-             device: Device, block_errors: bool | None = None) -> dict[str, Any]:
+             device: Device, block_errors: bool | None = None, chunk_size: int = 8,
+             compute_dtype: str = "float32") -> dict[str, Any]:
     """The pre-flight estimate of one run: per worker memory by part and whether it fits,
-    the quantize phase's predicted seconds and each block's."""
+    the quantize phase's predicted seconds and each block's; with a CVXQ budget also the
+    allocation's passes (`allocation_seconds`) and, when the sensitivity pass runs, its
+    memory per stage (`memory_sensitivity_pass`, which must fit as well)."""
     shape, blocks, shared = model_shape(config)
     from pipeline.calibration import fp_stream_needed, streams_needed
 
     allocation = allocation_seconds(shape, blocks, q, windows, seq_len, workers, device)
+    sensitivity = (sensitivity_memory(shape, blocks, windows, seq_len, workers, device,
+                                      chunk_size, compute_dtype)
+                   if "sensitivity" in allocation else {})
     if windows and not streams_needed(q, block_errors):
         windows = 0
     work = Workload(windows, seq_len, workers, schedule, activation_memory_bytes,
@@ -406,6 +417,8 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
             "allocation_seconds": allocation,
             "block_seconds": est.block_seconds[0],
             "memory_per_worker": est.memory, "memory_per_worker_bytes": memory,
-            "worker_memory_bytes": device.memory_bytes, "fits": est.fits,
+            "memory_sensitivity_pass": sensitivity,
+            "worker_memory_bytes": device.memory_bytes,
+            "fits": est.fits and sum(sensitivity.values()) <= device.memory_bytes,
             "device": device.to_dict()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +19,26 @@ def memory_only(memory_bytes: int) -> Device:
 def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_len: int,
                  workers: int, schedule: Schedule, activation_memory_bytes: int | None,
                  memory_bytes: int, block_errors: bool | None = None,
-                 advise: Callable[[], str | None] | None = None) -> dict[str, Any]:
+                 advise: Callable[[], str | None] | None = None, chunk_size: int = 8,
+                 compute_dtype: str = "float32") -> dict[str, Any]:
     """Refuse, before any work, a run whose workers would need more memory than each has;
     returns the estimate (rates are not needed for memory). `advise`: asked only on a
     refusal, the change known to fit (e.g. fewer workers sharing one host), named first."""
     device = memory_only(memory_bytes)
     result = plan_run(config, q, windows, seq_len, workers, schedule, activation_memory_bytes,
-                      device, block_errors)
+                      device, block_errors, chunk_size, compute_dtype)
+    sensitivity = sum(result["memory_sensitivity_pass"].values())
+    if sensitivity > memory_bytes and result["memory_per_worker_bytes"] <= memory_bytes:
+        parts = sorted(result["memory_sensitivity_pass"].items(), key=lambda kv: -kv[1])
+        biggest = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts[:3])
+        stages = min(workers, result["blocks"])
+        raise ConfigError(
+            f"plan: CVXQ's sensitivity pass would need {sensitivity / 2**30:.1f} GiB per stage "
+            f"but a worker has {memory_bytes / 2**30:.1f} GiB ({biggest}): each of its "
+            f"{stages} stage(s) holds all of its {math.ceil(result['blocks'] / stages)} blocks "
+            "at once; use more workers (cluster.workers), machines with more memory, fewer "
+            "calibration windows, or the statistics of an earlier run "
+            "(quantization.budget.sensitivity_from)")
     if not result["fits"]:
         parts = sorted(result["memory_per_worker"].items(), key=lambda kv: -kv[1])
         biggest = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts[:3])
@@ -53,7 +67,8 @@ def fewer_local_workers(model_config: dict[str, Any], run: Any, workers: int) ->
         share = memory_only(total // fewer)
         r = plan_run(model_config, run.quantization, run.calibration.num_samples,
                      run.calibration.seq_len, fewer, schedule,
-                     run.cluster.activation_memory_bytes, share, run.eval.block_errors)
+                     run.cluster.activation_memory_bytes, share, run.eval.block_errors,
+                     run.cluster.chunk_size, run.cluster.compute_dtype)
         if r["fits"]:
             return (f"cluster.workers: {fewer} fits this machine (each worker "
                     f"{r['memory_per_worker_bytes'] / 2**30:.1f} GiB of its "

@@ -110,3 +110,26 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
         attention = shape.heads * work.seq_len  # one score row per token and head
         out["activations"] = work.seq_len * (per_token + attention) * 4
     return out
+
+
+def sensitivity_memory(shape: BlockShape, blocks: int, windows: int, seq_len: int,
+                       workers: int, device: Device, chunk_size: int = 8,
+                       compute_dtype: str = "float32") -> dict[str, int]:
+    """Bytes one stage holds at the peak of CVXQ's sensitivity pass, by part: the pass places
+    the blocks on min(workers, blocks) stages, and each stage's backward
+    (`pipeline.cvxq.sensitivity.stage_backward`) holds every block of its range at once (at
+    the compute dtype), one block's linear gradients, each of its blocks' input for one chunk
+    and one block's saved activations for that chunk; on a host worker also its input stream
+    and the gradient stream (on a GPU they stay in host memory)."""
+    word = {"float32": 4, "bfloat16": 2, "float16": 2}.get(compute_dtype, 4)
+    per_stage = math.ceil(blocks / max(1, min(workers, blocks)))
+    chunk_tokens = min(chunk_size, windows) * seq_len
+    per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * shape.intermediate
+    out = {"process": PROCESS_BASE_BYTES,
+           "block_weights": per_stage * shape.params * word,
+           "weight_gradients": shape.linear_params * word,
+           "chunk_inputs": per_stage * chunk_tokens * shape.hidden * word,
+           "activations": chunk_tokens * (per_token + shape.heads * seq_len) * word}
+    if device.host:
+        out["streams"] = 2 * windows * seq_len * shape.hidden * word
+    return out
