@@ -74,12 +74,24 @@ def forward_saved_block(output: str, index: int, files: dict[str, Any], config: 
     return forward_block(parts, index, stream, store, abits)
 
 
+# the share of the memory available at its start that a pass keeps blocks loaded in
+RESIDENT_FRACTION = 0.25
+
+
+def available_bytes(device: str | torch.device) -> int:
+    """Free memory where blocks on `device` live: the GPU's own on CUDA, else the host's."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(psutil.virtual_memory().available)
+
+
 class ResidentBlocks:
-    """A stage's blocks (and the head) kept loaded through a forward-only pass over many
-    chunks, so a pipelined pass reads each block once, not once per chunk, as long as they fit
-    `budget_bytes` (default: a quarter of the memory available when the pass starts). Beyond
-    it the oldest loaded block is dropped and read again by the next chunk: a 70B-width stage
-    of 9 blocks would otherwise hold ~30 GB."""
+    """A stage's blocks (and the head) kept loaded through a pass over many chunks (the
+    pipelined forward passes, CVXQ's sensitivity backward), so it reads each block once, not
+    once per chunk, as long as they fit `budget_bytes` (default: a quarter of the memory
+    available when the pass starts, the GPU's on CUDA). Beyond it the oldest loaded block is
+    dropped and read again when next needed: a 70B-width stage of 9 blocks would otherwise hold
+    ~30 GB."""
 
     def __init__(self, parts: ModelParts, budget_bytes: int | None = None):
         self.parts = parts
@@ -87,7 +99,7 @@ class ResidentBlocks:
         self.head: list[torch.nn.Module] | None = None
         self.embedding: list[torch.nn.Module | None] | None = None
         self.budget = (budget_bytes if budget_bytes is not None
-                       else psutil.virtual_memory().available // 4)
+                       else int(available_bytes(parts.device) * RESIDENT_FRACTION))
         self.loads = 0
         self.sizes: dict[int, int] = {}  # bytes of each loaded block
 

@@ -408,7 +408,7 @@ def test_cvxq_passes_are_predicted_before_the_blocks(tmp_path, capsys):
     budget = BudgetConfig(average_bits=3.5, choices=[3, 4])
     q = dataclasses.replace(plain, budget=budget)
     one = blocks * forward_flops(shape, 128 * 2048, 2048) / device.forward_flops
-    assert allocation_seconds(shape, blocks, q, 128, 2048, 8, device) == \
+    assert allocation_seconds(shape, blocks, q, 128, 2048, 8, device, 8, "bfloat16") == \
         pytest.approx({"sensitivity": one / 8 + 3 * one})
     measured = dataclasses.replace(q, budget=dataclasses.replace(
         budget, distortion=Distortion.MEASURED, group_sizes=[64, 128, None]))
@@ -437,13 +437,16 @@ def test_cvxq_passes_are_predicted_before_the_blocks(tmp_path, capsys):
 
 
 def test_cvxq_sensitivity_pass_memory_is_checked_per_stage(tmp_path):
-    """Each stage of the sensitivity pass holds all of its blocks at once: Llama-2-70B with a
-    budget on one 80 GB GPU is refused (naming the pass and its way out), on 8 it fits, and
-    the statistics of an earlier run (no pass) need none of it."""
+    """Each stage of the sensitivity pass keeps as many of its blocks loaded as fit a quarter
+    of its memory and reads the others again per chunk (charged in time): Llama-2-70B with a
+    budget fits one 80 GB GPU with re-reads and 8 without; a chunk too large for one stage is
+    refused naming the pass and its ways out; the statistics of an earlier run need none."""
     from pipeline.config.tree import build_config as build
+    from pipeline.planning.cost_model import allocation_seconds
     from pipeline.planning.fit import check_memory
 
     config = json.loads((llama70b_folder(tmp_path) / "config.json").read_text())
+    shape, blocks, _ = model_shape(config)
     device = PRESETS["h100-80g"]
 
     def q(**budget):
@@ -451,17 +454,25 @@ def test_cvxq_sensitivity_pass_memory_is_checked_per_stage(tmp_path):
                                           "budget": {"average_bits": 3.5, "choices": [3, 4],
                                                      **budget}}, "quantization")
 
-    def memory(workers, quantization):
+    def memory(workers, quantization, chunk_size=4):
         return check_memory(config, quantization, 128, 2048, workers, Schedule.DATA_PARALLEL,
-                            None, device.memory_bytes, chunk_size=4, compute_dtype="bfloat16")
+                            None, device.memory_bytes, chunk_size=chunk_size,
+                            compute_dtype="bfloat16")
 
-    with pytest.raises(ConfigError, match=r"CVXQ's sensitivity pass would need .* all of its "
-                                          r"80 blocks at once.*sensitivity_from"):
-        memory(1, q())
-    eight = memory(8, q())
-    per_stage = sum(eight["memory_sensitivity_pass"].values())
-    assert eight["fits"] and per_stage <= device.memory_bytes
-    assert eight["memory_sensitivity_pass"]["block_weights"] == \
-        10 * memory(80, q())["memory_sensitivity_pass"]["block_weights"]
-    reused = memory(1, q(sensitivity_from="earlier/report.json"))
+    one, eight = memory(1, q()), memory(8, q())
+    block = shape.params * 2
+    assert one["fits"] and eight["fits"]
+    assert one["memory_sensitivity_pass"]["block_weights"] == \
+        (device.memory_bytes // 4) // block * block  # the quarter's worth, not all 80 blocks
+    assert eight["memory_sensitivity_pass"]["block_weights"] == 10 * block  # all ten
+    times = [allocation_seconds(shape, blocks, q(), 128, 2048, w, device, 4, "bfloat16")
+             for w in (1, 8)]
+    kept = (device.memory_bytes // 4) // block
+    assert times[0]["sensitivity_reads"] == pytest.approx(
+        32 * 2 * (80 - kept) * shape.params * shape.stored_bytes_per_param / device.disk_bytes)
+    assert "sensitivity_reads" not in times[1]
+    with pytest.raises(ConfigError, match=r"CVXQ's sensitivity pass would need .* on 1 "
+                                          r"stage\(s\) of 80 blocks.*chunk_size.*sensitivity_from"):
+        memory(1, q(), chunk_size=128)
+    reused = memory(1, q(sensitivity_from="earlier/report.json"), chunk_size=128)
     assert reused["memory_sensitivity_pass"] == {}

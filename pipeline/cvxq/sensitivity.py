@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.block_pass import ResidentBlocks
 from pipeline.config import Objective
 from pipeline.model_parts import ModelParts, run_block, run_head
 from pipeline.streams import ChunkStore
@@ -84,51 +85,68 @@ def objective_grads(parts: ModelParts, stream: list[Any], ids_chunks: list[torch
 
 
 def stage_backward(parts: ModelParts, blocks: tuple[int, int], x_stream: list[Any],
-                   g_stream: list[Any], store: ChunkStore, need_input_grad: bool = True
+                   g_stream: list[Any], store: ChunkStore, need_input_grad: bool = True,
+                   resident: ResidentBlocks | None = None
                    ) -> tuple[list[Any], dict[str, dict[str, float]]]:
     """Backward through blocks [a, b) for every chunk: returns the gradient stream at the
     stage's input and, per linear (full name), the summed squared weight gradient over chunks
     (each chunk's gradient squared on its own), the chunk count, the parameter count and the
-    weight variance."""
+    weight variance.
+
+    Each chunk goes forward through the blocks (keeping each block's input for that chunk)
+    and back. The blocks come from `resident` (default: a new `ResidentBlocks`, a quarter of
+    the available memory): as many stay loaded across chunks as fit its budget, the others
+    are read again when needed, so a stage wider than its memory still runs (the statistics
+    are the same either way)."""
     a, b = blocks
     names = list(parts.adapter.linears)
-    loaded = {}
-    for j in range(a, b):
-        block = parts.load_block(j)
-        block.requires_grad_(False)
+    resident = resident if resident is not None else ResidentBlocks(parts)
+
+    def block(j: int) -> nn.Module:
+        loaded = resident.block(j)
+        loaded.requires_grad_(False)
         for n in names:
-            block.get_parameter(f"{n}.weight").requires_grad_(True)
-        loaded[j] = block
-    sums = {(j, n): torch.zeros((), dtype=torch.float64) for j in loaded for n in names}
+            loaded.get_parameter(f"{n}.weight").requires_grad_(True)
+        return loaded
+
+    sums = {(j, n): torch.zeros((), dtype=torch.float64) for j in range(a, b) for n in names}
+    stats: dict[str, dict[str, float]] = {}
     out = []
     for xh, gh in zip(x_stream, g_stream, strict=True):
         x = store.get(xh).to(parts.device)
-        inputs = []
+        inputs: list[torch.Tensor | None] = []
         with torch.no_grad():
             for j in range(a, b):
                 inputs.append(x)
-                x = run_block(parts, loaded[j], x)
+                x = run_block(parts, block(j), x)
         g = store.get(gh).to(parts.device)
         for j in reversed(range(a, b)):
-            xin = inputs[j - a].detach().requires_grad_(need_input_grad or j > a)
-            y = run_block(parts, loaded[j], xin)
-            weights = [loaded[j].get_parameter(f"{n}.weight") for n in names]
+            current = block(j)
+            saved = inputs[j - a]
+            assert saved is not None
+            xin = saved.detach().requires_grad_(need_input_grad or j > a)
+            y = run_block(parts, current, xin)
+            weights = [current.get_parameter(f"{n}.weight") for n in names]
             wanted = ([xin] if xin.requires_grad else []) + weights
             grads = torch.autograd.grad(y, wanted, grad_outputs=g)
             if xin.requires_grad:
                 g, grads = grads[0], grads[1:]
-            for n, gw in zip(names, grads, strict=True):
+            for n, w, gw in zip(names, weights, grads, strict=True):
                 sums[(j, n)] += gw.double().pow(2).sum().cpu()
+                name = f"{parts.block_path(j)}.{n}"
+                if name not in stats:  # the weight's own statistics, once
+                    wd = w.detach().double()
+                    stats[name] = {"params": wd.numel(), "weight_sum": float(wd.sum()),
+                                   "weight_sq_sum": float(wd.pow(2).sum())}
+            inputs[j - a] = None  # this chunk's input of block j is spent
         out.append(store.put(g.detach().cpu()) if need_input_grad else None)
-    stats = {}
-    for j, block in loaded.items():
+    ordered = {}  # block by block, as the stages report them
+    for j in range(a, b):
         for n in names:
-            w = block.get_parameter(f"{n}.weight").detach().double()
-            stats[f"{parts.block_path(j)}.{n}"] = {
-                "grad_sq_sum": float(sums[(j, n)]), "chunks": len(x_stream),
-                "params": w.numel(), "weight_sum": float(w.sum()),
-                "weight_sq_sum": float(w.pow(2).sum())}
-    return out, stats
+            name = f"{parts.block_path(j)}.{n}"
+            ordered[name] = {"grad_sq_sum": float(sums[(j, n)]), "chunks": len(x_stream),
+                             **stats[name]}
+    return out, ordered
 
 
 def unit_statistics(parts: ModelParts, linear_stats: dict[str, dict[str, float]]

@@ -30,6 +30,7 @@ from pipeline.config import (
 from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
 from pipeline.planning.memory_model import (
     hessian_float64,
+    resident_blocks,
     sensitivity_memory,
     solve_float64,
     worker_memory,
@@ -194,7 +195,8 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
 
 
 def allocation_seconds(shape: BlockShape, blocks: int, q: QuantizationConfig, windows: int,
-                       seq_len: int, workers: int, device: Device) -> dict[str, float]:
+                       seq_len: int, workers: int, device: Device, chunk_size: int = 8,
+                       compute_dtype: str = "float32") -> dict[str, float]:
     """CVXQ's passes before the first block (`quantization.budget.average_bits` set), by part:
     the sensitivity pass over the calibration windows (none with `sensitivity_from`) and, with
     measured distortion, every quantized linear's RTN error at each option. Both are what a run
@@ -209,6 +211,12 @@ def allocation_seconds(shape: BlockShape, blocks: int, q: QuantizationConfig, wi
         # stage after stage, a recomputed forward and the backward (two forwards) per block.
         # On P1 (2 stages) this is 7 x the pipelined forward; measured 5.88 x (556.6 s)
         out["sensitivity"] = one / max(1, min(workers, blocks)) + 3.0 * one
+        per_stage, kept = resident_blocks(shape, blocks, workers, device.memory_bytes,
+                                          compute_dtype)
+        if kept < per_stage:  # the blocks that do not stay loaded, read twice per chunk
+            chunks = math.ceil(windows / max(1, chunk_size))
+            out["sensitivity_reads"] = (chunks * 2 * (per_stage - kept) * shape.params
+                                        * shape.stored_bytes_per_param / device.disk_bytes)
     if b.distortion is Distortion.MEASURED:
         options = len(set(b.choices)) * max(1, len(b.group_sizes))
         rate = (device.search_params or device.elementwise_bytes / SEARCH_BYTES
@@ -399,7 +407,8 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     shape, blocks, shared = model_shape(config)
     from pipeline.calibration import fp_stream_needed, streams_needed
 
-    allocation = allocation_seconds(shape, blocks, q, windows, seq_len, workers, device)
+    allocation = allocation_seconds(shape, blocks, q, windows, seq_len, workers, device,
+                                    chunk_size, compute_dtype)
     sensitivity = (sensitivity_memory(shape, blocks, windows, seq_len, workers, device,
                                       chunk_size, compute_dtype)
                    if "sensitivity" in allocation else {})

@@ -34,10 +34,10 @@ def check_memory(config: dict[str, Any], q: QuantizationConfig, windows: int, se
         stages = min(workers, result["blocks"])
         raise ConfigError(
             f"plan: CVXQ's sensitivity pass would need {sensitivity / 2**30:.1f} GiB per stage "
-            f"but a worker has {memory_bytes / 2**30:.1f} GiB ({biggest}): each of its "
-            f"{stages} stage(s) holds all of its {math.ceil(result['blocks'] / stages)} blocks "
-            "at once; use more workers (cluster.workers), machines with more memory, fewer "
-            "calibration windows, or the statistics of an earlier run "
+            f"but a worker has {memory_bytes / 2**30:.1f} GiB ({biggest}) on {stages} "
+            f"stage(s) of {math.ceil(result['blocks'] / stages)} blocks; use more workers "
+            "(cluster.workers), machines with more memory, fewer calibration windows or a "
+            "smaller cluster.chunk_size, or the statistics of an earlier run "
             "(quantization.budget.sensitivity_from)")
     if not result["fits"]:
         parts = sorted(result["memory_per_worker"].items(), key=lambda kv: -kv[1])

@@ -112,21 +112,37 @@ def worker_memory(shape: BlockShape, q: QuantizationConfig, work: Workload,
     return out
 
 
+def resident_blocks(shape: BlockShape, blocks: int, workers: int, memory_bytes: int,
+                    compute_dtype: str = "float32") -> tuple[int, int]:
+    """(blocks per stage, how many of them stay loaded) in CVXQ's sensitivity pass: the pass
+    places the blocks on min(workers, blocks) stages; each stage's backward keeps as many
+    loaded as fit `RESIDENT_FRACTION` of its memory (at least one) and reads the others again
+    for every chunk (`pipeline.block_pass.ResidentBlocks`)."""
+    from pipeline.block_pass import RESIDENT_FRACTION
+
+    per_stage = math.ceil(blocks / max(1, min(workers, blocks)))
+    block = shape.params * _word(compute_dtype)
+    return per_stage, max(1, min(per_stage, int(memory_bytes * RESIDENT_FRACTION) // block))
+
+
+def _word(compute_dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(compute_dtype, 4)
+
+
 def sensitivity_memory(shape: BlockShape, blocks: int, windows: int, seq_len: int,
                        workers: int, device: Device, chunk_size: int = 8,
                        compute_dtype: str = "float32") -> dict[str, int]:
-    """Bytes one stage holds at the peak of CVXQ's sensitivity pass, by part: the pass places
-    the blocks on min(workers, blocks) stages, and each stage's backward
-    (`pipeline.cvxq.sensitivity.stage_backward`) holds every block of its range at once (at
-    the compute dtype), one block's linear gradients, each of its blocks' input for one chunk
-    and one block's saved activations for that chunk; on a host worker also its input stream
-    and the gradient stream (on a GPU they stay in host memory)."""
-    word = {"float32": 4, "bfloat16": 2, "float16": 2}.get(compute_dtype, 4)
-    per_stage = math.ceil(blocks / max(1, min(workers, blocks)))
+    """Bytes one stage holds at the peak of CVXQ's sensitivity pass, by part: the blocks it
+    keeps loaded (`resident_blocks`, at the compute dtype), one block's linear gradients, each
+    of its blocks' input for one chunk and one block's saved activations for that chunk; on a
+    host worker also its input stream and the gradient stream (on a GPU they stay in host
+    memory)."""
+    word = _word(compute_dtype)
+    per_stage, kept = resident_blocks(shape, blocks, workers, device.memory_bytes, compute_dtype)
     chunk_tokens = min(chunk_size, windows) * seq_len
     per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * shape.intermediate
     out = {"process": PROCESS_BASE_BYTES,
-           "block_weights": per_stage * shape.params * word,
+           "block_weights": kept * shape.params * word,
            "weight_gradients": shape.linear_params * word,
            "chunk_inputs": per_stage * chunk_tokens * shape.hidden * word,
            "activations": chunk_tokens * (per_token + shape.heads * seq_len) * word}
