@@ -39,3 +39,21 @@ def test_a_stage_wider_than_its_budget_gives_the_same_statistics(tiny_model, arc
     for a, b in zip(one_grads, all_grads, strict=True):
         assert torch.equal(a, b)
     assert all(s["grad_sq_sum"] > 0 and s["chunks"] == 3 for s in all_stats.values())
+
+
+def test_the_resident_budget_is_the_gpus_free_memory_on_cuda(monkeypatch, tiny_model):
+    """Blocks on a GPU live in its memory: the default budget is a quarter of what the GPU has
+    free (was the host's, which on a GPU node can be many times the GPU's)."""
+    import dataclasses
+
+    import psutil
+
+    from pipeline import block_pass
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 80 << 30))
+    assert block_pass.available_bytes("cuda") == 8 << 30
+    assert block_pass.available_bytes("cuda:0") == 8 << 30
+    assert block_pass.available_bytes("cpu") == pytest.approx(
+        psutil.virtual_memory().available, rel=0.05)
+    parts = dataclasses.replace(open_model(tiny_model("llama"), "float32"), device="cuda")
+    assert ResidentBlocks(parts).budget == 2 << 30
