@@ -51,6 +51,9 @@ QUANTIZER_PASSES_FUSED = 26
 # counted in a run's prediction but not in its quantize phase (which starts the stages:
 # `Device.stage_start_seconds`)
 STARTUP_SECONDS = 15.0
+# forwards' worth of products in CVXQ's sensitivity backward, per block and chunk (see
+# allocation_seconds)
+SENSITIVITY_FORWARDS = 4.0
 # bytes moved per weight by the mse observer's search where no rate was measured: each of its
 # round trips about 12 elementwise float32 passes (divide, round, clamp, dequantize, error,
 # power, sum and the running best)
@@ -208,9 +211,10 @@ def allocation_seconds(shape: BlockShape, blocks: int, q: QuantizationConfig, wi
     if b.sensitivity_from is None:
         one = blocks * forward_flops(shape, windows * seq_len, seq_len) / device.forward_flops
         # the forward is pipelined over the stages (all compute at once); the backward goes
-        # stage after stage, a recomputed forward and the backward (two forwards) per block.
-        # On P1 (2 stages) this is 7 x the pipelined forward; measured 5.88 x (556.6 s)
-        out["sensitivity"] = one / max(1, min(workers, blocks)) + 3.0 * one
+        # stage after stage (pipeline.cvxq.sensitivity.stage_backward): per chunk a forward
+        # through the stage for the blocks' inputs, then per block a recomputed forward and
+        # its backward (two forwards' products: input and weight gradients)
+        out["sensitivity"] = one / max(1, min(workers, blocks)) + SENSITIVITY_FORWARDS * one
         per_stage, kept = resident_blocks(shape, blocks, workers, device.memory_bytes,
                                           compute_dtype)
         if kept < per_stage:  # the blocks that do not stay loaded, read twice per chunk
