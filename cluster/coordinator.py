@@ -132,18 +132,20 @@ def allocate_bits(plan: Plan, config: RunConfig, parts: Any, model_path: str,
     else:
         assert calib is not None  # run_calibration reads it when a sensitivity pass may run
         stats_key = statistics_cache.statistics_key(model_path, calib, q.budget, config.cluster)
-        cached = user_cache.read(statistics_cache.STATISTICS, stats_key)
-        if cached is not None:
+        cached = user_cache.read(statistics_cache.STATISTICS, stats_key) or {}
+        if isinstance(cached.get("linears"), dict) and isinstance(cached.get("timing"), dict):
             linear_stats = cached["linears"]
             where = user_cache.entry_path(statistics_cache.STATISTICS, stats_key)
-            timing = {"reused_from": where, "measured_seconds": cached["timing"].get("seconds")}
+            took = cached["timing"].get("seconds")
+            timing = {"reused_from": where, "measured_seconds": took}
             log.info("allocation: sensitivity statistics from the user cache %s (the pass took "
-                     "%.1fs when they were measured)", where, cached["timing"].get("seconds", 0))
+                     "%s when they were measured)", where,
+                     f"{took:.1f}s" if isinstance(took, (int, float)) else "?")
     errors = None
     if measured:
         errors_key = statistics_cache.errors_key(model_path, parts, q, config.cluster)
-        cached = user_cache.read(statistics_cache.ERRORS, errors_key)
-        if cached is not None:
+        cached = user_cache.read(statistics_cache.ERRORS, errors_key) or {}
+        if isinstance(cached.get("errors"), dict):
             errors = cached["errors"]
             log.info("allocation: RTN errors of %d linears from the user cache %s", len(errors),
                      user_cache.entry_path(statistics_cache.ERRORS, errors_key))

@@ -237,12 +237,14 @@ def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_file
     other = build_config(RunConfig, {**d, "output": str(tmp_path / "seed1"),
                                      "calibration": {**d["calibration"], "seed": 1}})
     assert "seconds" in quantize(other)["allocation"]["sensitivity"] and calls == [1]
-    # a damaged errors entry is measured again
+    # damaged entries (not JSON; JSON of another shape) are measured again
     for entry in (own_cache / "cvxq_errors").iterdir():
         entry.write_text("{not json")
+    for entry in (own_cache / "cvxq_statistics").iterdir():
+        entry.write_text('{"linears": 3}')
     monkeypatch.setattr(coordinator, "measure_errors", measured_errors)
     again = quantize(build_config(RunConfig, {**d, "output": str(tmp_path / "damaged")}))
-    assert again["allocation"]["units"] == alloc["units"]
+    assert again["allocation"]["units"] == alloc["units"] and calls == [1, 1]
     entry = next((own_cache / "cvxq_errors").iterdir())
     assert json.loads(entry.read_text())["errors"]
 
