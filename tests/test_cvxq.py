@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cluster import runtime
-from cluster.coordinator import quantize, sensitivity_pass, start_stages
+from cluster.allocation import sensitivity_pass
+from cluster.coordinator import quantize, start_stages
 from pipeline.calibration import calibration_windows_for
 from pipeline.config import BudgetConfig, Distortion, RunConfig
 from pipeline.config.tree import build_config, config_to_dict
@@ -215,24 +216,24 @@ def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_file
     # a second run of the same model (another output): the sensitivity statistics and the
     # measured errors of the FP model come from the user cache, no pass runs, same allocation;
     # another calibration, or a damaged entry, is measured again
-    from cluster import coordinator
+    from cluster import allocation
 
     kinds = sorted(p.name for p in own_cache.iterdir())
     assert kinds == ["cvxq_errors", "cvxq_statistics"]
-    measured_errors, measured_pass = coordinator.measure_errors, coordinator.sensitivity_pass
+    measured_errors, measured_pass = allocation.measure_errors, allocation.sensitivity_pass
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed what the user cache holds")
 
-    monkeypatch.setattr(coordinator, "measure_errors", refuse)
-    monkeypatch.setattr(coordinator, "sensitivity_pass", refuse)
+    monkeypatch.setattr(allocation, "measure_errors", refuse)
+    monkeypatch.setattr(allocation, "sensitivity_pass", refuse)
     d = config_to_dict(config)
     cached = quantize(build_config(RunConfig, {**d, "output": str(tmp_path / "cached")}))
     assert cached["allocation"]["units"] == alloc["units"]
     assert cached["allocation"]["sensitivity"]["reused_from"].startswith(str(own_cache))
     # another calibration seed: the statistics are measured again (the errors are still cached)
     calls = []
-    monkeypatch.setattr(coordinator, "sensitivity_pass",
+    monkeypatch.setattr(allocation, "sensitivity_pass",
                         lambda *a, **k: calls.append(1) or measured_pass(*a, **k))
     other = build_config(RunConfig, {**d, "output": str(tmp_path / "seed1"),
                                      "calibration": {**d["calibration"], "seed": 1}})
@@ -242,7 +243,7 @@ def test_measured_allocation_over_widths_and_group_sizes(tiny_model, corpus_file
         entry.write_text("{not json")
     for entry in (own_cache / "cvxq_statistics").iterdir():
         entry.write_text('{"linears": 3}')
-    monkeypatch.setattr(coordinator, "measure_errors", measured_errors)
+    monkeypatch.setattr(allocation, "measure_errors", measured_errors)
     again = quantize(build_config(RunConfig, {**d, "output": str(tmp_path / "damaged")}))
     assert again["allocation"]["units"] == alloc["units"] and calls == [1, 1]
     entry = next((own_cache / "cvxq_errors").iterdir())

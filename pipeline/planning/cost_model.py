@@ -20,7 +20,6 @@ import torch
 
 from pipeline.config import (
     Autocast,
-    Distortion,
     Method,
     Observer,
     QuantizationConfig,
@@ -30,7 +29,6 @@ from pipeline.config import (
 from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
 from pipeline.planning.memory_model import (
     hessian_float64,
-    resident_blocks,
     sensitivity_memory,
     solve_float64,
     worker_memory,
@@ -51,9 +49,6 @@ QUANTIZER_PASSES_FUSED = 26
 # counted in a run's prediction but not in its quantize phase (which starts the stages:
 # `Device.stage_start_seconds`)
 STARTUP_SECONDS = 15.0
-# forwards' worth of products in CVXQ's sensitivity backward, per block and chunk (see
-# allocation_seconds)
-SENSITIVITY_FORWARDS = 4.0
 # bytes moved per weight by the mse observer's search where no rate was measured: each of its
 # round trips about 12 elementwise float32 passes (divide, round, clamp, dequantize, error,
 # power, sum and the running best)
@@ -194,40 +189,6 @@ def block_seconds(shape: BlockShape, q: QuantizationConfig, work: Workload, devi
             out["collective"] = shape.linear_params * 12 / device.network_bytes
     else:
         out.update(training_seconds(shape, q, work, device, share))
-    return out
-
-
-def allocation_seconds(shape: BlockShape, blocks: int, q: QuantizationConfig, windows: int,
-                       seq_len: int, workers: int, device: Device, chunk_size: int = 8,
-                       compute_dtype: str = "float32") -> dict[str, float]:
-    """CVXQ's passes before the first block (`quantization.budget.average_bits` set), by part:
-    the sensitivity pass over the calibration windows (none with `sensitivity_from`) and, with
-    measured distortion, every quantized linear's RTN error at each option. Both are what a run
-    that finds nothing in the user cache spends; one that finds them there spends neither."""
-    b = q.budget
-    if b.average_bits is None:
-        return {}
-    out = {}
-    if b.sensitivity_from is None:
-        one = blocks * forward_flops(shape, windows * seq_len, seq_len) / device.forward_flops
-        # the forward is pipelined over the stages (all compute at once); the backward goes
-        # stage after stage (pipeline.cvxq.sensitivity.stage_backward): per chunk a forward
-        # through the stage for the blocks' inputs, then per block a recomputed forward and
-        # its backward (two forwards' products: input and weight gradients)
-        out["sensitivity"] = one / max(1, min(workers, blocks)) + SENSITIVITY_FORWARDS * one
-        per_stage, kept = resident_blocks(shape, blocks, workers, device.memory_bytes,
-                                          compute_dtype)
-        if kept < per_stage:  # the blocks that do not stay loaded, read twice per chunk
-            chunks = math.ceil(windows / max(1, chunk_size))
-            out["sensitivity_reads"] = (chunks * 2 * (per_stage - kept) * shape.params
-                                        * shape.stored_bytes_per_param / device.disk_bytes)
-    if b.distortion is Distortion.MEASURED:
-        options = len(set(b.choices)) * max(1, len(b.group_sizes))
-        rate = (device.search_params or device.elementwise_bytes / SEARCH_BYTES
-                if q.observer is Observer.MSE else device.rtn_params)
-        # each stage measures its own blocks, all at once
-        out["measured_errors"] = (blocks * shape.linear_params * options / rate
-                                  / max(1, min(workers, blocks)))
     return out
 
 
@@ -410,6 +371,7 @@ def plan_run(config: dict[str, Any], q: QuantizationConfig, windows: int, seq_le
     memory per stage (`memory_sensitivity_pass`, which must fit as well)."""
     shape, blocks, shared = model_shape(config)
     from pipeline.calibration import fp_stream_needed, streams_needed
+    from pipeline.planning.allocation_cost import allocation_seconds
 
     allocation = allocation_seconds(shape, blocks, q, windows, seq_len, workers, device,
                                     chunk_size, compute_dtype)
