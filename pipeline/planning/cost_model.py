@@ -28,6 +28,7 @@ from pipeline.config import (
 )
 from pipeline.formats.affine import MSE_GRID, MSE_MAX_SHRINK
 from pipeline.planning.memory_model import (
+    dtype_bytes,
     hessian_float64,
     sensitivity_memory,
     solve_float64,
@@ -355,7 +356,7 @@ def model_shape(config: dict[str, Any]) -> tuple[BlockShape, int, list[list[str]
     _, adapter, _, meta, blocks = meta_model(config)
     block = meta.get_submodule(f"{adapter.blocks}.0")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype.removeprefix("torch."), 4)
+    width = dtype_bytes(dtype)
     shape = block_shape(block, list(adapter.linears), config, width)
     shared = [list(consumers) for _norm, consumers in adapter.norm_to_linears]
     return shape, blocks, shared

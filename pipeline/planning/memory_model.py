@@ -121,12 +121,14 @@ def resident_blocks(shape: BlockShape, blocks: int, workers: int, memory_bytes: 
     from pipeline.block_pass import RESIDENT_FRACTION
 
     per_stage = math.ceil(blocks / max(1, min(workers, blocks)))
-    block = shape.params * _word(compute_dtype)
+    block = shape.params * dtype_bytes(compute_dtype)
     return per_stage, max(1, min(per_stage, int(memory_bytes * RESIDENT_FRACTION) // block))
 
 
-def _word(compute_dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(compute_dtype, 4)
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per value of a dtype named as in configs (`bfloat16`, `torch.float16`; 4 if
+    unknown)."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype.removeprefix("torch."), 4)
 
 
 def sensitivity_memory(shape: BlockShape, blocks: int, windows: int, seq_len: int,
@@ -137,7 +139,7 @@ def sensitivity_memory(shape: BlockShape, blocks: int, windows: int, seq_len: in
     of its blocks' input for one chunk and one block's saved activations for that chunk; on a
     host worker also its input stream and the gradient stream (on a GPU they stay in host
     memory)."""
-    word = _word(compute_dtype)
+    word = dtype_bytes(compute_dtype)
     per_stage, kept = resident_blocks(shape, blocks, workers, device.memory_bytes, compute_dtype)
     chunk_tokens = min(chunk_size, windows) * seq_len
     per_token = SAVED_HIDDEN_UNITS * shape.hidden + SAVED_INTERMEDIATE_UNITS * shape.intermediate
