@@ -1,6 +1,7 @@
 """LoRC end to end: the adapter folder loads in plain transformers + peft (no relayquant import)
 and gives relayquant's logits; both schedules write the same adapter; the report and
 `relayquant eval` apply it."""
+import glob
 import json
 import os
 import subprocess
@@ -39,12 +40,12 @@ torch.save(logits, logits_path)
 """
 
 
-def config(model, out, train, test, workers, evaluate_it):
+def config(model, out, train, test, workers, evaluate_it, dtype="float16"):
     return build_config(RunConfig, {
         "model": {"path": model}, "output": out,
         "calibration": {"corpus": train, "num_samples": 8, "seq_len": 32},
         "quantization": {"method": "gptq", "bits": 2, "group_size": 16,
-                         "lorc": {"rank": 4, "dtype": "float16"}},
+                         "lorc": {"rank": 4, "dtype": dtype}},
         "export": {"formats": ["compressed-tensors", "fake_quant_lorc"]},
         "eval": {"enabled": evaluate_it, "corpus": test, "seq_len": 32, "max_windows": 4},
         "cluster": {"workers": workers, "chunk_size": 4}})
@@ -99,3 +100,32 @@ def test_adapter_loads_in_peft_and_matches_both_schedules(tiny_model, corpus_fil
     assert a.keys() == b.keys()
     assert all((a[k].float() - b[k].float()).abs().max() <= 1e-3 * a[k].float().abs().max()
                for k in a)
+
+
+def test_a_resumed_run_writes_the_same_adapter_and_weights(tiny_model, corpus_files, tmp_path):
+    """A run that died after its 3rd block (later markers and shards, report and adapter gone) resumes
+    through the saved factors of the done blocks and ends with the same bytes (int8 factors,
+    two stages: the stream crosses a stage with the corrected weights)."""
+    out = str(tmp_path / "out")
+    run = config(tiny_model("llama", 6), out, *corpus_files, 2, False, dtype="int8")
+    quantize(run)
+
+    def files():
+        found = glob.glob(os.path.join(out, "**", "*.safetensors"), recursive=True)
+        return {os.path.relpath(f, out): open(f, "rb").read() for f in sorted(found)}
+
+    whole = files()
+    assert "lorc/adapter_model.safetensors" in whole and "lorc/lorc_int8.safetensors" in whole
+    os.remove(os.path.join(out, "report.json"))
+    for marker in sorted(glob.glob(os.path.join(out, ".relayquant", "blocks", "*.json")))[3:]:
+        os.remove(marker)
+    for f in glob.glob(os.path.join(out, "lorc", "*")):  # the adapter is written at the end
+        os.remove(f)
+    for i in (3, 4, 5):  # the later blocks' shards, in every layout
+        for f in glob.glob(os.path.join(out, "**", f"model-block-{i:05d}.safetensors"),
+                           recursive=True):
+            os.remove(f)
+    report = quantize(run)
+    assert report["resumed_blocks"] == [0, 1, 2]
+    assert report["lorc"]["linears"] == 6 * 7
+    assert files() == whole
