@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import shards
 
 from cluster.coordinator import evaluate, quantize
 from pipeline.config import ClusterConfig, EvalConfig, RunConfig
@@ -103,18 +104,13 @@ def test_adapter_loads_in_peft_and_matches_both_schedules(tiny_model, corpus_fil
 
 
 def test_a_resumed_run_writes_the_same_adapter_and_weights(tiny_model, corpus_files, tmp_path):
-    """A run that died after its 3rd block (later markers and shards, report and adapter gone) resumes
-    through the saved factors of the done blocks and ends with the same bytes (int8 factors,
-    two stages: the stream crosses a stage with the corrected weights)."""
+    """A run that died after its 3rd block (later markers and shards, report and adapter
+    gone) resumes through the saved factors of the done blocks and ends with the same bytes
+    (int8 factors, two stages: the stream crosses a stage with the corrected weights)."""
     out = str(tmp_path / "out")
     run = config(tiny_model("llama", 6), out, *corpus_files, 2, False, dtype="int8")
     quantize(run)
-
-    def files():
-        found = glob.glob(os.path.join(out, "**", "*.safetensors"), recursive=True)
-        return {os.path.relpath(f, out): open(f, "rb").read() for f in sorted(found)}
-
-    whole = files()
+    whole = shards(out)
     assert "lorc/adapter_model.safetensors" in whole and "lorc/lorc_int8.safetensors" in whole
     os.remove(os.path.join(out, "report.json"))
     for marker in sorted(glob.glob(os.path.join(out, ".relayquant", "blocks", "*.json")))[3:]:
@@ -128,4 +124,4 @@ def test_a_resumed_run_writes_the_same_adapter_and_weights(tiny_model, corpus_fi
     report = quantize(run)
     assert report["resumed_blocks"] == [0, 1, 2]
     assert report["lorc"]["linears"] == 6 * 7
-    assert files() == whole
+    assert shards(out) == whole
