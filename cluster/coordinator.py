@@ -30,6 +30,7 @@ from cluster.schedules import (
     worker_summary,
 )
 from cluster.stages import (  # noqa: F401
+    STAGE_FAILURES,
     Stages,
     absolute,
     gather,
@@ -64,10 +65,6 @@ REPORT_SCHEMA_VERSION = 2  # docs/report.md
 
 
 METHOD_ERRORS = (TrainingError, HessianError)
-
-
-STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                  ray.exceptions.WorkerCrashedError)
 
 
 def stage_failed(error: BaseException, attempt: int, max_retries: int,

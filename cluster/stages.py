@@ -95,9 +95,20 @@ def pipelined_threads(resources: runtime.Resources, device: str, stages: int) ->
     return max(1, int(resources.cpus_per_worker))
 
 
-def gather(refs: list[Any]) -> list[Any]:
+# what a dead stage actor's task raises (killed, out of memory, its node gone): the run restarts
+# the stages and resumes (coordinator.quantize_with_retries)
+STAGE_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                  ray.exceptions.WorkerCrashedError)
+# how long a task's error waits for the other tasks to show a dead actor (see gather)
+DEATH_GRACE_S = 15.0
+
+
+def gather(refs: list[Any], death_grace_s: float = DEATH_GRACE_S) -> list[Any]:
     """Every result, but fail as soon as any one task fails (a dead data-parallel worker
-    leaves the others waiting in a collective: never wait for them)."""
+    leaves the others waiting in a collective: never wait for them). When a worker dies, its
+    peers' collectives fail too (gloo: the connection closed), and their error can arrive
+    before Ray reports the death: a task's error is raised only once the others have had
+    `death_grace_s` to show a dead actor, and the death, the cause, is raised instead."""
     pending = list(refs)
     live = view.current()
     while pending:
@@ -105,8 +116,29 @@ def gather(refs: list[Any]) -> list[Any]:
         if live is not None:
             live.poll()
         if ready:
-            ray.get(ready)
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayTaskError as e:
+                death = first_death(pending, death_grace_s)
+                if death is not None:
+                    raise death from e
+                raise
     return ray.get(refs)
+
+
+def first_death(refs: list[Any], timeout_s: float) -> BaseException | None:
+    """The first of `refs` to fail with a dead actor within `timeout_s`, or None."""
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending and (left := deadline - time.monotonic()) > 0:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except STAGE_FAILURES as e:
+                return e
+            except ray.exceptions.RayTaskError:
+                continue
+    return None
 
 
 def report_progress(phase: str, done: int, total: int, start: float, unit: str = "blocks"
