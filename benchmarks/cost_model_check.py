@@ -32,8 +32,9 @@ from jobs.recipes import load_recipe
 from pipeline import storage
 from pipeline.assets import resolve_model_path
 from pipeline.config import RunConfig, Schedule
-from pipeline.planning.cost_model import Device, model_shape, plan_run
+from pipeline.planning.cost_model import Device
 from pipeline.planning.device_rates import measure_device
+from pipeline.planning.run_estimate import model_shape, plan_run
 
 sys.path.insert(0, os.path.dirname(__file__))
 from results_file import RESULTS, write_result

@@ -78,7 +78,7 @@ def check_windows(model_path: str, config: RunConfig) -> None:
 def plan(config: RunConfig, spec: Any) -> dict[str, Any]:
     from pipeline import storage
     from pipeline.assets import resolve_model_path
-    from pipeline.planning.cost_model import model_shape, plan_run
+    from pipeline.planning.run_estimate import model_shape, plan_run
 
     model_path = resolve_model_path(config.model.path)
     storage.require_exists(model_path, "model.path")

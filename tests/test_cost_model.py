@@ -7,7 +7,8 @@ from jobs.cli import main
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
 from pipeline.config.tree import build_config
 from pipeline.planning.clusters import PRESETS
-from pipeline.planning.cost_model import Workload, estimate, model_shape, worker_memory
+from pipeline.planning.cost_model import Workload, estimate, worker_memory
+from pipeline.planning.run_estimate import model_shape
 
 pytestmark = pytest.mark.unit
 
@@ -314,7 +315,8 @@ def test_gptq_factorizations_are_charged_once_per_hessian_and_grow_to_the_matmul
 def test_the_stages_start_inside_the_quantize_phase(tmp_path):
     import dataclasses
 
-    from pipeline.planning.cost_model import STARTUP_SECONDS, plan_run
+    from pipeline.planning.cost_model import STARTUP_SECONDS
+    from pipeline.planning.run_estimate import plan_run
 
     config = json.loads((llama70b_folder(tmp_path) / "config.json").read_text())
     q = build_config(QuantizationConfig, {"method": "rtn", "bits": 4, "group_size": 128},

@@ -9,7 +9,7 @@ from jobs.cli import main
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
 from pipeline.config.tree import build_config
 from pipeline.planning.clusters import PRESETS
-from pipeline.planning.cost_model import model_shape
+from pipeline.planning.run_estimate import model_shape
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +22,8 @@ def test_cvxq_passes_are_predicted_before_the_blocks(tmp_path, capsys):
 
     from pipeline.config import BudgetConfig, Distortion, Observer
     from pipeline.planning.allocation_cost import allocation_seconds
-    from pipeline.planning.cost_model import SEARCH_BYTES, forward_flops, plan_run
+    from pipeline.planning.cost_model import SEARCH_BYTES, forward_flops
+    from pipeline.planning.run_estimate import plan_run
 
     folder = llama70b_folder(tmp_path)
     config = json.loads((folder / "config.json").read_text())

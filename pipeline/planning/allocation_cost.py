@@ -1,5 +1,5 @@
 """The time of CVXQ's passes before the first block, for the cost model
-(`pipeline/planning/cost_model.py`, whose `plan_run` prints it apart from the quantize phase):
+(`pipeline/planning/run_estimate.py`'s `plan_run` prints it apart from the quantize phase):
 the sensitivity pass, its re-reads where a stage's blocks do not all stay loaded, and the
 measured RTN errors."""
 from __future__ import annotations

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import ConfigError, QuantizationConfig, Schedule
-from pipeline.planning.cost_model import Device, plan_run
+from pipeline.planning.cost_model import Device
+from pipeline.planning.run_estimate import plan_run
 
 
 def memory_only(memory_bytes: int) -> Device:
