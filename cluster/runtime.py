@@ -37,11 +37,15 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             log.info("connecting to Ray at %s", address)
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            # "local": always a fresh instance, never a stale `ray start` found on this node
+            # "local": always a fresh instance, never a stale `ray start` found on this node.
+            # The workers run at this process's priority: Ray's default starts them at nice
+            # 15, where anything else on the machine takes most of the cores from the stages
+            # (measured: a P1 block's CVXQ pass 8x slower beside one busy process); `nice
+            # relayquant ...` lowers the whole run
             ray.init(address="local", num_cpus=os.cpu_count() or 1,
                      include_dashboard=cluster.dashboard,
                      logging_level=logging.WARNING, log_to_driver=True,
-                     configure_logging=False)
+                     configure_logging=False, _system_config={"worker_niceness": 0})
         started = True
     try:
         yield

@@ -43,3 +43,24 @@ def test_threads_above_a_data_parallel_share_warn_but_not_sequential(cluster_of,
                                              schedule=Schedule.DATA_PARALLEL))
         runtime.plan_resources(ClusterConfig(workers=4, device=Device.CPU))
     assert "cluster.threads" not in caplog.text
+
+
+def test_a_local_rays_workers_run_at_the_drivers_priority():
+    """Ray starts its workers at nice 15 by default, where any other busy process takes most
+    of the cores from the stages: the local Ray a run starts keeps them at the run's own."""
+    import os
+
+    import ray
+
+    if os.nice(0) + 15 > 19:
+        pytest.skip("run at nice 5 or more: Ray's default (15 more, at most 19) is the same")
+    if ray.is_initialized():  # another module's Ray, left behind
+        ray.shutdown()
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    with runtime.ray_session(ClusterConfig(workers=1, device=Device.CPU)):
+        assert ray.get(niceness.remote()) == os.nice(0)
+    assert not ray.is_initialized()
