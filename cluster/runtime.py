@@ -40,8 +40,8 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             # "local": always a fresh instance, never a stale `ray start` found on this node.
             # The workers run at this process's priority: Ray's default starts them at nice
             # 15, where anything else on the machine takes most of the cores from the stages
-            # (measured: a P1 block's CVXQ pass 8x slower beside one busy process); `nice
-            # relayquant ...` lowers the whole run
+            # (measured: a P1 block's CVXQ error pass 8x slower in an actor than in the driver
+            # beside a running P1 benchmark row); `nice relayquant ...` lowers the whole run
             ray.init(address="local", num_cpus=os.cpu_count() or 1,
                      include_dashboard=cluster.dashboard,
                      logging_level=logging.WARNING, log_to_driver=True,

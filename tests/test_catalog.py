@@ -67,10 +67,10 @@ def test_autocast_auto_shows_the_row_of_each_precision(capsys):
     # a row of the CQE+ ablation file is its recipe's figure too (the same config)
     # (the p1-cqe-plus recipes are the best preset's schedule with cross-layer learning: that
     # variant's row at each scheme, not the 3-epoch cqe_plus row)
-    for scheme in ("w3g64", "w2g64"):
-        cqe = next(r for r in rows if (r["scheme"], r["method"]) ==
-                   (f"{scheme[:2]}_{scheme[2:]}_asym", "cqe_plus_best"))
-        assert listed[f"p1-cqe-plus-{scheme}"]["measured"]["perplexity"] == cqe["perplexity"]
+    for recipe, scheme in (("p1-cqe-plus-w3g64", "w3_g64_asym"),
+                           ("p1-cqe-plus-w2g64", "w2_g64_asym")):
+        cqe = next(r for r in rows if (r["scheme"], r["method"]) == (scheme, "cqe_plus_best"))
+        assert listed[recipe]["measured"]["perplexity"] == cqe["perplexity"]
     assert listed["llama-70b-omniquant-w3g64"]["measured"] is None  # auto too, never on P1
     assert main(["recipes"]) == 0
     line = next(x for x in capsys.readouterr().err.splitlines()

@@ -1,6 +1,5 @@
 """A stage actor killed mid-run: the stages restart, the run resumes from the durable blocks
 and ends with the same bytes; a fault that repeats fails loudly after the retries."""
-import glob
 import os
 import signal
 import threading
@@ -9,6 +8,7 @@ import time
 import psutil
 import pytest
 import ray
+from test_resume import shards
 
 from cluster.coordinator import quantize
 from cluster.stages import STAGE_FAILURES, gather
@@ -26,12 +26,6 @@ def run_config(model, out, train, retries=2, schedule=None):
         "eval": {"enabled": False, "block_errors": True},  # streamed: blocks one after another
         "cluster": {"workers": 2, "chunk_size": 2, "max_retries": retries,
                     "schedule": schedule}})
-
-
-def shards(folder):
-    return {os.path.relpath(f, folder): open(f, "rb").read()
-            for f in sorted(glob.glob(os.path.join(folder, "**", "*.safetensors"),
-                                      recursive=True))}
 
 
 def kill_one_stage(stage_name="StageActor"):
@@ -162,6 +156,6 @@ def test_a_task_error_with_no_death_is_raised_after_the_grace():
     start = time.monotonic()
     with pytest.raises(ray.exceptions.RayTaskError, match="Connection closed by peer"):
         gather([failing.fail.remote(), hanging.hang.remote(120)], death_grace_s=1.0)
-    assert time.monotonic() - start < 60
+    assert 1.0 <= time.monotonic() - start < 60
     ray.kill(failing)
     ray.kill(hanging)
